@@ -1,0 +1,226 @@
+//! The running service: HTTP listener, store, providers and the broker
+//! session, supervised. Built once with [`App::build`] (which binds the HTTP
+//! port, so tests can ask for port 0 and read the real one) and run with
+//! [`App::run`] until the shutdown fires.
+//!
+//! Broker supervision is ours: when the connection or the consumer fails,
+//! the session ends, readiness drops, and a new session reconnects with
+//! backoff, re-declares the topology, re-enables confirms and QoS and
+//! consumes again. Deliveries that were in flight come back redelivered and
+//! their records tell what to do with each.
+
+use crate::broker::publisher::Publisher;
+use crate::broker::{self, topology};
+use crate::config::Settings;
+use crate::http::{self, Health};
+use crate::providers::Providers;
+use crate::secret::redact_url;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use crate::worker::Worker;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+/// How long in-flight deliveries get to finish at shutdown.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The store could not be opened.
+    #[error("opening the store at {path}: {source}")]
+    Store {
+        /// The configured path.
+        path: String,
+        /// Why.
+        source: crate::store::StoreError,
+    },
+    /// The HTTP listener could not bind.
+    #[error("binding http.addr {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("building the provider HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// A built, not yet running, service.
+#[derive(Debug)]
+pub struct App {
+    settings: Arc<Settings>,
+    worker: Worker,
+    listener: TcpListener,
+    health: Arc<Health>,
+}
+
+impl App {
+    /// Opens the store, builds the providers and binds the HTTP listener.
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let store = Store::open(&settings.store.path).map_err(|source| AppError::Store {
+            path: settings.store.path.display().to_string(),
+            source,
+        })?;
+        let providers = Providers::new(&settings.providers, &settings.provider_http)?;
+        let listener = TcpListener::bind(&settings.http.addr)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: settings.http.addr.clone(),
+                source,
+            })?;
+        let settings = Arc::new(settings);
+        Ok(App {
+            worker: Worker::new(settings.clone(), store, providers),
+            settings,
+            listener,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Runs until `shutdown` fires, then stops taking deliveries, lets the
+    /// in-flight ones finish (up to a deadline), syncs the store and returns.
+    pub async fn run(self, shutdown: Shutdown) {
+        let App {
+            settings,
+            worker,
+            listener,
+            health,
+        } = self;
+        let http_task = tokio::spawn(http::serve(listener, health.clone(), shutdown.clone()));
+        let mut in_flight = JoinSet::new();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .without_max_times()
+            .with_jitter();
+        let mut reconnect = backoff.build();
+        info!(amqp = %redact_url(settings.amqp.url.expose()), "starting");
+        loop {
+            let mut stop = shutdown.clone();
+            match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Lost(reason)) => {
+                    // The session had connected: start the backoff afresh.
+                    warn!(%reason, "broker session lost; reconnecting");
+                    reconnect = backoff.build();
+                }
+                Err(e) => warn!(error = %e, "broker unreachable; retrying"),
+            }
+            health.set_consuming(false);
+            health.set_broker(false);
+            let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
+            tokio::select! {
+                _ = stop.triggered() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        health.set_consuming(false);
+        drain(&mut in_flight).await;
+        if let Err(e) = worker.store().close().await {
+            error!(error = %e, "final store flush failed");
+        }
+        let _ = http_task.await;
+        info!("stopped");
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// One broker connection's life: declare, consume, hand out deliveries.
+async fn session(
+    settings: &Settings,
+    worker: &Worker,
+    health: &Health,
+    in_flight: &mut JoinSet<()>,
+    mut shutdown: Shutdown,
+) -> Result<SessionEnd, lapin::Error> {
+    let amqp = &settings.amqp;
+    let connection = broker::connect(&amqp.url, "refund-worker").await?;
+    let setup = connection.create_channel().await?;
+    topology::declare(&setup, amqp).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("refund-worker-{}", std::process::id());
+    let mut consumer = channel
+        .basic_consume(
+            amqp.commands_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    health.set_broker(true);
+    health.set_consuming(true);
+    info!(
+        queue = amqp.commands_queue.as_str(),
+        prefetch = amqp.prefetch,
+        "consuming"
+    );
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.triggered() => {
+                info!("shutdown: no new deliveries");
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                break SessionEnd::Shutdown;
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let worker = worker.clone();
+                    let publisher = publisher.clone();
+                    in_flight.spawn(async move { worker.handle(&publisher, delivery).await });
+                }
+                Some(Err(e)) => break SessionEnd::Lost(format!("consumer error: {e}")),
+                None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
+            }
+        }
+    };
+    if matches!(end, SessionEnd::Shutdown) {
+        // Let in-flight deliveries ack on this connection before closing it.
+        drain(in_flight).await;
+        let _ = channel.close(200, "shutting down".into()).await;
+        let _ = connection.close(200, "shutting down".into()).await;
+    }
+    Ok(end)
+}
+
+/// Waits for in-flight deliveries, up to [`DRAIN_DEADLINE`]. Those still
+/// running then are dropped: their messages were not acked and will be
+/// redelivered, and their records say how far they got.
+async fn drain(in_flight: &mut JoinSet<()>) {
+    if in_flight.is_empty() {
+        return;
+    }
+    info!(count = in_flight.len(), "waiting for in-flight deliveries");
+    let all = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_DEADLINE, all).await.is_err() {
+        warn!(
+            count = in_flight.len(),
+            "drain deadline passed; abandoning the rest"
+        );
+        in_flight.abort_all();
+    }
+}

@@ -1,0 +1,34 @@
+//! Everything that talks AMQP: the topology the worker declares at start,
+//! the confirmed publisher for events and dead letters, and the header names
+//! of the dead-letter contract.
+
+pub mod publisher;
+pub mod topology;
+
+use crate::secret::Secret;
+use lapin::{Connection, ConnectionProperties};
+
+/// Why the message is dead-lettered (short kind).
+pub const HEADER_ERROR_KIND: &str = "x-refund-error-kind";
+/// Why the message is dead-lettered (human text).
+pub const HEADER_ERROR: &str = "x-refund-error";
+/// Provider attempts made for the refund so far.
+pub const HEADER_ATTEMPTS: &str = "x-refund-attempts";
+/// When the first failure happened (RFC 3339).
+pub const HEADER_FIRST_FAILURE: &str = "x-refund-first-failure-at";
+/// When the last failure happened (RFC 3339).
+pub const HEADER_LAST_FAILURE: &str = "x-refund-last-failure-at";
+/// The refund, when the message could be tied to one.
+pub const HEADER_REFUND_ID: &str = "x-refund-id";
+/// The provider account named by the command, when readable.
+pub const HEADER_PROVIDER: &str = "x-refund-provider";
+/// The exchange the command was first published to.
+pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-refund-original-exchange";
+/// The routing key the command was first published with.
+pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-refund-original-routing-key";
+
+/// Opens a connection named after this process (visible in the management UI).
+pub async fn connect(url: &Secret, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url.expose(), properties).await
+}

@@ -1,0 +1,390 @@
+//! The refund command: the JSON body order systems publish (see README,
+//! "Message contract"). Parsing separates two kinds of bad input:
+//!
+//! * [`Poison`]: a message we cannot even attribute to a refund (not JSON, no
+//!   usable `refund_id`). It goes to the dead-letter queue with headers.
+//! * [`Invalid`]: a message with a good `refund_id` whose content is wrong. It
+//!   gets a `refund.rejected` event so the sender learns about it.
+
+use crate::money::{self, Amount};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Longest accepted `refund_id`.
+pub const MAX_REFUND_ID_LEN: usize = 64;
+
+/// What the command asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Refund all or part of a settled charge.
+    Refund,
+    /// Cancel a charge that was not yet transmitted.
+    Cancel,
+}
+
+impl Operation {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Refund => "refund",
+            Operation::Cancel => "cancel",
+        }
+    }
+}
+
+/// A command that passed the provider-independent checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundCommand {
+    /// Idempotency key.
+    pub refund_id: String,
+    /// Name of a provider account in the configuration.
+    pub provider: String,
+    /// Refund (default) or cancel.
+    #[serde(default = "default_operation")]
+    pub operation: Operation,
+    /// Reference to the original charge; its shape depends on the provider kind.
+    pub transaction: Map<String, Value>,
+    /// Amount to refund; absent means the full amount where the provider allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Amount>,
+    /// Installment plan (CreditGuard only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installments: Option<Value>,
+    /// Echoed in events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// Echoed in events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Any JSON, echoed in events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+fn default_operation() -> Operation {
+    Operation::Refund
+}
+
+/// A message that cannot be tied to a refund: it is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Poison {
+    /// Short machine-readable reason (`x-refund-error-kind`).
+    pub kind: &'static str,
+    /// Human-readable detail (`x-refund-error`).
+    pub message: String,
+}
+
+/// A command with a usable `refund_id` but bad content: it is rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid command {refund_id}: {message}")]
+pub struct Invalid {
+    /// The refund the rejection is about.
+    pub refund_id: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+    /// The fields we could read, echoed in the rejection event.
+    pub echo: Echo,
+}
+
+/// Fields echoed in every event, taken from whatever the command carried.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Echo {
+    /// `provider` as sent.
+    pub provider: Option<String>,
+    /// `operation` as sent.
+    pub operation: Option<Operation>,
+    /// `amount` as sent (when well-formed).
+    pub amount: Option<Amount>,
+    /// `order_id` as sent.
+    pub order_id: Option<String>,
+    /// `metadata` as sent.
+    pub metadata: Option<Value>,
+}
+
+/// Why parsing stopped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    /// Dead-letter it.
+    #[error(transparent)]
+    Poison(#[from] Poison),
+    /// Reject it with an event.
+    #[error(transparent)]
+    Invalid(#[from] Box<Invalid>),
+}
+
+/// Checks a `refund_id`: 1–64 characters of `A-Z a-z 0-9 . _ : -`.
+pub fn check_refund_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_REFUND_ID_LEN {
+        return Err(format!(
+            "refund_id must be 1 to {MAX_REFUND_ID_LEN} characters, got {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!(
+            "refund_id contains {c:?}; allowed are A-Z a-z 0-9 . _ : -"
+        ));
+    }
+    Ok(())
+}
+
+impl RefundCommand {
+    /// Parses and checks a message body.
+    pub fn parse(body: &[u8]) -> Result<Self, ParseError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| Poison {
+            kind: "malformed",
+            message: format!("body is not JSON: {e}"),
+        })?;
+        let Value::Object(object) = value else {
+            return Err(Poison {
+                kind: "malformed",
+                message: "body is JSON but not an object".into(),
+            }
+            .into());
+        };
+        let refund_id = match object.get("refund_id") {
+            Some(Value::String(id)) => id.clone(),
+            Some(_) => {
+                return Err(Poison {
+                    kind: "invalid_refund_id",
+                    message: "refund_id is not a string".into(),
+                }
+                .into())
+            }
+            None => {
+                return Err(Poison {
+                    kind: "missing_refund_id",
+                    message: "refund_id is missing".into(),
+                }
+                .into())
+            }
+        };
+        check_refund_id(&refund_id).map_err(|message| Poison {
+            kind: "invalid_refund_id",
+            message,
+        })?;
+
+        let echo = Echo::from_object(&object);
+        let invalid = |message: String| {
+            Box::new(Invalid {
+                refund_id: refund_id.clone(),
+                message,
+                echo: echo.clone(),
+            })
+        };
+        let command: RefundCommand =
+            serde_path_to_error::deserialize(Value::Object(object.clone())).map_err(|e| {
+                let path = e.path().to_string();
+                invalid(format!("{path}: {}", e.into_inner()))
+            })?;
+        command.check().map_err(invalid)?;
+        Ok(command)
+    }
+
+    /// Provider-independent checks.
+    fn check(&self) -> Result<(), String> {
+        if self.provider.trim().is_empty() {
+            return Err("provider must not be empty".into());
+        }
+        if self.transaction.is_empty() {
+            return Err("transaction must name the original charge".into());
+        }
+        if let Some(amount) = &self.amount {
+            if !money::is_known_currency(&amount.currency) {
+                return Err(format!(
+                    "amount.currency {:?} is not a known ISO 4217 code",
+                    amount.currency
+                ));
+            }
+            if amount.minor == 0 {
+                return Err(
+                    "amount.minor must be greater than 0 (omit amount for a full refund)".into(),
+                );
+            }
+            if self.operation == Operation::Cancel {
+                return Err("a cancel takes no amount".into());
+            }
+        }
+        for (field, value) in [("order_id", &self.order_id), ("reason", &self.reason)] {
+            if value.as_ref().is_some_and(|v| v.len() > 256) {
+                return Err(format!("{field} is longer than 256 characters"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hash of the normalised command (defaults filled, keys sorted), used to
+    /// tell a redelivery from a different command re-using a `refund_id`.
+    pub fn payload_hash(&self) -> String {
+        // serde_json's Map is ordered by key, so this is canonical.
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        hex(&Sha256::digest(&canonical))
+    }
+
+    /// Fields echoed in events.
+    pub fn echo(&self) -> Echo {
+        Echo {
+            provider: Some(self.provider.clone()),
+            operation: Some(self.operation),
+            amount: self.amount.clone(),
+            order_id: self.order_id.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    /// A string field of `transaction`, if present and non-empty.
+    pub fn transaction_str(&self, key: &str) -> Option<&str> {
+        match self.transaction.get(key) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.as_str()),
+            _ => None,
+        }
+    }
+}
+
+impl Echo {
+    fn from_object(object: &Map<String, Value>) -> Self {
+        let string = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_string);
+        Echo {
+            provider: string("provider"),
+            operation: match object.get("operation") {
+                None => Some(Operation::Refund),
+                Some(v) => serde_json::from_value(v.clone()).ok(),
+            },
+            amount: object
+                .get("amount")
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
+            order_id: string("order_id"),
+            metadata: object.get("metadata").cloned(),
+        }
+    }
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUND: &str = include_str!("../examples/hyp-pay-refund.json");
+    const CANCEL: &str = include_str!("../examples/hyp-pay-cancel.json");
+
+    #[test]
+    fn parses_the_examples() {
+        let refund = RefundCommand::parse(REFUND.as_bytes()).expect("refund example");
+        assert_eq!(refund.operation, Operation::Refund);
+        assert_eq!(refund.amount.as_ref().map(|a| a.minor), Some(1050));
+        let cancel = RefundCommand::parse(CANCEL.as_bytes()).expect("cancel example");
+        assert_eq!(cancel.operation, Operation::Cancel);
+        assert!(cancel.amount.is_none());
+    }
+
+    #[test]
+    fn not_json_is_poison() {
+        let err = RefundCommand::parse(b"hello").expect_err("poison");
+        assert!(matches!(
+            err,
+            ParseError::Poison(Poison {
+                kind: "malformed",
+                ..
+            })
+        ));
+        let err = RefundCommand::parse(b"[1]").expect_err("poison");
+        assert!(matches!(
+            err,
+            ParseError::Poison(Poison {
+                kind: "malformed",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn missing_or_bad_refund_id_is_poison() {
+        let err = RefundCommand::parse(br#"{"provider":"x"}"#).expect_err("poison");
+        assert!(matches!(
+            err,
+            ParseError::Poison(Poison {
+                kind: "missing_refund_id",
+                ..
+            })
+        ));
+        let err = RefundCommand::parse(br#"{"refund_id":"a b"}"#).expect_err("poison");
+        assert!(matches!(
+            err,
+            ParseError::Poison(Poison {
+                kind: "invalid_refund_id",
+                ..
+            })
+        ));
+        let long = format!(r#"{{"refund_id":"{}"}}"#, "a".repeat(65));
+        assert!(RefundCommand::parse(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn bad_content_is_invalid_and_names_the_field() {
+        let cases = [
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"amount":{"minor":10.5,"currency":"ILS"}}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"amount":{"minor":-1,"currency":"ILS"}}"#,
+                "invalid value",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"amount":{"minor":100,"currency":"XXX"}}"#,
+                "amount.currency",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{}}"#,
+                "transaction",
+            ),
+            (r#"{"refund_id":"r1","transaction":{"id":"1"}}"#, "provider"),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"ammount":1}"#,
+                "ammount",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","operation":"cancel","transaction":{"id":"1"},"amount":{"minor":1,"currency":"ILS"}}"#,
+                "cancel takes no amount",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","operation":"void","transaction":{"id":"1"}}"#,
+                "void",
+            ),
+        ];
+        for (body, needle) in cases {
+            match RefundCommand::parse(body.as_bytes()) {
+                Err(ParseError::Invalid(inv)) => {
+                    assert_eq!(inv.refund_id, "r1");
+                    assert!(inv.message.contains(needle), "{body}: {}", inv.message);
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hash_ignores_key_order_and_defaults() {
+        let a = RefundCommand::parse(
+            br#"{"refund_id":"r1","provider":"p","transaction":{"id":"1","x":"y"}}"#,
+        )
+        .expect("a");
+        let b = RefundCommand::parse(br#"{"transaction":{"x":"y","id":"1"},"operation":"refund","provider":"p","refund_id":"r1"}"#).expect("b");
+        assert_eq!(a.payload_hash(), b.payload_hash());
+        let c =
+            RefundCommand::parse(br#"{"refund_id":"r1","provider":"p","transaction":{"id":"2"}}"#)
+                .expect("c");
+        assert_ne!(a.payload_hash(), c.payload_hash());
+    }
+}

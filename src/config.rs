@@ -1,0 +1,381 @@
+//! Layered configuration: `config/default.toml` (compiled in, so the binary
+//! runs from any directory), then an optional `--config FILE`, then
+//! `REFUND_WORKER__SECTION__KEY` environment variables. Validation runs once
+//! at start-up and names the offending key, so a bad deployment fails before
+//! it touches a message.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The defaults shipped in the repository.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Environment variable prefix (`REFUND_WORKER__AMQP__URL`).
+pub const ENV_PREFIX: &str = "REFUND_WORKER";
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers could not be read or deserialised.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value was read but is not acceptable.
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `amqp.prefetch`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// All settings of one worker process.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Broker connection and topology names.
+    pub amqp: AmqpSettings,
+    /// The embedded store.
+    pub store: StoreSettings,
+    /// The HTTP listener.
+    pub http: HttpSettings,
+    /// In-process retries of requests that were not sent.
+    pub retry: RetrySettings,
+    /// HTTP client settings for provider calls.
+    pub provider_http: ProviderHttpSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Provider accounts by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderAccount>,
+}
+
+/// Broker settings. Queue and exchange names are configuration, not
+/// constants, so that a later partitioned deployment can run several
+/// consumers with their own names.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    /// `amqp://user:pass@host:port/vhost`; secret because it holds a password.
+    pub url: Secret,
+    /// basic.qos prefetch: how many deliveries are processed at once.
+    pub prefetch: u16,
+    /// Topic exchange where order systems publish commands.
+    pub commands_exchange: String,
+    /// Queue the worker consumes.
+    pub commands_queue: String,
+    /// Topic exchange for outcome events.
+    pub events_exchange: String,
+    /// Exchange in front of the dead-letter queue.
+    pub dead_letter_exchange: String,
+    /// The dead-letter queue ops inspect and replay from.
+    pub dead_letter_queue: String,
+    /// Larger bodies are dead-lettered unread.
+    pub max_body_bytes: usize,
+    /// How long to wait for a publisher confirm.
+    pub confirm_timeout_ms: u64,
+}
+
+/// Store settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoreSettings {
+    /// The sled directory.
+    pub path: PathBuf,
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    /// Listen address.
+    pub addr: String,
+    /// Base URL providers can reach; defaults to `http://<addr>`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+}
+
+/// In-process retry policy for not-sent requests.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrySettings {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// First backoff delay.
+    pub initial_delay_ms: u64,
+    /// Largest backoff delay.
+    pub max_delay_ms: u64,
+    /// Total time for all attempts of one refund.
+    pub deadline_ms: u64,
+}
+
+/// HTTP client settings for provider calls.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProviderHttpSettings {
+    /// Whole-request timeout.
+    pub timeout_ms: u64,
+    /// Connect timeout.
+    pub connect_timeout_ms: u64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// `auto`, `text` or `json`.
+    pub format: LogFormat,
+    /// `RUST_LOG`-style filter.
+    pub filter: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One provider account, selected by a command's `provider` field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProviderAccount {
+    /// Hyp Pay terminal.
+    HypPay(HypPayAccount),
+}
+
+impl ProviderAccount {
+    /// The `kind` string of the account.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderAccount::HypPay(_) => "hyp_pay",
+        }
+    }
+}
+
+/// Hyp Pay credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HypPayAccount {
+    /// Full action URL, default `https://pay.hyp.co.il/p/`.
+    #[serde(default = "default_hyp_pay_url")]
+    pub base_url: String,
+    /// Terminal number (10 digits).
+    pub masof: String,
+    /// API password.
+    pub pass_p: Secret,
+}
+
+fn default_hyp_pay_url() -> String {
+    "https://pay.hyp.co.il/p/".to_string()
+}
+
+impl Settings {
+    /// Reads the layers: defaults, `file` if given, environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that deserialise fine but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.amqp.url.expose();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        for (key, name) in [
+            ("amqp.commands_exchange", &self.amqp.commands_exchange),
+            ("amqp.commands_queue", &self.amqp.commands_queue),
+            ("amqp.events_exchange", &self.amqp.events_exchange),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+        ] {
+            if name.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.amqp.max_body_bytes == 0 {
+            return Err(invalid("amqp.max_body_bytes", "must be at least 1"));
+        }
+        if self.amqp.confirm_timeout_ms == 0 {
+            return Err(invalid("amqp.confirm_timeout_ms", "must be at least 1"));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        self.http_addr()?;
+        if let Some(public) = &self.http.public_url {
+            if !(public.starts_with("http://") || public.starts_with("https://")) {
+                return Err(invalid("http.public_url", "must be an http(s) URL"));
+            }
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.retry.initial_delay_ms > self.retry.max_delay_ms {
+            return Err(invalid(
+                "retry.initial_delay_ms",
+                "must not exceed retry.max_delay_ms",
+            ));
+        }
+        if self.provider_http.timeout_ms == 0 {
+            return Err(invalid("provider_http.timeout_ms", "must be at least 1"));
+        }
+        if self.providers.is_empty() {
+            return Err(invalid(
+                "providers",
+                "no provider account configured (add [providers.<name>] with a kind)",
+            ));
+        }
+        for (name, account) in &self.providers {
+            validate_account(name, account)?;
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn http_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.http
+            .addr
+            .parse()
+            .map_err(|e| invalid("http.addr", format!("not a socket address: {e}")))
+    }
+
+    /// Base URL providers use to reach this worker.
+    pub fn public_url(&self) -> String {
+        match &self.http.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.http.addr),
+        }
+    }
+
+    /// Per-attempt confirm timeout.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.amqp.confirm_timeout_ms)
+    }
+}
+
+fn validate_account(name: &str, account: &ProviderAccount) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    match account {
+        ProviderAccount::HypPay(a) => {
+            check_url(&key("base_url"), &a.base_url)?;
+            if a.masof.len() != 10 || !a.masof.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(
+                    key("masof"),
+                    "must be the 10-digit terminal number",
+                ));
+            }
+            if a.pass_p.is_empty() {
+                return Err(invalid(
+                    key("pass_p"),
+                    "missing (set it in the environment or an uncommitted config file)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
+        Ok(_) => Err(invalid(key, "must be an http(s) URL")),
+        Err(e) => Err(invalid(key, format!("not a URL: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> config::ConfigBuilder<config::builder::DefaultState> {
+        config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+    }
+
+    fn with(extra: &str) -> Result<Settings, ConfigError> {
+        let s: Settings = base()
+            .add_source(config::File::from_str(extra, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    const HYP: &str = r#"
+        [providers.hyp_pay]
+        kind = "hyp_pay"
+        masof = "0010131918"
+        pass_p = "secret-pass"
+    "#;
+
+    #[test]
+    fn defaults_plus_one_account_are_valid() {
+        let s = with(HYP).expect("valid");
+        assert_eq!(s.amqp.prefetch, 64);
+        assert_eq!(s.http.addr, "127.0.0.1:8080");
+        assert_eq!(s.public_url(), "http://127.0.0.1:8080");
+        match &s.providers["hyp_pay"] {
+            ProviderAccount::HypPay(a) => {
+                assert_eq!(a.base_url, "https://pay.hyp.co.il/p/");
+                // Leading zeros of the terminal number survive.
+                assert_eq!(a.masof, "0010131918");
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = with("[amqp]\nprefetch = 0\n")
+            .expect_err("invalid")
+            .to_string();
+        assert!(err.contains("amqp.prefetch"), "{err}");
+        let err = with("").expect_err("no providers").to_string();
+        assert!(err.contains("providers"), "{err}");
+        let err = with(&HYP.replace("secret-pass", ""))
+            .expect_err("no pass")
+            .to_string();
+        assert!(err.contains("providers.hyp_pay.pass_p"), "{err}");
+        let err = with(&format!("{HYP}\n[http]\naddr = \"nonsense\"\n"))
+            .expect_err("bad addr")
+            .to_string();
+        assert!(err.contains("http.addr"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let s = with(HYP).expect("valid");
+        let dump = format!("{s:?}");
+        assert!(!dump.contains("secret-pass"));
+        assert!(!dump.contains("guest:guest"));
+    }
+}

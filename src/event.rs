@@ -1,0 +1,201 @@
+//! The outcome event the worker publishes to `refunds.events` with routing key
+//! `refund.<status>`. Its `event_id` is derived from `(refund_id, status)`, so
+//! a re-publication after a redelivery or a restart carries the same id and
+//! consumers can deduplicate on it.
+
+use crate::command::{hex, Echo, Operation};
+use crate::money::Amount;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The outcome of one refund as accounting sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The provider confirmed the refund or cancellation.
+    Succeeded,
+    /// The provider declined it with a final answer.
+    Failed,
+    /// The worker refused the command before any provider call.
+    Rejected,
+    /// The provider accepted it and will decide later.
+    Pending,
+    /// It may or may not have been executed; a person must reconcile it.
+    InDoubt,
+}
+
+impl Status {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Rejected => "rejected",
+            Status::Pending => "pending",
+            Status::InDoubt => "in_doubt",
+        }
+    }
+
+    /// Routing key and AMQP `type`: `refund.<status>`.
+    pub fn routing_key(self) -> String {
+        format!("refund.{}", self.as_str())
+    }
+}
+
+/// Why a refund did not succeed, in the worker's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventError {
+    /// Machine-readable kind: `invalid_command`, `unknown_provider`,
+    /// `conflicting_payload`, `declined`, `outcome_unknown`, ...
+    pub kind: String,
+    /// Human-readable detail. Never contains credentials.
+    pub message: String,
+}
+
+/// The event body (see README, "Message contract").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeEvent {
+    /// Stable per `(refund_id, status)`.
+    pub event_id: String,
+    /// The command's idempotency key.
+    pub refund_id: String,
+    /// The outcome.
+    pub status: Status,
+    /// Provider account named by the command.
+    pub provider: Option<String>,
+    /// What the command asked for.
+    pub operation: Option<Operation>,
+    /// What the provider performed (a refund may be performed as a cancel).
+    pub performed: Option<Operation>,
+    /// The command's amount, if it had one.
+    pub amount: Option<Amount>,
+    /// The provider's id of the new refund/cancel transaction.
+    pub provider_transaction_id: Option<String>,
+    /// The provider's status code.
+    pub provider_code: Option<String>,
+    /// The provider's message.
+    pub provider_message: Option<String>,
+    /// The worker's reason when not succeeded.
+    pub error: Option<EventError>,
+    /// Provider calls made for this refund.
+    pub attempts: u32,
+    /// Echoed from the command.
+    pub order_id: Option<String>,
+    /// Echoed from the command.
+    pub metadata: Option<Value>,
+    /// When the outcome was decided (RFC 3339, UTC).
+    pub occurred_at: String,
+}
+
+/// Derives the stable event id: a UUID-shaped digest of `refund_id` and status.
+pub fn event_id(refund_id: &str, status: Status) -> String {
+    let digest = Sha256::digest(format!("{refund_id}\n{}", status.as_str()).as_bytes());
+    let h = hex(&digest[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Current time as RFC 3339.
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+impl OutcomeEvent {
+    /// A new event for `refund_id` with the echoed fields filled in.
+    pub fn new(refund_id: &str, status: Status, echo: &Echo, attempts: u32) -> Self {
+        OutcomeEvent {
+            event_id: event_id(refund_id, status),
+            refund_id: refund_id.to_string(),
+            status,
+            provider: echo.provider.clone(),
+            operation: echo.operation,
+            performed: None,
+            amount: echo.amount.clone(),
+            provider_transaction_id: None,
+            provider_code: None,
+            provider_message: None,
+            error: None,
+            attempts,
+            order_id: echo.order_id.clone(),
+            metadata: echo.metadata.clone(),
+            occurred_at: now_rfc3339(),
+        }
+    }
+
+    /// Sets the worker's error.
+    pub fn with_error(mut self, kind: &str, message: impl Into<String>) -> Self {
+        self.error = Some(EventError {
+            kind: kind.to_string(),
+            message: message.into(),
+        });
+        self
+    }
+
+    /// Whether this status ends the refund's life (no other event follows).
+    pub fn is_final(&self) -> bool {
+        !matches!(self.status, Status::Pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_is_stable_per_refund_and_status() {
+        let a = event_id("rf-1", Status::Succeeded);
+        assert_eq!(a, event_id("rf-1", Status::Succeeded));
+        assert_ne!(a, event_id("rf-1", Status::Failed));
+        assert_ne!(a, event_id("rf-2", Status::Succeeded));
+        assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn serialises_to_the_contract_shape() {
+        let echo = Echo {
+            provider: Some("hyp_pay".into()),
+            operation: Some(Operation::Refund),
+            amount: Some(Amount {
+                minor: 1050,
+                currency: "ILS".into(),
+            }),
+            order_id: Some("ord-1".into()),
+            metadata: None,
+        };
+        let event = OutcomeEvent::new("rf-1", Status::InDoubt, &echo, 1);
+        let json: Value = serde_json::to_value(&event).expect("json");
+        for key in [
+            "event_id",
+            "refund_id",
+            "status",
+            "provider",
+            "operation",
+            "performed",
+            "amount",
+            "provider_transaction_id",
+            "provider_code",
+            "provider_message",
+            "error",
+            "attempts",
+            "order_id",
+            "metadata",
+            "occurred_at",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(json["status"], "in_doubt");
+        assert_eq!(json["amount"]["minor"], 1050);
+        assert_eq!(Status::InDoubt.routing_key(), "refund.in_doubt");
+    }
+}

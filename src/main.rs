@@ -1,0 +1,188 @@
+//! The `refund-worker` command line. Only argument parsing and start-up live
+//! here; everything else is in the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use refund_worker::app::App;
+use refund_worker::config::{LogFormat, Settings};
+use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed};
+use refund_worker::secret::Secret;
+use refund_worker::{client, shutdown, telemetry};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "refund-worker",
+    version,
+    about = "Executes refund commands from RabbitMQ exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker.
+    Run {
+        /// A TOML file layered over config/default.toml (environment variables
+        /// REFUND_WORKER__SECTION__KEY override both).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log format (overrides log.format).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Run the provider sandbox (Hyp Pay at /p/).
+    Sandbox {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8090", env = "SANDBOX_ADDR")]
+        addr: String,
+        /// JSON file of original transactions (default: examples/sandbox-seed.json, built in).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Delay added before every provider answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Hyp Pay terminal number the sandbox accepts.
+        #[arg(long, default_value = "0010131918")]
+        hyp_masof: String,
+        /// Hyp Pay password the sandbox accepts.
+        #[arg(
+            long,
+            default_value = "sandbox-pass",
+            env = "SANDBOX_HYP_PASS_P",
+            hide_env_values = true
+        )]
+        hyp_pass_p: String,
+    },
+    /// Publish command files (JSON) to the commands exchange, with confirms.
+    Publish {
+        /// Broker URL.
+        #[arg(long, env = "REFUND_WORKER__AMQP__URL", default_value = DEFAULT_AMQP, hide_env_values = true)]
+        amqp_url: String,
+        /// Commands exchange.
+        #[arg(long, default_value = "refunds.commands")]
+        exchange: String,
+        /// Command files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print outcome events as they are published (one line each).
+    Events {
+        /// Broker URL.
+        #[arg(long, env = "REFUND_WORKER__AMQP__URL", default_value = DEFAULT_AMQP, hide_env_values = true)]
+        amqp_url: String,
+        /// Events exchange.
+        #[arg(long, default_value = "refunds.events")]
+        exchange: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+const DEFAULT_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config, log_format } => run(config, log_format).await,
+            Command::Sandbox {
+                addr,
+                seed,
+                latency_ms,
+                hyp_masof,
+                hyp_pass_p,
+            } => sandbox(addr, seed, latency_ms, hyp_masof, hyp_pass_p).await,
+            Command::Publish {
+                amqp_url,
+                exchange,
+                files,
+            } => {
+                let mut bodies = Vec::new();
+                for file in &files {
+                    bodies.push(
+                        std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+                    );
+                }
+                client::publish(&Secret::new(amqp_url), &exchange, &bodies).await?;
+                eprintln!("published {} command(s) to {exchange}", bodies.len());
+                Ok(())
+            }
+            Command::Events {
+                amqp_url,
+                exchange,
+                count,
+            } => Ok(client::tail_events(&Secret::new(amqp_url), &exchange, count).await?),
+        }
+    })
+}
+
+async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref())?;
+    telemetry::init(
+        log_format.unwrap_or(settings.log.format),
+        &settings.log.filter,
+    );
+    let app = App::build(settings).await?;
+    let (trigger, listener) = shutdown::channel();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down (a second signal exits at once)");
+        trigger.fire();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    app.run(listener).await;
+    Ok(())
+}
+
+async fn sandbox(
+    addr: String,
+    seed: Option<PathBuf>,
+    latency_ms: u64,
+    hyp_masof: String,
+    hyp_pass_p: String,
+) -> anyhow::Result<()> {
+    telemetry::init(LogFormat::Auto, "info");
+    let seed = match seed {
+        Some(path) => Seed::from_file(&path).map_err(anyhow::Error::msg)?,
+        None => Seed::default_seed(),
+    };
+    let sandbox = Sandbox::new(SandboxConfig {
+        hyp_masof,
+        hyp_pass_p,
+        latency: Duration::from_millis(latency_ms),
+        seed,
+    });
+    let bound = sandbox
+        .spawn(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%bound, "sandbox serving Hyp Pay at /p/");
+    wait_for_signal().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

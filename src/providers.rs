@@ -1,0 +1,193 @@
+//! Provider integrations. Each provider is an integration module (URLs,
+//! headers, HTTP) plus a pure `wire` module that translates between our types
+//! and the provider's format. Every answer ends up as one [`ProviderOutcome`]
+//! here, and the pipeline decides retries and `in_doubt` from that class and
+//! [`Provider::repeats_are_safe`] alone, never from provider codes.
+
+pub mod hyp_pay;
+
+use crate::command::{Operation, RefundCommand};
+use crate::config::{ProviderAccount, ProviderHttpSettings};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// What a provider call amounted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderOutcome {
+    /// The provider executed it.
+    Confirmed {
+        /// Id of the new refund/cancel transaction.
+        provider_txn: Option<String>,
+        /// What was performed.
+        performed: Operation,
+        /// Provider status code.
+        code: String,
+        /// Provider message.
+        message: Option<String>,
+    },
+    /// The provider gave a final "no"; nothing was executed.
+    Declined {
+        /// Provider status code.
+        code: String,
+        /// Provider message.
+        message: String,
+    },
+    /// Nothing was executed and nothing will be until a person fixes the
+    /// account (credentials, permissions, URL). Dead-lettered for a replay
+    /// after the fix rather than reported as a customer-facing failure.
+    Misconfigured {
+        /// Provider status code or HTTP status.
+        code: String,
+        /// What the provider said.
+        message: String,
+    },
+    /// The request surely did not reach the provider; repeating it is safe.
+    NotSent {
+        /// Why.
+        reason: String,
+        /// The provider's `Retry-After`, when it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// The request may have been executed.
+    Unknown {
+        /// Why we cannot tell.
+        reason: String,
+    },
+}
+
+impl ProviderOutcome {
+    /// Short class name for logs and metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ProviderOutcome::Confirmed { .. } => "confirmed",
+            ProviderOutcome::Declined { .. } => "declined",
+            ProviderOutcome::Misconfigured { .. } => "misconfigured",
+            ProviderOutcome::NotSent { .. } => "not_sent",
+            ProviderOutcome::Unknown { .. } => "unknown",
+        }
+    }
+}
+
+/// One configured provider account, ready to execute commands.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// Hyp Pay.
+    HypPay(hyp_pay::HypPay),
+}
+
+impl Provider {
+    /// Builds the integration for an account.
+    pub fn new(account: &ProviderAccount, http: reqwest::Client) -> Self {
+        match account {
+            ProviderAccount::HypPay(a) => Provider::HypPay(hyp_pay::HypPay::new(a.clone(), http)),
+        }
+    }
+
+    /// Kind-specific checks of a command, before any call. The message names
+    /// the offending field.
+    pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
+        match self {
+            Provider::HypPay(p) => p.check(command),
+        }
+    }
+
+    /// Sends the command once and classifies the answer.
+    pub async fn execute(&self, command: &RefundCommand) -> ProviderOutcome {
+        match self {
+            Provider::HypPay(p) => p.execute(command).await,
+        }
+    }
+
+    /// Whether an `Unknown` outcome may be resolved by sending the same
+    /// request again (the provider deduplicates it). Hyp Pay cannot.
+    pub fn repeats_are_safe(&self) -> bool {
+        match self {
+            Provider::HypPay(_) => false,
+        }
+    }
+}
+
+/// All configured accounts by name.
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    by_name: BTreeMap<String, Provider>,
+}
+
+impl Providers {
+    /// Builds every account with one shared HTTP client.
+    pub fn new(
+        accounts: &BTreeMap<String, ProviderAccount>,
+        settings: &ProviderHttpSettings,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .user_agent(concat!("refund-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let by_name = accounts
+            .iter()
+            .map(|(name, account)| (name.clone(), Provider::new(account, http.clone())))
+            .collect();
+        Ok(Providers { by_name })
+    }
+
+    /// The account a command names.
+    pub fn get(&self, name: &str) -> Option<&Provider> {
+        self.by_name.get(name)
+    }
+
+    /// Account names, for error messages.
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+}
+
+/// Classifies a failed `send()`: a connection that was never made is
+/// `NotSent`; anything later (timeout, reset mid-way) is `Unknown`.
+pub(crate) fn classify_send_error(err: reqwest::Error) -> ProviderOutcome {
+    let (connect, builder, timeout) = (err.is_connect(), err.is_builder(), err.is_timeout());
+    // reqwest error texts carry the URL, which may hold a token: drop it.
+    let text = err.without_url().to_string();
+    if connect || builder {
+        ProviderOutcome::NotSent {
+            reason: format!("could not connect: {text}"),
+            retry_after: None,
+        }
+    } else if timeout {
+        ProviderOutcome::Unknown {
+            reason: format!("no answer in time: {text}"),
+        }
+    } else {
+        ProviderOutcome::Unknown {
+            reason: format!("transport error after sending: {text}"),
+        }
+    }
+}
+
+/// Classifies a non-success HTTP status the same way for every provider:
+/// 503/429 were refused before processing; other 5xx may have executed;
+/// other 4xx were refused as malformed, which is our configuration's fault.
+pub(crate) fn classify_http_status(
+    status: reqwest::StatusCode,
+    retry_after: Option<&reqwest::header::HeaderValue>,
+) -> ProviderOutcome {
+    let code = status.as_u16();
+    if code == 503 || code == 429 {
+        ProviderOutcome::NotSent {
+            reason: format!("provider answered HTTP {code}"),
+            retry_after: retry_after
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+        }
+    } else if status.is_server_error() {
+        ProviderOutcome::Unknown {
+            reason: format!("provider answered HTTP {code}"),
+        }
+    } else {
+        ProviderOutcome::Misconfigured {
+            code: format!("HTTP {code}"),
+            message: format!("provider refused the request with HTTP {code}; check base_url"),
+        }
+    }
+}

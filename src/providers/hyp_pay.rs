@@ -1,0 +1,72 @@
+//! Hyp Pay integration: `zikoyAPI` (refund) and `CancelTrans` (cancel) sent
+//! as POST forms to the account's action URL. POST, not GET: a password in a
+//! query string ends up in proxy and access logs. The pure translation lives
+//! in [`wire`].
+
+pub mod wire;
+
+use super::{classify_http_status, classify_send_error, ProviderOutcome};
+use crate::command::{Operation, RefundCommand};
+use crate::config::HypPayAccount;
+
+/// A Hyp Pay terminal.
+#[derive(Debug, Clone)]
+pub struct HypPay {
+    account: HypPayAccount,
+    http: reqwest::Client,
+}
+
+impl HypPay {
+    /// Builds the integration.
+    pub fn new(account: HypPayAccount, http: reqwest::Client) -> Self {
+        HypPay { account, http }
+    }
+
+    /// Checks what Hyp Pay needs: `transaction.id`, an amount for refunds,
+    /// no installments.
+    pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
+        wire::request_for(command, &self.account).map(|_| ())
+    }
+
+    /// Sends the command once.
+    pub async fn execute(&self, command: &RefundCommand) -> ProviderOutcome {
+        let form = match wire::request_for(command, &self.account) {
+            Ok(form) => form,
+            // check() ran before; this is unreachable in practice but must not panic.
+            Err(message) => {
+                return ProviderOutcome::NotSent {
+                    reason: message,
+                    retry_after: None,
+                }
+            }
+        };
+        let response = match self
+            .http
+            .post(&self.account.base_url)
+            .form(&form.fields())
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return classify_send_error(e),
+        };
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            return classify_http_status(status, response.headers().get("retry-after"));
+        }
+        match response.text().await {
+            Ok(body) => wire::classify(command.operation, &body),
+            Err(e) => ProviderOutcome::Unknown {
+                reason: format!("answer could not be read: {}", e.without_url()),
+            },
+        }
+    }
+
+    /// The operation's action name, for logs.
+    pub fn action(operation: Operation) -> &'static str {
+        match operation {
+            Operation::Refund => wire::ACTION_REFUND,
+            Operation::Cancel => wire::ACTION_CANCEL,
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The provider sandbox: a local stand-in for the providers that behaves the
+//! way their documentation describes, keeps state (original charges, what
+//! was refunded, transmitted or not), records every execution in a journal
+//! and can inject faults. Used by the tests, the local run and demos.
+//!
+//! Provider endpoints: Hyp Pay at `/p/`. Control endpoints under `/_sandbox/`:
+//! `GET journal`, `GET originals`, `POST originals` (add seed entries),
+//! `POST faults` (queue faults), `POST latency` (`{"ms": 50}`).
+
+pub mod hyp_pay;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The seed shipped with the repository (used when no `--seed` is given).
+pub const DEFAULT_SEED: &str = include_str!("../examples/sandbox-seed.json");
+
+/// Sandbox credentials and behaviour.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Hyp Pay terminal number the sandbox accepts.
+    pub hyp_masof: String,
+    /// Hyp Pay password the sandbox accepts.
+    pub hyp_pass_p: String,
+    /// Added before every provider answer.
+    pub latency: Duration,
+    /// Original charges.
+    pub seed: Seed,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            hyp_masof: "0010131918".into(),
+            hyp_pass_p: "sandbox-pass".into(),
+            latency: Duration::ZERO,
+            seed: Seed::default_seed(),
+        }
+    }
+}
+
+/// Original charges by provider.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Seed {
+    /// Hyp Pay transactions.
+    #[serde(default)]
+    pub hyp_pay: Vec<SeedTransaction>,
+}
+
+impl Seed {
+    /// The repository's seed.
+    pub fn default_seed() -> Self {
+        serde_json::from_str(DEFAULT_SEED).unwrap_or_default()
+    }
+
+    /// Reads a seed file.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// One original charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedTransaction {
+    /// Provider transaction id.
+    pub id: String,
+    /// Charged amount, minor units.
+    pub amount_minor: u64,
+    /// Currency.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Already transmitted to the card company (then it can be refunded,
+    /// not cancelled).
+    #[serde(default = "yes")]
+    pub transmitted: bool,
+}
+
+fn default_currency() -> String {
+    "ILS".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// An original charge and what happened to it since.
+#[derive(Debug, Clone, Serialize)]
+pub struct Original {
+    /// As seeded.
+    #[serde(flatten)]
+    pub seed: SeedTransaction,
+    /// Sum refunded so far.
+    pub refunded_minor: u64,
+    /// Cancelled before transmission.
+    pub cancelled: bool,
+}
+
+/// One thing the sandbox executed (money moved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    /// `hyp_pay`.
+    pub provider: String,
+    /// Provider action (`zikoyAPI`, `CancelTrans`).
+    pub action: String,
+    /// Original transaction.
+    pub original_id: String,
+    /// Amount moved (minor units).
+    pub amount_minor: u64,
+    /// Id of the new transaction.
+    pub new_id: String,
+}
+
+/// A fault applied to the next matching provider request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// HTTP 503 without executing.
+    Unavailable,
+    /// An HTML error page without executing.
+    HtmlBefore,
+    /// Execute, then answer an HTML error page.
+    HtmlAfter,
+    /// Execute, then keep the connection silent for `stall_ms`.
+    StallAfter,
+}
+
+/// A queued fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// What to do.
+    pub fault: FaultKind,
+    /// Only for requests about this original transaction (any when absent).
+    #[serde(default)]
+    pub original_id: Option<String>,
+    /// How many matching requests it applies to.
+    #[serde(default = "one")]
+    pub times: u32,
+    /// Stall length for `stall_after`.
+    #[serde(default = "default_stall")]
+    pub stall_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_stall() -> u64 {
+    120_000
+}
+
+/// Mutable sandbox state. Locked briefly, never across an await.
+#[derive(Debug)]
+pub struct SandboxState {
+    config: SandboxConfig,
+    originals: HashMap<String, Original>,
+    journal: Vec<Execution>,
+    faults: VecDeque<Fault>,
+    requests: u64,
+    next_id: u64,
+}
+
+impl SandboxState {
+    fn new(config: SandboxConfig) -> Self {
+        let mut state = SandboxState {
+            originals: HashMap::new(),
+            journal: Vec::new(),
+            faults: VecDeque::new(),
+            requests: 0,
+            next_id: 405_577_499,
+            config,
+        };
+        let seed = state.config.seed.clone();
+        state.add_seed(&seed);
+        state
+    }
+
+    fn add_seed(&mut self, seed: &Seed) {
+        for t in &seed.hyp_pay {
+            self.originals.insert(
+                t.id.clone(),
+                Original {
+                    seed: t.clone(),
+                    refunded_minor: 0,
+                    cancelled: false,
+                },
+            );
+        }
+    }
+
+    fn new_id(&mut self) -> String {
+        self.next_id += 1;
+        self.next_id.to_string()
+    }
+
+    /// Takes the fault for a request about `original_id`, if one is queued.
+    fn take_fault(&mut self, original_id: &str) -> Option<Fault> {
+        let index = self
+            .faults
+            .iter()
+            .position(|f| f.original_id.as_deref().is_none_or(|id| id == original_id))?;
+        let fault = self.faults.get_mut(index)?;
+        let taken = fault.clone();
+        fault.times = fault.times.saturating_sub(1);
+        if fault.times == 0 {
+            self.faults.remove(index);
+        }
+        Some(taken)
+    }
+}
+
+/// Shared handle to the sandbox state.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    state: Arc<Mutex<SandboxState>>,
+}
+
+impl Sandbox {
+    /// A sandbox with this configuration.
+    pub fn new(config: SandboxConfig) -> Self {
+        Sandbox {
+            state: Arc::new(Mutex::new(SandboxState::new(config))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SandboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every execution so far.
+    pub fn journal(&self) -> Vec<Execution> {
+        self.lock().journal.clone()
+    }
+
+    /// Provider requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.lock().requests
+    }
+
+    /// Queues a fault.
+    pub fn add_fault(&self, fault: Fault) {
+        self.lock().faults.push_back(fault);
+    }
+
+    /// Adds originals.
+    pub fn add_seed(&self, seed: &Seed) {
+        self.lock().add_seed(seed);
+    }
+
+    /// Sets the latency.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().config.latency = latency;
+    }
+
+    fn latency(&self) -> Duration {
+        self.lock().config.latency
+    }
+
+    /// The routes: provider endpoints and control endpoints.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/p/", get(hyp_pay::handle).post(hyp_pay::handle))
+            .route("/p", get(hyp_pay::handle).post(hyp_pay::handle))
+            .route("/_sandbox/journal", get(journal))
+            .route("/_sandbox/originals", get(originals).post(add_originals))
+            .route("/_sandbox/faults", post(add_faults))
+            .route("/_sandbox/latency", post(set_latency))
+            .with_state(self.clone())
+    }
+
+    /// Binds `addr` and serves in a background task. Returns the bound address.
+    pub async fn spawn(&self, addr: &str) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let router = self.router();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(bound)
+    }
+}
+
+async fn journal(State(sandbox): State<Sandbox>) -> Json<serde_json::Value> {
+    let state = sandbox.lock();
+    Json(serde_json::json!({
+        "requests": state.requests,
+        "executions": state.journal,
+    }))
+}
+
+async fn originals(State(sandbox): State<Sandbox>) -> Json<Vec<Original>> {
+    let state = sandbox.lock();
+    let mut all: Vec<Original> = state.originals.values().cloned().collect();
+    all.sort_by(|a, b| a.seed.id.cmp(&b.seed.id));
+    Json(all)
+}
+
+async fn add_originals(State(sandbox): State<Sandbox>, Json(seed): Json<Seed>) -> &'static str {
+    sandbox.add_seed(&seed);
+    "ok\n"
+}
+
+async fn add_faults(
+    State(sandbox): State<Sandbox>,
+    Json(faults): Json<Vec<Fault>>,
+) -> &'static str {
+    for fault in faults {
+        sandbox.add_fault(fault);
+    }
+    "ok\n"
+}
+
+#[derive(Deserialize)]
+struct Latency {
+    ms: u64,
+}
+
+async fn set_latency(State(sandbox): State<Sandbox>, Json(l): Json<Latency>) -> &'static str {
+    sandbox.set_latency(Duration::from_millis(l.ms));
+    "ok\n"
+}

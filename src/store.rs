@@ -1,0 +1,376 @@
+//! The durable record of every refund, in sled, and the group-commit syncer
+//! that makes writes durable without one `fsync` per message.
+//!
+//! One record per `refund_id` holds everything the pipeline decides from: the
+//! hash of the command, the lifecycle state and the recorded outcome. A
+//! redelivery, a restart and a replay all read the same record, so they all
+//! take the same path (see `worker.rs`).
+//!
+//! Durability: sled keeps writes in memory until `flush()`. Callers that need
+//! a write on disk before they go on (before a provider call, before an event
+//! is published) call [`Store::sync`], which hands the request to a single
+//! syncer task. The syncer takes every request waiting, runs one `flush()` on
+//! the blocking pool and answers them all, so one disk sync serves every
+//! message that was written meanwhile. Each caller is answered only by a flush
+//! that began after its request arrived, hence after its write.
+
+use crate::command::RefundCommand;
+use crate::event::{now_rfc3339, OutcomeEvent};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Store failures. Any of them stops the processing of the delivery at hand
+/// without an ack, so the message comes back later.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an I/O or corruption error.
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be decoded.
+    #[error("store: record for {refund_id} is unreadable: {source}")]
+    Corrupt {
+        /// The key.
+        refund_id: String,
+        /// The decoding error.
+        source: serde_json::Error,
+    },
+    /// The syncer task is gone (the runtime is shutting down).
+    #[error("store: the syncer task has stopped")]
+    SyncerGone,
+}
+
+/// Where a refund is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RefundState {
+    /// A provider request is (or was) on its way. Written and synced before
+    /// the request leaves; found after a restart it means "outcome unknown".
+    Attempting {
+        /// When the attempt started.
+        since: String,
+    },
+    /// The last attempt surely did not reach the provider: a new attempt is
+    /// safe.
+    NotSent {
+        /// Why it was not sent.
+        reason: String,
+    },
+    /// The final outcome, synced before its event is published.
+    Finished {
+        /// The event, re-published as is on every redelivery.
+        event: OutcomeEvent,
+    },
+    /// The provider may or may not have executed it; a person must decide.
+    InDoubt {
+        /// The `in_doubt` event.
+        event: OutcomeEvent,
+    },
+}
+
+impl RefundState {
+    /// Short name for logs and listings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RefundState::Attempting { .. } => "attempting",
+            RefundState::NotSent { .. } => "not_sent",
+            RefundState::Finished { .. } => "finished",
+            RefundState::InDoubt { .. } => "in_doubt",
+        }
+    }
+}
+
+/// One line of a refund's history, for operators.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When.
+    pub at: String,
+    /// What happened.
+    pub note: String,
+}
+
+/// The stored record of one refund.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefundRecord {
+    /// Key.
+    pub refund_id: String,
+    /// Hash of the normalised command that claimed this `refund_id`.
+    pub payload_hash: String,
+    /// That command.
+    pub command: RefundCommand,
+    /// Lifecycle state.
+    pub state: RefundState,
+    /// Provider requests started so far.
+    pub attempts: u32,
+    /// First seen.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+    /// What happened, in order.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl RefundRecord {
+    /// A fresh record in the `Attempting` state for the first attempt.
+    pub fn attempting(command: &RefundCommand) -> Self {
+        let now = now_rfc3339();
+        RefundRecord {
+            refund_id: command.refund_id.clone(),
+            payload_hash: command.payload_hash(),
+            command: command.clone(),
+            state: RefundState::Attempting { since: now.clone() },
+            attempts: 1,
+            created_at: now.clone(),
+            updated_at: now.clone(),
+            history: vec![HistoryEntry {
+                at: now,
+                note: "attempt 1 started".into(),
+            }],
+        }
+    }
+
+    /// Moves to `state`, noting why.
+    pub fn transition(&mut self, state: RefundState, note: impl Into<String>) {
+        let now = now_rfc3339();
+        self.state = state;
+        self.updated_at = now.clone();
+        self.history.push(HistoryEntry {
+            at: now,
+            note: note.into(),
+        });
+    }
+}
+
+/// Counters of the syncer, for metrics and the benchmark.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    /// `flush()` calls made.
+    pub flushes: AtomicU64,
+    /// `sync()` requests answered.
+    pub requests: AtomicU64,
+}
+
+type SyncReply = oneshot::Sender<Result<(), String>>;
+
+/// A request to the syncer task.
+#[derive(Debug)]
+enum SyncRequest {
+    /// Answer after a flush that began after this request arrived.
+    Sync(SyncReply),
+    /// Flush, answer, and stop (releasing the syncer's handle on the db).
+    Close(SyncReply),
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    refunds: sled::Tree,
+    syncer: mpsc::UnboundedSender<SyncRequest>,
+    stats: Arc<SyncStats>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` and starts its syncer task.
+    /// Must be called inside a tokio runtime.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            // The background flush is a safety net only; durability points
+            // are explicit `sync()` calls.
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let refunds = db.open_tree("refunds")?;
+        let stats = Arc::new(SyncStats::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_syncer(db.clone(), rx, stats.clone()));
+        Ok(Store {
+            refunds,
+            syncer: tx,
+            stats,
+        })
+    }
+
+    /// Reads a record.
+    pub fn get(&self, refund_id: &str) -> Result<Option<RefundRecord>, StoreError> {
+        match self.refunds.get(refund_id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode(refund_id, &bytes).map(Some),
+        }
+    }
+
+    /// Inserts `record` only if no record exists for its `refund_id`.
+    /// Returns the existing record when there is one (the claim failed).
+    pub fn claim(&self, record: &RefundRecord) -> Result<Option<RefundRecord>, StoreError> {
+        let bytes = encode(record);
+        match self.refunds.compare_and_swap(
+            record.refund_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(bytes),
+        )? {
+            Ok(()) => Ok(None),
+            Err(cas) => match cas.current {
+                Some(existing) => decode(&record.refund_id, &existing).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Writes a record (not yet durable: call [`Store::sync`]).
+    pub fn put(&self, record: &RefundRecord) -> Result<(), StoreError> {
+        self.refunds
+            .insert(record.refund_id.as_bytes(), encode(record))?;
+        Ok(())
+    }
+
+    /// Waits until every write made before this call is on disk. Many
+    /// concurrent callers share one flush.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.syncer
+            .send(SyncRequest::Sync(tx))
+            .map_err(|_| StoreError::SyncerGone)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                message,
+            )))),
+            Err(_) => Err(StoreError::SyncerGone),
+        }
+    }
+
+    /// Iterates over all records (for operators; not on the hot path).
+    pub fn records(&self) -> impl Iterator<Item = Result<RefundRecord, StoreError>> + '_ {
+        self.refunds.iter().map(|item| {
+            let (key, value) = item?;
+            decode(&String::from_utf8_lossy(&key), &value)
+        })
+    }
+
+    /// Syncer counters.
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// Flushes and stops the syncer (shutdown path). Once every handle is
+    /// dropped, sled releases the directory lock, so the same process (a
+    /// test, a supervisor) can open the store again.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.syncer
+            .send(SyncRequest::Close(tx))
+            .map_err(|_| StoreError::SyncerGone)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                message,
+            )))),
+            Err(_) => Err(StoreError::SyncerGone),
+        }
+    }
+}
+
+fn encode(record: &RefundRecord) -> Vec<u8> {
+    // Serialising plain data with serde_json cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+fn decode(refund_id: &str, bytes: &[u8]) -> Result<RefundRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        refund_id: refund_id.to_string(),
+        source,
+    })
+}
+
+/// The group-commit loop: one flush for every batch of waiting requests.
+async fn run_syncer(
+    db: sled::Db,
+    mut requests: mpsc::UnboundedReceiver<SyncRequest>,
+    stats: Arc<SyncStats>,
+) {
+    let mut batch = Vec::new();
+    let mut closing = false;
+    while let Some(first) = requests.recv().await {
+        let mut take = |request| match request {
+            SyncRequest::Sync(reply) => batch.push(reply),
+            SyncRequest::Close(reply) => {
+                closing = true;
+                batch.push(reply);
+            }
+        };
+        take(first);
+        while let Ok(more) = requests.try_recv() {
+            take(more);
+        }
+        let flushing = db.clone();
+        let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats
+            .requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for reply in batch.drain(..) {
+            let _ = reply.send(result.clone());
+        }
+        if closing {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(id: &str) -> RefundCommand {
+        RefundCommand::parse(
+            format!(r#"{{"refund_id":"{id}","provider":"p","transaction":{{"id":"1"}}}}"#)
+                .as_bytes(),
+        )
+        .expect("command")
+    }
+
+    #[tokio::test]
+    async fn claim_is_first_writer_wins_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let record = RefundRecord::attempting(&command("r1"));
+            assert!(store.claim(&record).expect("claim").is_none());
+            let again = store.claim(&record).expect("claim").expect("existing");
+            assert_eq!(again.state.name(), "attempting");
+            store.close().await.expect("close");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let record = store.get("r1").expect("get").expect("present");
+        assert_eq!(record.attempts, 1);
+        assert_eq!(store.records().count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flush_serves_many_concurrent_syncs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .put(&RefundRecord::attempting(&command(&format!("r{i}"))))
+                    .expect("put");
+                store.sync().await.expect("sync");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let flushes = store.stats().flushes.load(Ordering::Relaxed);
+        let requests = store.stats().requests.load(Ordering::Relaxed);
+        assert_eq!(requests, 200);
+        assert!(flushes < requests, "flushes {flushes} for {requests} syncs");
+    }
+}

@@ -1,0 +1,592 @@
+//! The pipeline from one delivery to its ack.
+//!
+//! ```text
+//! delivery ─▶ size / content type / JSON / refund_id ──bad──▶ dead letter, ack
+//!          ─▶ provider known, fields valid ──────────bad──▶ `rejected` event, ack
+//!          ─▶ lock refund_id, read the record:
+//!               none ─────────▶ claim (Attempting, synced) ─▶ call provider
+//!               other payload ▶ `rejected` (conflicting_payload), ack
+//!               Finished ─────▶ re-publish the recorded event, ack
+//!               InDoubt ──────▶ re-publish `in_doubt` if unconfirmed, park in dead letters, ack
+//!               NotSent ──────▶ Attempting (synced) ─▶ call provider
+//!               Attempting ───▶ a previous process crashed mid-call: outcome unknown
+//!          ─▶ outcome recorded (synced) ─▶ event published (confirmed) ─▶ ack
+//! ```
+//!
+//! Every decision comes from the stored record, so a redelivery, a restart
+//! and a replay from the dead-letter queue take the same path. Nothing here
+//! acks before the broker confirmed what the command produced; a failure to
+//! store or publish puts the delivery back (after a pause) for a later try.
+
+use crate::broker::publisher::{DeadLetter, PublishError, Publisher};
+use crate::broker::HEADER_FIRST_FAILURE;
+use crate::command::{Echo, ParseError, RefundCommand};
+use crate::config::Settings;
+use crate::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::locks::RefundLocks;
+use crate::providers::{Provider, ProviderOutcome, Providers};
+use crate::store::{RefundRecord, RefundState, Store, StoreError};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+/// Why a delivery could not be finished; it goes back to the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker did not confirm an event or dead letter.
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+}
+
+/// How long a delivery that failed to finish waits before it is put back,
+/// so a broken store or broker does not turn into a hot loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Everything a delivery needs; shared by all in-flight deliveries.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    settings: Arc<Settings>,
+    store: Store,
+    providers: Providers,
+    locks: RefundLocks,
+}
+
+impl Worker {
+    /// Builds the pipeline over an open store.
+    pub fn new(settings: Arc<Settings>, store: Store, providers: Providers) -> Self {
+        Worker {
+            settings,
+            store,
+            providers,
+            locks: RefundLocks::default(),
+        }
+    }
+
+    /// The store (for operators and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Processes one delivery and acks it, or puts it back when it could not
+    /// be finished.
+    pub async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
+        let span = info_span!(
+            "delivery",
+            refund_id = tracing::field::Empty,
+            tag = delivery.delivery_tag
+        );
+        async {
+            match self.process(publisher, &delivery).await {
+                Ok(()) => {
+                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                        // The channel is gone: the broker redelivers, and the
+                        // record turns the redelivery into a re-publication.
+                        warn!(error = %e, "ack failed; the message will be redelivered");
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "delivery not finished; putting it back");
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    if let Err(e) = delivery.acker.nack(requeue).await {
+                        warn!(error = %e, "nack failed; the message will be redelivered");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+    ) -> Result<(), PipelineError> {
+        let amqp = &self.settings.amqp;
+        if delivery.data.len() > amqp.max_body_bytes {
+            let message = format!(
+                "body of {} bytes exceeds amqp.max_body_bytes = {}",
+                delivery.data.len(),
+                amqp.max_body_bytes
+            );
+            return self
+                .poison(publisher, delivery, "oversize", message, None)
+                .await;
+        }
+        if let Some(ct) = delivery.properties.content_type() {
+            let ct = ct.as_str();
+            if !ct
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+            {
+                let message = format!("content_type {ct:?} is not application/json");
+                return self
+                    .poison(publisher, delivery, "wrong_content_type", message, None)
+                    .await;
+            }
+        }
+        let command = match RefundCommand::parse(&delivery.data) {
+            Ok(command) => command,
+            Err(ParseError::Poison(p)) => {
+                return self
+                    .poison(publisher, delivery, p.kind, p.message, None)
+                    .await
+            }
+            Err(ParseError::Invalid(invalid)) => {
+                tracing::Span::current().record("refund_id", invalid.refund_id.as_str());
+                return self
+                    .reject(
+                        publisher,
+                        &invalid.refund_id,
+                        &invalid.echo,
+                        "invalid_command",
+                        invalid.message,
+                    )
+                    .await;
+            }
+        };
+        tracing::Span::current().record("refund_id", command.refund_id.as_str());
+        let Some(provider) = self.providers.get(&command.provider) else {
+            let message = format!(
+                "provider {:?} is not a configured account (configured: {})",
+                command.provider,
+                self.providers.names().join(", ")
+            );
+            return self
+                .reject(
+                    publisher,
+                    &command.refund_id,
+                    &command.echo(),
+                    "unknown_provider",
+                    message,
+                )
+                .await;
+        };
+        if let Err(message) = provider.check(&command) {
+            return self
+                .reject(
+                    publisher,
+                    &command.refund_id,
+                    &command.echo(),
+                    "invalid_command",
+                    message,
+                )
+                .await;
+        }
+
+        let _guard = self.locks.lock(&command.refund_id).await;
+        let fresh = RefundRecord::attempting(&command);
+        let mut record = match self.store.claim(&fresh)? {
+            None => {
+                self.store.sync().await?;
+                debug!("claimed");
+                fresh
+            }
+            Some(existing) => {
+                if existing.payload_hash != fresh.payload_hash {
+                    let message = format!(
+                        "refund_id {} was already used for a different command (first seen {}); \
+                         the original refund is not affected",
+                        command.refund_id, existing.created_at
+                    );
+                    return self
+                        .reject(
+                            publisher,
+                            &command.refund_id,
+                            &command.echo(),
+                            "conflicting_payload",
+                            message,
+                        )
+                        .await;
+                }
+                match existing.state.clone() {
+                    RefundState::Finished { event } => {
+                        info!(
+                            status = event.status.as_str(),
+                            "duplicate: re-publishing the recorded outcome"
+                        );
+                        return self.publish_recorded(publisher, existing, &event).await;
+                    }
+                    RefundState::InDoubt { event } => {
+                        warn!("refund is in doubt: not executing it again until an operator resolves it");
+                        let record = self.publish_recorded(publisher, existing, &event).await;
+                        self.park_in_doubt(publisher, delivery, &event).await?;
+                        return record;
+                    }
+                    RefundState::NotSent { .. } => {
+                        let mut record = existing;
+                        self.begin_attempt(&mut record).await?;
+                        record
+                    }
+                    RefundState::Attempting { since } => {
+                        // We hold the lock, so no task of this process is
+                        // attempting it: a previous process died mid-call.
+                        let mut record = existing;
+                        let reason = format!(
+                            "a previous worker process stopped during attempt {} (started {since}); \
+                             the provider may have executed it",
+                            record.attempts
+                        );
+                        if provider.repeats_are_safe() {
+                            warn!(%reason, "repeating the request: the provider deduplicates it");
+                            self.begin_attempt(&mut record).await?;
+                            record
+                        } else {
+                            return self.in_doubt(publisher, delivery, record, reason).await;
+                        }
+                    }
+                }
+            }
+        };
+        self.attempt(publisher, delivery, provider, &mut record)
+            .await
+    }
+
+    /// Records a new attempt durably before the request leaves.
+    async fn begin_attempt(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
+        record.attempts += 1;
+        let note = format!("attempt {} started", record.attempts);
+        record.transition(
+            RefundState::Attempting {
+                since: now_rfc3339(),
+            },
+            note,
+        );
+        self.store.put(record)?;
+        self.store.sync().await
+    }
+
+    /// Calls the provider until it answers something other than "not sent",
+    /// retrying that in process with exponential backoff and jitter.
+    async fn attempt(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        provider: &Provider,
+        record: &mut RefundRecord,
+    ) -> Result<(), PipelineError> {
+        let retry = &self.settings.retry;
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
+            .with_max_delay(Duration::from_millis(retry.max_delay_ms))
+            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        let deadline = Instant::now() + Duration::from_millis(retry.deadline_ms);
+        let started = Instant::now();
+        let mut first_failure: Option<String> = header_str(delivery, HEADER_FIRST_FAILURE);
+        loop {
+            let call_started = Instant::now();
+            let outcome = provider.execute(&record.command).await;
+            info!(
+                attempt = record.attempts,
+                class = outcome.class(),
+                provider_ms = call_started.elapsed().as_millis() as u64,
+                "provider answered"
+            );
+            let echo = record.command.echo();
+            let refund_id = record.refund_id.clone();
+            let attempts = record.attempts;
+            match outcome {
+                ProviderOutcome::Confirmed {
+                    provider_txn,
+                    performed,
+                    code,
+                    message,
+                } => {
+                    let mut event =
+                        OutcomeEvent::new(&refund_id, Status::Succeeded, &echo, attempts);
+                    event.performed = Some(performed);
+                    event.provider_transaction_id = provider_txn;
+                    event.provider_code = Some(code);
+                    event.provider_message = message;
+                    return self.finish(publisher, record, event, started).await;
+                }
+                ProviderOutcome::Declined { code, message } => {
+                    let mut event = OutcomeEvent::new(&refund_id, Status::Failed, &echo, attempts)
+                        .with_error("declined", format!("provider declined: {code} {message}"));
+                    event.provider_code = Some(code);
+                    event.provider_message = Some(message);
+                    return self.finish(publisher, record, event, started).await;
+                }
+                ProviderOutcome::Unknown { reason } => {
+                    if provider.repeats_are_safe() && record.attempts < retry.max_attempts {
+                        warn!(%reason, "outcome unknown; repeating: the provider deduplicates it");
+                        self.begin_attempt(record).await?;
+                        continue;
+                    }
+                    return self
+                        .in_doubt(publisher, delivery, record.clone(), reason)
+                        .await;
+                }
+                ProviderOutcome::Misconfigured { code, message } => {
+                    let reason = format!("provider account rejected the request: {code} {message}");
+                    error!(%reason, "fix the provider account configuration, then replay from the dead-letter queue");
+                    record.transition(
+                        RefundState::NotSent {
+                            reason: reason.clone(),
+                        },
+                        reason.clone(),
+                    );
+                    self.store.put(record)?;
+                    self.store.sync().await?;
+                    let now = now_rfc3339();
+                    let info = DeadLetter {
+                        kind: "provider_misconfigured".into(),
+                        error: reason,
+                        attempts,
+                        first_failure_at: first_failure.unwrap_or_else(|| now.clone()),
+                        last_failure_at: now,
+                        refund_id: Some(refund_id),
+                        provider: Some(record.command.provider.clone()),
+                    };
+                    return self.dead_letter(publisher, delivery, &info).await;
+                }
+                ProviderOutcome::NotSent {
+                    reason,
+                    retry_after,
+                } => {
+                    let now = now_rfc3339();
+                    let first = first_failure.get_or_insert_with(|| now.clone()).clone();
+                    record.transition(
+                        RefundState::NotSent {
+                            reason: reason.clone(),
+                        },
+                        format!("attempt {attempts} not sent: {reason}"),
+                    );
+                    self.store.put(record)?;
+                    let delay = delays
+                        .next()
+                        .map(|d| d.max(retry_after.unwrap_or_default()));
+                    match delay {
+                        Some(delay) if Instant::now() + delay < deadline => {
+                            warn!(%reason, delay_ms = delay.as_millis() as u64, "not sent; retrying");
+                            tokio::time::sleep(delay).await;
+                            self.begin_attempt(record).await?;
+                        }
+                        _ => {
+                            self.store.sync().await?;
+                            let error =
+                                format!("provider unavailable after {attempts} attempts: {reason}");
+                            warn!(%error, "giving up for now; the message goes to the dead-letter queue");
+                            let info = DeadLetter {
+                                kind: "provider_unavailable".into(),
+                                error,
+                                attempts,
+                                first_failure_at: first,
+                                last_failure_at: now,
+                                refund_id: Some(refund_id),
+                                provider: Some(record.command.provider.clone()),
+                            };
+                            return self.dead_letter(publisher, delivery, &info).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a final outcome durably, then publishes it.
+    async fn finish(
+        &self,
+        publisher: &Publisher,
+        record: &mut RefundRecord,
+        event: OutcomeEvent,
+        started: Instant,
+    ) -> Result<(), PipelineError> {
+        let note = format!("outcome {}", event.status.as_str());
+        record.transition(
+            RefundState::Finished {
+                event: event.clone(),
+            },
+            note,
+        );
+        self.store.put(record)?;
+        self.store.sync().await?;
+        info!(
+            provider = record.command.provider.as_str(),
+            status = event.status.as_str(),
+            attempts = event.attempts,
+            latency_ms = started.elapsed().as_millis() as u64,
+            "refund outcome"
+        );
+        self.publish_recorded(publisher, record.clone(), &event)
+            .await
+    }
+
+    /// Publishes an event that is already durable in the record, and notes
+    /// that the broker confirmed it (not synced: losing that note only means
+    /// one more harmless re-publication with the same `event_id`).
+    async fn publish_recorded(
+        &self,
+        publisher: &Publisher,
+        mut record: RefundRecord,
+        event: &OutcomeEvent,
+    ) -> Result<(), PipelineError> {
+        publisher.publish_event(event).await?;
+        if !record
+            .history
+            .iter()
+            .any(|h| h.note == confirmed_note(event))
+        {
+            let state = record.state.clone();
+            record.transition(state, confirmed_note(event));
+            self.store.put(&record)?;
+        }
+        Ok(())
+    }
+
+    /// The outcome may or may not have happened: record it as in doubt,
+    /// tell accounting once, park the message for an operator.
+    async fn in_doubt(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        mut record: RefundRecord,
+        reason: String,
+    ) -> Result<(), PipelineError> {
+        error!(%reason, "outcome unknown: the refund is in doubt and will not be sent again");
+        let event = OutcomeEvent::new(
+            &record.refund_id,
+            Status::InDoubt,
+            &record.command.echo(),
+            record.attempts,
+        )
+        .with_error("outcome_unknown", reason.clone());
+        record.transition(
+            RefundState::InDoubt {
+                event: event.clone(),
+            },
+            format!("in doubt: {reason}"),
+        );
+        self.store.put(&record)?;
+        self.store.sync().await?;
+        self.publish_recorded(publisher, record, &event).await?;
+        self.park_in_doubt(publisher, delivery, &event).await
+    }
+
+    async fn park_in_doubt(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        event: &OutcomeEvent,
+    ) -> Result<(), PipelineError> {
+        let now = now_rfc3339();
+        let info = DeadLetter {
+            kind: "in_doubt".into(),
+            error: event
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| "outcome unknown".into()),
+            attempts: event.attempts,
+            first_failure_at: header_str(delivery, HEADER_FIRST_FAILURE)
+                .unwrap_or_else(|| event.occurred_at.clone()),
+            last_failure_at: now,
+            refund_id: Some(event.refund_id.clone()),
+            provider: event.provider.clone(),
+        };
+        self.dead_letter(publisher, delivery, &info).await
+    }
+
+    /// Publishes a `rejected` event. Not recorded: a rejection depends only
+    /// on the message (and configuration), so a redelivery rejects it again
+    /// with the same `event_id`, and a corrected command may re-use the id.
+    async fn reject(
+        &self,
+        publisher: &Publisher,
+        refund_id: &str,
+        echo: &Echo,
+        kind: &str,
+        message: String,
+    ) -> Result<(), PipelineError> {
+        warn!(kind, %message, "command rejected");
+        let event =
+            OutcomeEvent::new(refund_id, Status::Rejected, echo, 0).with_error(kind, message);
+        info!(
+            provider = echo.provider.as_deref().unwrap_or(""),
+            status = "rejected",
+            attempts = 0,
+            "refund outcome"
+        );
+        publisher.publish_event(&event).await?;
+        Ok(())
+    }
+
+    /// Dead-letters a message that cannot be tied to a refund.
+    async fn poison(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        kind: &str,
+        message: String,
+        refund_id: Option<String>,
+    ) -> Result<(), PipelineError> {
+        warn!(kind, %message, "poison message: moving it to the dead-letter queue");
+        let now = now_rfc3339();
+        let info = DeadLetter {
+            kind: kind.into(),
+            error: message,
+            attempts: 0,
+            first_failure_at: now.clone(),
+            last_failure_at: now,
+            refund_id,
+            provider: None,
+        };
+        self.dead_letter(publisher, delivery, &info).await
+    }
+
+    async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        info: &DeadLetter,
+    ) -> Result<(), PipelineError> {
+        // A replayed message keeps the exchange and routing key it was first
+        // published with.
+        let exchange = header_str(delivery, crate::broker::HEADER_ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| delivery.exchange.to_string());
+        let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
+        publisher
+            .dead_letter(
+                &delivery.data,
+                &delivery.properties,
+                &exchange,
+                &routing_key,
+                info,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn confirmed_note(event: &OutcomeEvent) -> String {
+    format!(
+        "event {} ({}) confirmed by the broker",
+        event.event_id,
+        event.status.as_str()
+    )
+}
+
+/// A string header of the delivery, if present.
+fn header_str(delivery: &Delivery, key: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,290 @@
+//! The whole path through a real RabbitMQ node and the sandbox over HTTP:
+//! command published → worker → Hyp Pay sandbox → event / dead letter.
+
+mod support;
+
+use refund_worker::sandbox::{Fault, FaultKind};
+use serde_json::Value;
+use std::time::Duration;
+use support::{header, with_refund_id, TestApp, HYP_CANCEL, HYP_DECLINE, HYP_REFUND, INVALID};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_succeeds_once_with_the_provider_transaction() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_REFUND).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["status"], "succeeded");
+    assert_eq!(event["refund_id"], "rf-example-hyp-refund-1");
+    assert_eq!(event["provider"], "hyp_pay");
+    assert_eq!(event["operation"], "refund");
+    assert_eq!(event["performed"], "refund");
+    assert_eq!(event["amount"]["minor"], 1050);
+    assert_eq!(event["amount"]["currency"], "ILS");
+    assert_eq!(event["provider_code"], "0");
+    assert_eq!(event["attempts"], 1);
+    assert_eq!(event["order_id"], "ord-991");
+    assert_eq!(event["metadata"]["ticket"], "CS-4411");
+    assert!(event["error"].is_null());
+    let journal = app.sandbox.journal();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].action, "zikoyAPI");
+    assert_eq!(journal[0].original_id, "12290620");
+    assert_eq!(journal[0].amount_minor, 1050);
+    assert_eq!(event["provider_transaction_id"], journal[0].new_id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_succeeds_as_a_cancel() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_CANCEL).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["operation"], "cancel");
+    assert_eq!(event["performed"], "cancel");
+    assert!(event["amount"].is_null());
+    let journal = app.sandbox.journal();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].action, "CancelTrans");
+    assert_eq!(journal[0].original_id, "405532558");
+
+    // A second cancel of the same charge (a new refund_id) is declined: 920.
+    app.publish(&with_refund_id(HYP_CANCEL, "rf-cancel-again"))
+        .await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.failed");
+    assert_eq!(event["provider_code"], "920");
+    assert_eq!(app.sandbox.journal().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decline_is_failed_with_the_provider_code() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_DECLINE).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.failed");
+    assert_eq!(event["status"], "failed");
+    assert_eq!(event["provider_code"], "33");
+    assert!(event["provider_message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("exceeds"));
+    assert_eq!(event["error"]["kind"], "declined");
+    assert!(app.sandbox.journal().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_executes_once_and_republishes_the_same_event() {
+    let mut app = TestApp::start().await;
+    // Three copies at once (one prefetch window) and one later.
+    for _ in 0..3 {
+        app.publish(HYP_REFUND).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (key, event) = app.next_event().await;
+        assert_eq!(key, "refund.succeeded");
+        ids.push(event["event_id"].as_str().map(str::to_string));
+    }
+    app.publish(HYP_REFUND).await;
+    let (_, event) = app.next_event().await;
+    ids.push(event["event_id"].as_str().map(str::to_string));
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every copy carries the same event_id");
+    assert_eq!(app.sandbox.journal().len(), 1, "executed once");
+    assert_eq!(app.sandbox.requests(), 1, "the provider was called once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_duplicate_is_rejected_and_changes_nothing() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_REFUND).await;
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    let mut other: Value = serde_json::from_str(HYP_REFUND).expect("json");
+    other["amount"]["minor"] = Value::from(2000);
+    app.publish(&other.to_string()).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.rejected");
+    assert_eq!(event["error"]["kind"], "conflicting_payload");
+    assert_eq!(event["attempts"], 0);
+    assert_eq!(app.sandbox.journal().len(), 1);
+    // The original outcome is intact: a true duplicate still gets `succeeded`.
+    app.publish(HYP_REFUND).await;
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_command_is_rejected_without_a_provider_call() {
+    let mut app = TestApp::start().await;
+    app.publish(INVALID).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.rejected");
+    assert_eq!(event["refund_id"], "rf-example-invalid-1");
+    assert_eq!(event["error"]["kind"], "invalid_command");
+    assert!(event["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("minor"));
+
+    // Unknown provider account and a refund without an amount: rejected too.
+    let mut unknown: Value = serde_json::from_str(HYP_REFUND).expect("json");
+    unknown["refund_id"] = "rf-unknown-provider".into();
+    unknown["provider"] = "nope".into();
+    app.publish(&unknown.to_string()).await;
+    let (_, event) = app.next_event().await;
+    assert_eq!(event["error"]["kind"], "unknown_provider");
+    let mut no_amount: Value = serde_json::from_str(HYP_REFUND).expect("json");
+    no_amount["refund_id"] = "rf-no-amount".into();
+    no_amount.as_object_mut().expect("object").remove("amount");
+    app.publish(&no_amount.to_string()).await;
+    let (_, event) = app.next_event().await;
+    assert_eq!(event["status"], "rejected");
+    assert!(event["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("amount"));
+    assert_eq!(app.sandbox.requests(), 0, "no provider call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
+    let mut app = TestApp::start().await;
+    app.publish_raw(b"this is not json", Some("application/json"))
+        .await;
+    let (body, headers) = app.next_dead_letter().await;
+    assert_eq!(body, b"this is not json");
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("malformed")
+    );
+    assert!(header(&headers, "x-refund-error")
+        .unwrap_or_default()
+        .contains("not JSON"));
+    assert_eq!(header(&headers, "x-refund-attempts").as_deref(), Some("0"));
+    assert!(header(&headers, "x-refund-first-failure-at").is_some());
+    assert!(header(&headers, "x-refund-last-failure-at").is_some());
+    assert_eq!(
+        header(&headers, "x-refund-original-routing-key").as_deref(),
+        Some("refund.hyp_pay")
+    );
+
+    app.publish(r#"{"provider":"hyp_pay"}"#).await;
+    let (_, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("missing_refund_id")
+    );
+
+    app.publish_raw(HYP_REFUND.as_bytes(), Some("text/plain"))
+        .await;
+    let (_, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("wrong_content_type")
+    );
+
+    let big = format!(r#"{{"refund_id":"rf-big","pad":"{}"}}"#, "x".repeat(70_000));
+    app.publish(&big).await;
+    let (_, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("oversize")
+    );
+
+    // The worker carries on.
+    app.publish(HYP_REFUND).await;
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(app.queue_depth("refunds.commands").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_503s_are_retried_and_executed_once() {
+    let mut app = TestApp::start().await;
+    app.sandbox.add_fault(Fault {
+        fault: FaultKind::Unavailable,
+        original_id: None,
+        times: 2,
+        stall_ms: 0,
+    });
+    app.publish(HYP_REFUND).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["attempts"], 3);
+    assert_eq!(app.sandbox.journal().len(), 1);
+    assert_eq!(app.sandbox.requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_in_doubt_and_never_sent_again() {
+    let mut app = TestApp::start().await;
+    // The sandbox executes the refund, then answers an HTML error page.
+    app.sandbox.add_fault(Fault {
+        fault: FaultKind::HtmlAfter,
+        original_id: None,
+        times: 1,
+        stall_ms: 0,
+    });
+    app.publish(HYP_REFUND).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.in_doubt");
+    assert_eq!(event["error"]["kind"], "outcome_unknown");
+    let (body, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("in_doubt")
+    );
+    assert_eq!(
+        header(&headers, "x-refund-id").as_deref(),
+        Some("rf-example-hyp-refund-1")
+    );
+    assert_eq!(app.sandbox.journal().len(), 1);
+
+    // Replaying the parked message does not execute it again.
+    app.publish_raw(&body, Some("application/json")).await;
+    let (_, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("in_doubt")
+    );
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.in_doubt");
+    assert_eq!(app.sandbox.journal().len(), 1);
+    assert_eq!(app.sandbox.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_is_in_doubt() {
+    let mut app = TestApp::start().await;
+    app.sandbox.add_fault(Fault {
+        fault: FaultKind::StallAfter,
+        original_id: None,
+        times: 1,
+        stall_ms: 10_000,
+    });
+    app.publish(HYP_REFUND).await;
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.in_doubt");
+    assert_eq!(app.sandbox.journal().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorded_outcome_survives_a_restart() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_REFUND).await;
+    let (_, first) = app.next_event().await;
+    app.stop_worker().await;
+    app.spawn_worker().await;
+    app.publish(HYP_REFUND).await;
+    let (key, again) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(first["event_id"], again["event_id"]);
+    assert_eq!(
+        first["provider_transaction_id"],
+        again["provider_transaction_id"]
+    );
+    assert_eq!(app.sandbox.journal().len(), 1);
+    app.assert_no_event(Duration::from_millis(300)).await;
+}

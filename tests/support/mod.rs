@@ -1,0 +1,361 @@
+//! Test support: a private broker node, the in-process sandbox, and
+//! [`TestApp`], which starts the real worker on random ports the way
+//! `refund-worker run` does.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod broker;
+
+use broker::RabbitNode;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use refund_worker::app::App;
+use refund_worker::config::{Settings, DEFAULT_TOML};
+use refund_worker::sandbox::{Sandbox, SandboxConfig};
+use refund_worker::shutdown::{self, ShutdownTrigger};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+pub const HYP_REFUND: &str = include_str!("../../examples/hyp-pay-refund.json");
+pub const HYP_CANCEL: &str = include_str!("../../examples/hyp-pay-cancel.json");
+pub const HYP_DECLINE: &str = include_str!("../../examples/hyp-pay-decline.json");
+pub const INVALID: &str = include_str!("../../examples/invalid-command.json");
+
+/// How long a test waits for anything before failing.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A running worker with its own vhost, store, sandbox and event queue.
+pub struct TestApp {
+    pub amqp_url: String,
+    pub http_addr: std::net::SocketAddr,
+    pub sandbox: Sandbox,
+    pub sandbox_url: String,
+    pub store_dir: tempfile::TempDir,
+    pub channel: Channel,
+    _connection: Connection,
+    events: lapin::Consumer,
+    trigger: Option<ShutdownTrigger>,
+    task: Option<JoinHandle<()>>,
+    pub settings: Settings,
+}
+
+/// Settings for a test worker: defaults plus the test's broker, store,
+/// sandbox and fast retries.
+pub fn test_settings(amqp_url: &str, store: &std::path::Path, sandbox_url: &str) -> Settings {
+    let layer = format!(
+        r#"
+        [amqp]
+        url = "{amqp_url}"
+        confirm_timeout_ms = 5000
+        [store]
+        path = "{store}"
+        [http]
+        addr = "127.0.0.1:0"
+        [retry]
+        max_attempts = 3
+        initial_delay_ms = 20
+        max_delay_ms = 100
+        deadline_ms = 5000
+        [provider_http]
+        timeout_ms = 2000
+        connect_timeout_ms = 500
+        [providers.hyp_pay]
+        kind = "hyp_pay"
+        base_url = "{sandbox_url}/p/"
+        masof = "0010131918"
+        pass_p = "sandbox-pass"
+        "#,
+        store = store.display()
+    );
+    let settings: Settings = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
+        .build()
+        .expect("config")
+        .try_deserialize()
+        .expect("settings");
+    settings.validate().expect("valid settings");
+    settings
+}
+
+impl TestApp {
+    /// Starts everything with the default sandbox.
+    pub async fn start() -> TestApp {
+        Self::start_with(SandboxConfig::default(), |_| {}).await
+    }
+
+    /// Starts everything; `adjust` may change the settings.
+    pub async fn start_with(
+        sandbox_config: SandboxConfig,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> TestApp {
+        init_logs();
+        let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
+            .await
+            .expect("vhost");
+        let sandbox = Sandbox::new(sandbox_config);
+        let sandbox_addr = sandbox.spawn("127.0.0.1:0").await.expect("sandbox");
+        let sandbox_url = format!("http://{sandbox_addr}");
+        let store_dir = tempfile::tempdir().expect("store dir");
+        let mut settings = test_settings(&amqp_url, store_dir.path(), &sandbox_url);
+        adjust(&mut settings);
+
+        // Bind an event queue before the worker publishes anything.
+        let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+            .await
+            .expect("test connection");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        channel
+            .exchange_declare(
+                settings.amqp.events_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("events exchange");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                settings.amqp.events_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let events = channel
+            .basic_consume(
+                queue.name().clone(),
+                "events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+
+        let mut app = TestApp {
+            amqp_url,
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+            sandbox,
+            sandbox_url,
+            store_dir,
+            channel,
+            _connection: connection,
+            events,
+            trigger: None,
+            task: None,
+            settings,
+        };
+        app.spawn_worker().await;
+        app
+    }
+
+    /// Starts the worker (again) on the same store.
+    pub async fn spawn_worker(&mut self) {
+        let app = App::build(self.settings.clone()).await.expect("app");
+        self.http_addr = app.http_addr().expect("http addr");
+        let (trigger, listener) = shutdown::channel();
+        self.trigger = Some(trigger);
+        self.task = Some(tokio::spawn(app.run(listener)));
+        self.wait_ready().await;
+    }
+
+    /// Polls /readyz until it answers 200.
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.http_addr);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the worker gracefully and waits for it.
+    pub async fn stop_worker(&mut self) {
+        if let Some(t) = self.trigger.take() {
+            t.fire();
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("worker stops")
+                .expect("worker task");
+        }
+    }
+
+    /// Publishes a command body (persistent, confirmed).
+    pub async fn publish(&self, body: &str) {
+        self.publish_raw(body.as_bytes(), Some("application/json"))
+            .await;
+    }
+
+    /// Publishes raw bytes with an optional content type.
+    pub async fn publish_raw(&self, body: &[u8], content_type: Option<&str>) {
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ct.into());
+        }
+        self.channel
+            .basic_publish(
+                self.settings.amqp.commands_exchange.as_str().into(),
+                "refund.hyp_pay".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    /// The next outcome event (body as JSON, plus its routing key).
+    pub async fn next_event(&mut self) -> (String, Value) {
+        let delivery = tokio::time::timeout(WAIT, self.events.next())
+            .await
+            .expect("an event in time")
+            .expect("event stream open")
+            .expect("event delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("event is JSON");
+        let props = &delivery.properties;
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.to_string()),
+            body["event_id"].as_str().map(str::to_string)
+        );
+        assert_eq!(
+            props.correlation_id().as_ref().map(|s| s.to_string()),
+            body["refund_id"].as_str().map(str::to_string)
+        );
+        assert_eq!(props.delivery_mode(), &Some(2));
+        (delivery.routing_key.to_string(), body)
+    }
+
+    /// Asserts that no event arrives within `wait`.
+    pub async fn assert_no_event(&mut self, wait: Duration) {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, self.events.next()).await {
+            panic!("unexpected event: {}", String::from_utf8_lossy(&d.data));
+        }
+    }
+
+    /// Takes one message from the dead-letter queue, waiting for it.
+    pub async fn next_dead_letter(&self) -> (Vec<u8>, FieldTable) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self
+                .channel
+                .basic_get(
+                    self.settings.amqp.dead_letter_queue.as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic_get");
+            if let Some(message) = got {
+                let headers = message
+                    .delivery
+                    .properties
+                    .headers()
+                    .clone()
+                    .unwrap_or_default();
+                return (message.delivery.data.clone(), headers);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no dead letter arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Messages waiting in a queue.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(t) = self.trigger.take() {
+            t.fire();
+        }
+    }
+}
+
+/// A string header.
+pub fn header(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Replaces the `refund_id` of an example command.
+pub fn with_refund_id(body: &str, refund_id: &str) -> String {
+    let mut v: Value = serde_json::from_str(body).expect("example");
+    v["refund_id"] = Value::String(refund_id.into());
+    v.to_string()
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
