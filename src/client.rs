@@ -38,7 +38,11 @@ pub async fn publish(url: &Secret, exchange: &str, bodies: &[Vec<u8>]) -> Result
     for body in bodies {
         let provider = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
-            .and_then(|v| v.get("provider").and_then(|p| p.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("provider")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| "unknown".into());
         let confirm = channel
             .basic_publish(

@@ -109,7 +109,8 @@ fn main() -> anyhow::Result<()> {
                 let mut bodies = Vec::new();
                 for file in &files {
                     bodies.push(
-                        std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+                        std::fs::read(file)
+                            .with_context(|| format!("reading {}", file.display()))?,
                     );
                 }
                 client::publish(&Secret::new(amqp_url), &exchange, &bodies).await?;
