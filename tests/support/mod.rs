@@ -47,7 +47,25 @@ pub struct TestApp {
 /// Settings for a test worker: defaults plus the test's broker, store,
 /// sandbox and fast retries.
 pub fn test_settings(amqp_url: &str, store: &std::path::Path, sandbox_url: &str) -> Settings {
-    let layer = format!(
+    let layer = settings_layer(amqp_url, store, sandbox_url);
+    let settings: Settings = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
+        .build()
+        .expect("config")
+        .try_deserialize()
+        .expect("settings");
+    settings.validate().expect("valid settings");
+    settings
+}
+
+/// The test configuration as a TOML layer (also written to a file for
+/// tests that run the worker binary as a child process).
+pub fn settings_layer(amqp_url: &str, store: &std::path::Path, sandbox_url: &str) -> String {
+    format!(
         r#"
         [amqp]
         url = "{amqp_url}"
@@ -71,22 +89,80 @@ pub fn test_settings(amqp_url: &str, store: &std::path::Path, sandbox_url: &str)
         pass_p = "sandbox-pass"
         "#,
         store = store.display()
-    );
-    let settings: Settings = config::Config::builder()
-        .add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ))
-        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
-        .build()
-        .expect("config")
-        .try_deserialize()
-        .expect("settings");
-    settings.validate().expect("valid settings");
-    settings
+    )
+}
+
+/// The test's own connection: a confirm-mode channel for publishing and an
+/// exclusive queue bound to every event.
+async fn test_client(
+    amqp_url: &str,
+    settings: &Settings,
+) -> (Connection, Channel, lapin::Consumer) {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .expect("test connection");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+        .exchange_declare(
+            settings.amqp.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("events exchange");
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("event queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            settings.amqp.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let events = channel
+        .basic_consume(
+            queue.name().clone(),
+            "events".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume events");
+    (connection, channel, events)
 }
 
 impl TestApp {
+    /// Opens the test's own connection again (after a broker restart).
+    pub async fn reconnect_test_client(&mut self) {
+        let (connection, channel, events) = test_client(&self.amqp_url, &self.settings).await;
+        self._connection = connection;
+        self.channel = channel;
+        self.events = events;
+    }
+
     /// Starts everything with the default sandbox.
     pub async fn start() -> TestApp {
         Self::start_with(SandboxConfig::default(), |_| {}).await
@@ -109,59 +185,7 @@ impl TestApp {
         adjust(&mut settings);
 
         // Bind an event queue before the worker publishes anything.
-        let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
-            .await
-            .expect("test connection");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        channel
-            .exchange_declare(
-                settings.amqp.events_exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("events exchange");
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("event queue");
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                settings.amqp.events_exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let events = channel
-            .basic_consume(
-                queue.name().clone(),
-                "events".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume events");
+        let (connection, channel, events) = test_client(&amqp_url, &settings).await;
 
         let mut app = TestApp {
             amqp_url,

@@ -1,0 +1,276 @@
+//! Crash recovery with the real binary: hundreds of commands (duplicates
+//! mixed in) against a sandbox with latency, the worker killed with SIGKILL
+//! several times at arbitrary moments and restarted on the same store. At the
+//! end every refund has exactly one final outcome, the sandbox executed no
+//! refund twice, and the commands queue is empty.
+
+mod support;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed, SeedTransaction};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::broker::RabbitNode;
+
+const REFUNDS: usize = 300;
+const DUPLICATED: usize = 60;
+const KILLS: usize = 4;
+
+fn spawn_worker(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new(env!("CARGO_BIN_EXE_refund-worker"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("worker binary")
+}
+
+/// A pseudo-random number from the clock: good enough to vary kill times.
+fn jitter_ms(max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos % max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
+    let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
+        .await
+        .expect("vhost");
+    let seed = Seed {
+        hyp_pay: (0..REFUNDS)
+            .map(|i| SeedTransaction {
+                id: format!("{}", 70_000_000 + i),
+                amount_minor: 10_000,
+                currency: "ILS".into(),
+                transmitted: true,
+            })
+            .collect(),
+    };
+    let sandbox = Sandbox::new(SandboxConfig {
+        latency: Duration::from_millis(300),
+        seed,
+        ..SandboxConfig::default()
+    });
+    let sandbox_url = format!(
+        "http://{}",
+        sandbox.spawn("127.0.0.1:0").await.expect("sandbox")
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        support::settings_layer(&amqp_url, &dir.path().join("store"), &sandbox_url),
+    )
+    .expect("config");
+    let log = dir.path().join("worker.log");
+
+    // Our event queue and publisher, bound before anything is published.
+    let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let mut worker = spawn_worker(&config, &log);
+    // Wait for the worker to declare the topology (a failed passive declare
+    // closes its channel, so each probe gets a fresh one).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = connection.create_channel().await.expect("probe channel");
+        if probe
+            .queue_declare(
+                "refunds.commands".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker never declared the topology (log: {})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("event queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "refunds.events".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut events = channel
+        .basic_consume(
+            queue.name().clone(),
+            "crash".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+
+    let mut bodies = Vec::new();
+    for i in 0..REFUNDS {
+        bodies.push(
+            serde_json::json!({
+                "refund_id": format!("rf-crash-{i}"),
+                "provider": "hyp_pay",
+                "transaction": { "id": format!("{}", 70_000_000 + i) },
+                "amount": { "minor": 2_500, "currency": "ILS" },
+            })
+            .to_string(),
+        );
+    }
+    let duplicates: Vec<String> = bodies[..DUPLICATED].to_vec();
+    for body in bodies.iter().chain(duplicates.iter()) {
+        channel
+            .basic_publish(
+                "refunds.commands".into(),
+                "refund.hyp_pay".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    // Collect events in the background while we kill and restart.
+    let collector = tokio::spawn(async move {
+        let mut by_refund: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+        let finals = |m: &BTreeMap<String, BTreeSet<(String, String)>>| m.len();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while finals(&by_refund) < REFUNDS && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let v: Value = serde_json::from_slice(&d.data).expect("event json");
+                    let id = v["refund_id"].as_str().unwrap_or_default().to_string();
+                    let status = v["status"].as_str().unwrap_or_default().to_string();
+                    let event_id = v["event_id"].as_str().unwrap_or_default().to_string();
+                    by_refund.entry(id).or_default().insert((status, event_id));
+                }
+                Ok(_) => break,
+                Err(_) => {}
+            }
+        }
+        by_refund
+    });
+
+    for round in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(150 + jitter_ms(300))).await;
+        worker.kill().expect("kill -9");
+        let _ = worker.wait();
+        eprintln!(
+            "killed the worker (round {round}); executions so far: {}",
+            sandbox.journal().len()
+        );
+        worker = spawn_worker(&config, &log);
+    }
+
+    let by_refund = collector.await.expect("collector");
+    // Let the last worker settle, then stop it gracefully.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.id().to_string())
+        .status();
+    let _ = worker.wait();
+
+    assert_eq!(
+        by_refund.len(),
+        REFUNDS,
+        "every refund has an outcome (log: {})",
+        log.display()
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (refund_id, outcomes) in &by_refund {
+        assert_eq!(
+            outcomes.len(),
+            1,
+            "{refund_id} has one final outcome, got {outcomes:?}"
+        );
+        let (status, _) = outcomes.iter().next().expect("one");
+        assert!(
+            ["succeeded", "in_doubt"].contains(&status.as_str()),
+            "{refund_id}: {status}"
+        );
+        *counts.entry(status.clone()).or_default() += 1;
+    }
+    let journal = sandbox.journal();
+    let mut per_original: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &journal {
+        *per_original.entry(e.original_id.clone()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_original.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "refunds executed twice: {twice:?}");
+    // Every succeeded refund was executed; in-doubt ones at most once.
+    let succeeded = counts.get("succeeded").copied().unwrap_or(0);
+    assert!(
+        journal.len() >= succeeded,
+        "{} executions for {succeeded} successes",
+        journal.len()
+    );
+    let depth = channel
+        .queue_declare(
+            "refunds.commands".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("depth")
+        .message_count();
+    assert_eq!(depth, 0, "commands left in the queue");
+    eprintln!("outcomes: {counts:?}; executions: {}", journal.len());
+}
