@@ -227,17 +227,7 @@ impl Store {
     /// Waits until every write made before this call is on disk. Many
     /// concurrent callers share one flush.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.syncer
-            .send(SyncRequest::Sync(tx))
-            .map_err(|_| StoreError::SyncerGone)?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
-                message,
-            )))),
-            Err(_) => Err(StoreError::SyncerGone),
-        }
+        self.ask_syncer(SyncRequest::Sync).await
     }
 
     /// Iterates over all records (for operators; not on the hot path).
@@ -257,9 +247,13 @@ impl Store {
     /// dropped, sled releases the directory lock, so the same process (a
     /// test, a supervisor) can open the store again.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.ask_syncer(SyncRequest::Close).await
+    }
+
+    async fn ask_syncer(&self, request: fn(SyncReply) -> SyncRequest) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.syncer
-            .send(SyncRequest::Close(tx))
+            .send(request(tx))
             .map_err(|_| StoreError::SyncerGone)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),

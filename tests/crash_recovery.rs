@@ -7,10 +7,7 @@
 mod support;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed, SeedTransaction};
@@ -115,44 +112,9 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("event queue");
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "refunds.events".into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let mut events = channel
-        .basic_consume(
-            queue.name().clone(),
-            "crash".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let settings = support::test_settings(&amqp_url, &dir.path().join("unused"), &sandbox_url);
+    let (_events_connection, channel, mut events) =
+        support::test_client(&amqp_url, &settings).await;
 
     let mut bodies = Vec::new();
     for i in 0..REFUNDS {

@@ -18,30 +18,20 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), lapin
         durable: true,
         ..Default::default()
     };
-    channel
-        .exchange_declare(
-            amqp.commands_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            amqp.events_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            amqp.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
+    for (name, kind) in [
+        (&amqp.commands_exchange, ExchangeKind::Topic),
+        (&amqp.events_exchange, ExchangeKind::Topic),
+        (&amqp.dead_letter_exchange, ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(
+                name.as_str().into(),
+                kind,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .queue_declare(
             amqp.dead_letter_queue.as_str().into(),

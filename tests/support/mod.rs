@@ -94,7 +94,7 @@ pub fn settings_layer(amqp_url: &str, store: &std::path::Path, sandbox_url: &str
 
 /// The test's own connection: a confirm-mode channel for publishing and an
 /// exclusive queue bound to every event.
-async fn test_client(
+pub async fn test_client(
     amqp_url: &str,
     settings: &Settings,
 ) -> (Connection, Channel, lapin::Consumer) {
