@@ -156,7 +156,7 @@ async fn session(
     let amqp = &settings.amqp;
     let connection = broker::connect(&amqp.url, "refund-worker").await?;
     let setup = connection.create_channel().await?;
-    topology::declare(&setup, amqp).await?;
+    topology::declare(&setup, settings).await?;
     let _ = setup.close(200, "topology declared".into()).await;
     let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
     let channel = connection.create_channel().await?;

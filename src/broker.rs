@@ -27,6 +27,9 @@ pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-refund-original-exchange";
 /// The routing key the command was first published with.
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-refund-original-routing-key";
 
+/// Delayed-retry rounds this command has been through (integer).
+pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
+
 /// Opens a connection named after this process (visible in the management UI).
 pub async fn connect(url: &Secret, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());

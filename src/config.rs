@@ -79,6 +79,8 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     /// The dead-letter queue ops inspect and replay from.
     pub dead_letter_queue: String,
+    /// Prefix of the delay queues (`<prefix>.30s`, ...).
+    pub delay_queue_prefix: String,
     /// Larger bodies are dead-lettered unread.
     pub max_body_bytes: usize,
     /// How long to wait for a publisher confirm.
@@ -113,6 +115,11 @@ pub struct RetrySettings {
     pub max_delay_ms: u64,
     /// Total time for all attempts of one refund.
     pub deadline_ms: u64,
+    /// Delayed rounds after the in-process attempts, one delay queue each;
+    /// then the message is dead-lettered. A TOML list, or a comma-separated
+    /// string from the environment.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub delayed_ms: Vec<u64>,
 }
 
 /// HTTP client settings for provider calls.
@@ -174,6 +181,27 @@ pub struct HypPayAccount {
     pub pass_p: Secret,
 }
 
+/// Accepts `[1, 2]` or `"1,2"`: lists cannot be typed in one environment
+/// variable, and the config crate's list parsing would also turn terminal
+/// numbers such as `0010131918` into integers.
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<u64>),
+        Csv(String),
+    }
+    match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(list) => Ok(list),
+        ListOrCsv::Csv(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| part.parse::<u64>().map_err(serde::de::Error::custom))
+            .collect(),
+    }
+}
+
 fn default_hyp_pay_url() -> String {
     "https://pay.hyp.co.il/p/".to_string()
 }
@@ -181,6 +209,14 @@ fn default_hyp_pay_url() -> String {
 impl Settings {
     /// Reads the layers: defaults, `file` if given, environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// As [`Settings::load`], with the environment given as a map (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -192,7 +228,8 @@ impl Settings {
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
-                    .separator("__"),
+                    .separator("__")
+                    .source(env),
             )
             .build()?
             .try_deserialize()?;
@@ -215,6 +252,7 @@ impl Settings {
             ("amqp.events_exchange", &self.amqp.events_exchange),
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.delay_queue_prefix", &self.amqp.delay_queue_prefix),
         ] {
             if name.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
@@ -243,6 +281,9 @@ impl Settings {
                 "retry.initial_delay_ms",
                 "must not exceed retry.max_delay_ms",
             ));
+        }
+        if self.retry.delayed_ms.contains(&0) {
+            return Err(invalid("retry.delayed_ms", "delays must be at least 1 ms"));
         }
         if self.provider_http.timeout_ms == 0 {
             return Err(invalid("provider_http.timeout_ms", "must be at least 1"));
@@ -369,6 +410,29 @@ mod tests {
             .expect_err("bad addr")
             .to_string();
         assert!(err.contains("http.addr"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_and_keeps_leading_zeros() {
+        let env = [
+            ("REFUND_WORKER__AMQP__PREFETCH", "16"),
+            ("REFUND_WORKER__RETRY__DELAYED_MS", "1000,2000"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(None, Some(env)).expect("valid");
+        assert_eq!(s.amqp.prefetch, 16);
+        assert_eq!(s.retry.delayed_ms, vec![1000, 2000]);
+        match &s.providers["hyp_pay"] {
+            ProviderAccount::HypPay(a) => {
+                assert_eq!(a.masof, "0010131918");
+                assert_eq!(a.pass_p.expose(), "from-env");
+            }
+        }
     }
 
     #[test]

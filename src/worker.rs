@@ -18,8 +18,9 @@
 //! acks before the broker confirmed what the command produced; a failure to
 //! store or publish puts the delivery back (after a pause) for a later try.
 
-use crate::broker::publisher::{DeadLetter, PublishError, Publisher};
-use crate::broker::HEADER_FIRST_FAILURE;
+use crate::broker::publisher::{DeadLetter, ParkTarget, PublishError, Publisher};
+use crate::broker::topology::delay_queues;
+use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE};
 use crate::command::{Echo, ParseError, RefundCommand};
 use crate::config::Settings;
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
@@ -351,6 +352,7 @@ impl Worker {
                         last_failure_at: now,
                         refund_id: Some(refund_id),
                         provider: Some(record.command.provider.clone()),
+                        delayed_rounds: None,
                     };
                     return self.dead_letter(publisher, delivery, &info).await;
                 }
@@ -378,10 +380,10 @@ impl Worker {
                         }
                         _ => {
                             self.store.sync().await?;
+                            let rounds = header_u32(delivery, HEADER_DELAYED_ROUNDS).unwrap_or(0);
                             let error =
                                 format!("provider unavailable after {attempts} attempts: {reason}");
-                            warn!(%error, "giving up for now; the message goes to the dead-letter queue");
-                            let info = DeadLetter {
+                            let mut info = DeadLetter {
                                 kind: "provider_unavailable".into(),
                                 error,
                                 attempts,
@@ -389,8 +391,26 @@ impl Worker {
                                 last_failure_at: now,
                                 refund_id: Some(refund_id),
                                 provider: Some(record.command.provider.clone()),
+                                delayed_rounds: Some(rounds),
                             };
-                            return self.dead_letter(publisher, delivery, &info).await;
+                            let queues = delay_queues(&self.settings);
+                            return match queues.get(rounds as usize) {
+                                Some(queue) => {
+                                    warn!(%info.error, queue = queue.as_str(), "not sent; waiting in a delay queue");
+                                    info.delayed_rounds = Some(rounds + 1);
+                                    self.park(
+                                        publisher,
+                                        delivery,
+                                        ParkTarget::DelayQueue(queue),
+                                        &info,
+                                    )
+                                    .await
+                                }
+                                None => {
+                                    warn!(%info.error, "giving up; the message goes to the dead-letter queue");
+                                    self.dead_letter(publisher, delivery, &info).await
+                                }
+                            };
                         }
                     }
                 }
@@ -497,6 +517,7 @@ impl Worker {
             last_failure_at: now,
             refund_id: Some(event.refund_id.clone()),
             provider: event.provider.clone(),
+            delayed_rounds: None,
         };
         self.dead_letter(publisher, delivery, &info).await
     }
@@ -544,6 +565,7 @@ impl Worker {
             last_failure_at: now,
             refund_id,
             provider: None,
+            delayed_rounds: None,
         };
         self.dead_letter(publisher, delivery, &info).await
     }
@@ -554,6 +576,17 @@ impl Worker {
         delivery: &Delivery,
         info: &DeadLetter,
     ) -> Result<(), PipelineError> {
+        self.park(publisher, delivery, ParkTarget::DeadLetters, info)
+            .await
+    }
+
+    async fn park(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        target: ParkTarget<'_>,
+        info: &DeadLetter,
+    ) -> Result<(), PipelineError> {
         // A replayed message keeps the exchange and routing key it was first
         // published with.
         let exchange = header_str(delivery, crate::broker::HEADER_ORIGINAL_EXCHANGE)
@@ -561,7 +594,8 @@ impl Worker {
         let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string());
         publisher
-            .dead_letter(
+            .park(
+                target,
                 &delivery.data,
                 &delivery.properties,
                 &exchange,
@@ -579,6 +613,19 @@ fn confirmed_note(event: &OutcomeEvent) -> String {
         event.event_id,
         event.status.as_str()
     )
+}
+
+/// An integer header of the delivery, if present.
+fn header_u32(delivery: &Delivery, key: &str) -> Option<u32> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let value = match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::LongString(s) => s.to_string().parse().ok()?,
+        _ => return None,
+    };
+    u32::try_from(value).ok()
 }
 
 /// A string header of the delivery, if present.

@@ -3,7 +3,7 @@
 
 mod support;
 
-use refund_worker::sandbox::{Fault, FaultKind};
+use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use serde_json::Value;
 use std::time::Duration;
 use support::{header, with_refund_id, TestApp, HYP_CANCEL, HYP_DECLINE, HYP_REFUND, INVALID};
@@ -287,4 +287,64 @@ async fn the_recorded_outcome_survives_a_restart() {
     );
     assert_eq!(app.sandbox.journal().len(), 1);
     app.assert_no_event(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_waits_in_delay_queues_then_succeeds_once() {
+    let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
+        s.retry.delayed_ms = vec![300, 600];
+    })
+    .await;
+    // 3 in-process attempts per round: two rounds fail, the third succeeds.
+    app.sandbox.add_fault(Fault {
+        fault: FaultKind::Unavailable,
+        original_id: None,
+        times: 6,
+        stall_ms: 0,
+    });
+    app.publish(HYP_REFUND).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["attempts"], 7);
+    assert_eq!(app.sandbox.journal().len(), 1);
+    assert_eq!(app.sandbox.requests(), 7);
+    assert_eq!(app.queue_depth("refunds.retry.300ms").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_every_round_is_dead_lettered_with_its_history() {
+    let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
+        s.retry.delayed_ms = vec![200];
+    })
+    .await;
+    app.sandbox.add_fault(Fault {
+        fault: FaultKind::Unavailable,
+        original_id: None,
+        times: 100,
+        stall_ms: 0,
+    });
+    app.publish(HYP_REFUND).await;
+    let (body, headers) = app.next_dead_letter().await;
+    assert_eq!(body, HYP_REFUND.as_bytes());
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("provider_unavailable")
+    );
+    assert!(header(&headers, "x-refund-error")
+        .unwrap_or_default()
+        .contains("HTTP 503"));
+    assert_eq!(header(&headers, "x-refund-attempts").as_deref(), Some("6"));
+    assert_eq!(
+        header(&headers, "x-refund-delayed-rounds").as_deref(),
+        Some("1")
+    );
+    let first = header(&headers, "x-refund-first-failure-at").expect("first");
+    let last = header(&headers, "x-refund-last-failure-at").expect("last");
+    assert!(first < last, "{first} < {last}");
+    assert_eq!(
+        header(&headers, "x-refund-original-routing-key").as_deref(),
+        Some("refund.hyp_pay")
+    );
+    assert!(app.sandbox.journal().is_empty());
+    app.assert_no_event(Duration::from_millis(200)).await;
 }

@@ -3,8 +3,9 @@
 //! acked after that, never before.
 
 use crate::broker::{
-    HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FIRST_FAILURE, HEADER_LAST_FAILURE,
-    HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER, HEADER_REFUND_ID,
+    HEADER_ATTEMPTS, HEADER_DELAYED_ROUNDS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FIRST_FAILURE,
+    HEADER_LAST_FAILURE, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER,
+    HEADER_REFUND_ID,
 };
 use crate::config::AmqpSettings;
 use crate::event::OutcomeEvent;
@@ -48,6 +49,17 @@ pub struct DeadLetter {
     pub refund_id: Option<String>,
     /// The provider account, if known.
     pub provider: Option<String>,
+    /// Delayed-retry rounds done so far (written when set).
+    pub delayed_rounds: Option<u32>,
+}
+
+/// Where [`Publisher::park`] sends a message.
+#[derive(Debug, Clone, Copy)]
+pub enum ParkTarget<'a> {
+    /// The dead-letter exchange.
+    DeadLetters,
+    /// A delay queue, through the default exchange.
+    DelayQueue(&'a str),
 }
 
 /// A confirm-mode channel for events and dead letters.
@@ -73,8 +85,25 @@ impl Publisher {
         })
     }
 
-    /// Publishes an outcome event (persistent, confirmed).
+    /// Publishes an outcome event (persistent, confirmed). A nack or a
+    /// missing confirm is retried a few times on the same channel; a broken
+    /// channel is not (the delivery goes back and is redelivered on the next
+    /// connection).
     pub async fn publish_event(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.publish_event_once(event).await {
+                Err(PublishError::Nacked | PublishError::Timeout(_)) if tries < 3 => {
+                    tracing::warn!(tries, "event not confirmed; publishing it again");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn publish_event_once(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event).unwrap_or_default();
         let routing_key = event.status.routing_key();
         let properties = BasicProperties::default()
@@ -94,10 +123,13 @@ impl Publisher {
         .await
     }
 
-    /// Publishes `body` to the dead-letter exchange with the original
-    /// properties and the reason headers added.
-    pub async fn dead_letter(
+    /// Publishes `body` with the original properties and the reason headers
+    /// added, to the dead-letter exchange or a delay queue. `exchange` and
+    /// `routing_key` are where the command was first published; they travel
+    /// in headers so a replay or a delayed retry can restore them.
+    pub async fn park(
         &self,
+        target: ParkTarget<'_>,
         body: &[u8],
         original: &BasicProperties,
         exchange: &str,
@@ -124,15 +156,19 @@ impl Publisher {
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(info.attempts)),
         );
+        if let Some(rounds) = info.delayed_rounds {
+            headers.insert(
+                HEADER_DELAYED_ROUNDS.into(),
+                AMQPValue::LongLongInt(i64::from(rounds)),
+            );
+        }
         let properties = original.clone().with_headers(headers).with_delivery_mode(2);
-        self.publish(
-            &self.dead_letter_exchange,
-            routing_key,
-            true,
-            body,
-            properties,
-        )
-        .await
+        let (exchange, routing_key) = match target {
+            ParkTarget::DeadLetters => (self.dead_letter_exchange.as_str(), routing_key),
+            ParkTarget::DelayQueue(queue) => ("", queue),
+        };
+        self.publish(exchange, routing_key, true, body, properties)
+            .await
     }
 
     async fn publish(

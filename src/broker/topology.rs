@@ -3,13 +3,14 @@
 //! same, so a fresh broker needs no manual set-up and a running one is left
 //! as it is.
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, Settings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 /// Declares exchanges, queues and bindings.
-pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), lapin::Error> {
+pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin::Error> {
+    let amqp = &settings.amqp;
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -64,7 +65,60 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), lapin
             FieldTable::default(),
         )
         .await?;
+    for (queue, delay_ms) in delay_queues(settings)
+        .iter()
+        .zip(&settings.retry.delayed_ms)
+    {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                durable_queue,
+                delay_queue_arguments(amqp, *delay_ms),
+            )
+            .await?;
+    }
     Ok(())
+}
+
+/// Names of the delay queues, one per `retry.delayed_ms` entry:
+/// `<amqp.delay_queue_prefix>.<delay>` (e.g. `refunds.retry.30s`).
+pub fn delay_queues(settings: &Settings) -> Vec<String> {
+    settings
+        .retry
+        .delayed_ms
+        .iter()
+        .map(|ms| format!("{}.{}", settings.amqp.delay_queue_prefix, delay_label(*ms)))
+        .collect()
+}
+
+fn delay_label(ms: u64) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// A delay queue holds a message for its TTL, then dead-letters it back to
+/// the commands exchange: the retry waits in the broker, not in a consumer
+/// slot. The routing key on the way back is fixed; the original one travels
+/// in `x-refund-original-routing-key`.
+fn delay_queue_arguments(amqp: &AmqpSettings, delay_ms: u64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(amqp.commands_exchange.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("refund.retry".into()),
+    );
+    args
 }
 
 /// The commands queue dead-letters (rejections, expiries) to the
@@ -76,4 +130,18 @@ pub fn commands_queue_arguments(amqp: &AmqpSettings) -> FieldTable {
         AMQPValue::LongString(amqp.dead_letter_exchange.as_str().into()),
     );
     args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delay_label;
+
+    #[test]
+    fn delay_queue_names_are_readable() {
+        assert_eq!(delay_label(5_000), "5s");
+        assert_eq!(delay_label(30_000), "30s");
+        assert_eq!(delay_label(300_000), "5m");
+        assert_eq!(delay_label(7_200_000), "2h");
+        assert_eq!(delay_label(1_500), "1500ms");
+    }
 }
