@@ -50,6 +50,10 @@ pub struct RefundCommand {
     /// Amount to refund; absent means the full amount where the provider allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount: Option<Amount>,
+    /// Amount of the original charge (minor units). When given, the worker
+    /// refuses a refund that would make the refunds of that charge exceed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_amount: Option<u64>,
     /// Installment plan (CreditGuard only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installments: Option<Value>,
@@ -210,6 +214,19 @@ impl RefundCommand {
             }
             if self.operation == Operation::Cancel {
                 return Err("a cancel takes no amount".into());
+            }
+        }
+        if let Some(original) = self.original_amount {
+            if original == 0 {
+                return Err("original_amount must be greater than 0".into());
+            }
+            if let Some(amount) = &self.amount {
+                if amount.minor > original {
+                    return Err(format!(
+                        "amount.minor {} exceeds original_amount {original}",
+                        amount.minor
+                    ));
+                }
             }
         }
         for (field, value) in [("order_id", &self.order_id), ("reason", &self.reason)] {

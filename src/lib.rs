@@ -16,6 +16,7 @@ pub mod command;
 pub mod config;
 pub mod event;
 pub mod http;
+pub mod ledger;
 pub mod locks;
 pub mod money;
 pub mod providers;

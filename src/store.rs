@@ -166,6 +166,7 @@ enum SyncRequest {
 /// Handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    originals: sled::Tree,
     refunds: sled::Tree,
     syncer: mpsc::UnboundedSender<SyncRequest>,
     stats: Arc<SyncStats>,
@@ -182,10 +183,12 @@ impl Store {
             .flush_every_ms(Some(1000))
             .open()?;
         let refunds = db.open_tree("refunds")?;
+        let originals = db.open_tree("originals")?;
         let stats = Arc::new(SyncStats::default());
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_syncer(db.clone(), rx, stats.clone()));
         Ok(Store {
+            originals,
             refunds,
             syncer: tx,
             stats,
@@ -236,6 +239,11 @@ impl Store {
             let (key, value) = item?;
             decode(&String::from_utf8_lossy(&key), &value)
         })
+    }
+
+    /// The over-refund ledger's tree (see `ledger.rs`).
+    pub(crate) fn originals(&self) -> &sled::Tree {
+        &self.originals
     }
 
     /// Syncer counters.

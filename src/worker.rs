@@ -24,6 +24,7 @@ use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE};
 use crate::command::{Echo, ParseError, RefundCommand};
 use crate::config::Settings;
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::ledger::Reservation;
 use crate::locks::RefundLocks;
 use crate::providers::{Provider, ProviderOutcome, Providers};
 use crate::store::{RefundRecord, RefundState, Store, StoreError};
@@ -188,6 +189,25 @@ impl Worker {
         }
 
         let _guard = self.locks.lock(&command.refund_id).await;
+        if let Some(original) = command.original_amount {
+            if self.store.get(&command.refund_id)?.is_none() {
+                if let Err(over) = self.store.reserve(&command, original)? {
+                    let message = format!(
+                        "refunding {} would exceed original_amount {}: {} already refunded or in flight",
+                        over.requested, over.original_amount, over.reserved
+                    );
+                    return self
+                        .reject(
+                            publisher,
+                            &command.refund_id,
+                            &command.echo(),
+                            "over_refund",
+                            message,
+                        )
+                        .await;
+                }
+            }
+        }
         let fresh = RefundRecord::attempting(&command);
         let mut record = match self.store.claim(&fresh)? {
             None => {
@@ -434,6 +454,11 @@ impl Worker {
             note,
         );
         self.store.put(record)?;
+        let reservation = match event.status {
+            Status::Succeeded => Some(Reservation::Succeeded),
+            _ => None,
+        };
+        self.store.settle(&record.command, reservation)?;
         self.store.sync().await?;
         info!(
             provider = record.command.provider.as_str(),
@@ -492,6 +517,8 @@ impl Worker {
             format!("in doubt: {reason}"),
         );
         self.store.put(&record)?;
+        self.store
+            .settle(&record.command, Some(Reservation::InDoubt))?;
         self.store.sync().await?;
         self.publish_recorded(publisher, record, &event).await?;
         self.park_in_doubt(publisher, delivery, &event).await

@@ -348,3 +348,45 @@ async fn an_outage_longer_than_every_round_is_dead_lettered_with_its_history() {
     assert!(app.sandbox.journal().is_empty());
     app.assert_no_event(Duration::from_millis(200)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_beyond_the_original_amount_are_rejected() {
+    let mut app = TestApp::start().await;
+    let command = |id: &str, minor: u64| {
+        serde_json::json!({
+            "refund_id": id,
+            "provider": "hyp_pay",
+            "transaction": { "id": "12290622" },
+            "amount": { "minor": minor, "currency": "ILS" },
+            "original_amount": 10000,
+        })
+        .to_string()
+    };
+    app.publish(&command("rf-part-a", 6000)).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    app.publish(&command("rf-part-b", 5000)).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.rejected");
+    assert_eq!(event["error"]["kind"], "over_refund");
+    app.publish(&command("rf-part-c", 4000)).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    assert_eq!(app.sandbox.journal().len(), 2);
+    // A single command over its own original is refused as invalid.
+    app.publish(&command("rf-part-d", 20000)).await;
+    let (_, event) = app.next_event().await;
+    assert_eq!(event["error"]["kind"], "invalid_command");
+    assert_eq!(app.sandbox.journal().len(), 2);
+
+    // A declined refund releases its share. The sandbox's original 12290621
+    // is 5000, so the provider declines 8000 (CCode=33); 4000 then fits
+    // under the 10000 the commands claim, which it would not if the 8000
+    // were still reserved.
+    let on_small = |id: &str, minor: u64| command(id, minor).replace("12290622", "12290621");
+    app.publish(&on_small("rf-small-e", 8000)).await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.failed");
+    assert_eq!(event["provider_code"], "33");
+    app.publish(&on_small("rf-small-f", 4000)).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    assert_eq!(app.sandbox.journal().len(), 3);
+}
