@@ -103,6 +103,12 @@ impl App {
             health,
         } = self;
         let http_task = tokio::spawn(http::serve(listener, health.clone(), shutdown.clone()));
+        let pruner = tokio::spawn(prune_periodically(
+            worker.store().clone(),
+            settings.store.retention_days,
+            Duration::from_secs(settings.store.prune_interval_secs),
+            shutdown.clone(),
+        ));
         let mut in_flight = JoinSet::new();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -136,6 +142,7 @@ impl App {
             error!(error = %e, "final store flush failed");
         }
         let _ = http_task.await;
+        let _ = pruner.await;
         info!("stopped");
     }
 }
@@ -205,6 +212,34 @@ async fn session(
         let _ = connection.close(200, "shutting down".into()).await;
     }
     Ok(end)
+}
+
+/// Prunes old finished records on the blocking pool, so processing never
+/// waits for it.
+async fn prune_periodically(
+    store: Store,
+    retention_days: u32,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cutoff =
+            time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(retention_days));
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune(cutoff)).await {
+            Ok(Ok(report)) => info!(
+                records = report.records,
+                ledgers = report.ledgers,
+                "pruned the store"
+            ),
+            Ok(Err(e)) => warn!(error = %e, "pruning failed"),
+            Err(e) => warn!(error = %e, "pruning task failed"),
+        }
+    }
 }
 
 /// Waits for in-flight deliveries, up to [`DRAIN_DEADLINE`]. Those still

@@ -92,6 +92,11 @@ pub struct AmqpSettings {
 pub struct StoreSettings {
     /// The sled directory.
     pub path: PathBuf,
+    /// Finished records older than this are pruned (a duplicate arriving
+    /// later than this is no longer recognised).
+    pub retention_days: u32,
+    /// How often the pruning pass runs.
+    pub prune_interval_secs: u64,
 }
 
 /// HTTP listener settings.
@@ -266,6 +271,12 @@ impl Settings {
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
+        }
+        if self.store.retention_days == 0 {
+            return Err(invalid("store.retention_days", "must be at least 1"));
+        }
+        if self.store.prune_interval_secs == 0 {
+            return Err(invalid("store.prune_interval_secs", "must be at least 1"));
         }
         self.http_addr()?;
         if let Some(public) = &self.http.public_url {

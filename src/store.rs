@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 /// Store failures. Any of them stops the processing of the delivery at hand
@@ -143,6 +145,15 @@ impl RefundRecord {
     }
 }
 
+/// What one pruning pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Finished refund records.
+    pub records: usize,
+    /// Settled original-charge ledgers.
+    pub ledgers: usize,
+}
+
 /// Counters of the syncer, for metrics and the benchmark.
 #[derive(Debug, Default)]
 pub struct SyncStats {
@@ -239,6 +250,60 @@ impl Store {
             let (key, value) = item?;
             decode(&String::from_utf8_lossy(&key), &value)
         })
+    }
+
+    /// Deletes finished records and settled ledgers last changed before
+    /// `cutoff`. Records that are in doubt, attempting or not yet sent are
+    /// kept whatever their age: deleting them could let a replay pay again.
+    /// Blocking (it walks the trees): call it from the blocking pool.
+    pub fn prune(&self, cutoff: OffsetDateTime) -> Result<PruneReport, StoreError> {
+        let older = |at: &str| OffsetDateTime::parse(at, &Rfc3339).is_ok_and(|t| t < cutoff);
+        let mut report = PruneReport::default();
+        for item in self.refunds.iter() {
+            let (key, value) = item?;
+            let refund_id = String::from_utf8_lossy(&key).to_string();
+            let record = decode(&refund_id, &value)?;
+            if matches!(record.state, RefundState::Finished { .. }) && older(&record.updated_at) {
+                // Only if unchanged since we read it.
+                if self
+                    .refunds
+                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    report.records += 1;
+                }
+            }
+        }
+        for item in self.originals.iter() {
+            let (key, value) = item?;
+            let Ok(ledger) = serde_json::from_slice::<crate::ledger::OriginalLedger>(&value) else {
+                continue;
+            };
+            let settled = ledger
+                .refunds
+                .values()
+                .all(|(_, state)| *state == crate::ledger::Reservation::Succeeded);
+            if settled
+                && older(&ledger.updated_at)
+                && self
+                    .originals
+                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                report.ledgers += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Records stored.
+    pub fn len(&self) -> usize {
+        self.refunds.len()
+    }
+
+    /// Whether no record is stored.
+    pub fn is_empty(&self) -> bool {
+        self.refunds.is_empty()
     }
 
     /// The over-refund ledger's tree (see `ledger.rs`).
@@ -351,6 +416,47 @@ mod tests {
         let record = store.get("r1").expect("get").expect("present");
         assert_eq!(record.attempts, 1);
         assert_eq!(store.records().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_old_finished_records_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let old = "2020-01-01T00:00:00Z".to_string();
+        let event = |id: &str| {
+            crate::event::OutcomeEvent::new(
+                id,
+                crate::event::Status::Succeeded,
+                &Default::default(),
+                1,
+            )
+        };
+        let mut finished_old = RefundRecord::attempting(&command("old-done"));
+        finished_old.state = RefundState::Finished {
+            event: event("old-done"),
+        };
+        finished_old.updated_at = old.clone();
+        let mut doubt_old = RefundRecord::attempting(&command("old-doubt"));
+        doubt_old.state = RefundState::InDoubt {
+            event: event("old-doubt"),
+        };
+        doubt_old.updated_at = old.clone();
+        let mut attempting_old = RefundRecord::attempting(&command("old-attempting"));
+        attempting_old.updated_at = old;
+        let mut finished_new = RefundRecord::attempting(&command("new-done"));
+        finished_new.state = RefundState::Finished {
+            event: event("new-done"),
+        };
+        for r in [&finished_old, &doubt_old, &attempting_old, &finished_new] {
+            store.put(r).expect("put");
+        }
+        let cutoff = OffsetDateTime::now_utc() - time::Duration::days(30);
+        let report = store.prune(cutoff).expect("prune");
+        assert_eq!(report.records, 1);
+        assert!(store.get("old-done").expect("get").is_none());
+        for kept in ["old-doubt", "old-attempting", "new-done"] {
+            assert!(store.get(kept).expect("get").is_some(), "{kept} kept");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
