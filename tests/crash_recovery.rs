@@ -22,6 +22,14 @@ const DUPLICATED: usize = 60;
 const KILLS: usize = 4;
 
 fn spawn_worker(config: &std::path::Path, log: &std::path::Path) -> Child {
+    spawn_worker_with(config, log, &[])
+}
+
+fn spawn_worker_with(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -32,6 +40,7 @@ fn spawn_worker(config: &std::path::Path, log: &std::path::Path) -> Child {
         .arg(config)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -235,4 +244,126 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
         .message_count();
     assert_eq!(depth, 0, "commands left in the queue");
     eprintln!("outcomes: {counts:?}; executions: {}", journal.len());
+}
+
+/// SIGTERM while refunds are in flight: the worker stops taking deliveries,
+/// finishes the ones it has, syncs and exits 0. Nothing ends in doubt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_refunds_before_exiting() {
+    const N: usize = 40;
+    let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
+        .await
+        .expect("vhost");
+    let seed = Seed {
+        hyp_pay: (0..N)
+            .map(|i| SeedTransaction {
+                id: format!("{}", 60_000_000 + i),
+                amount_minor: 10_000,
+                currency: "ILS".into(),
+                transmitted: true,
+            })
+            .collect(),
+    };
+    let sandbox = Sandbox::new(SandboxConfig {
+        latency: Duration::from_millis(800),
+        seed,
+        ..SandboxConfig::default()
+    });
+    let sandbox_url = format!(
+        "http://{}",
+        sandbox.spawn("127.0.0.1:0").await.expect("sandbox")
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("worker.toml");
+    let settings = support::test_settings(&amqp_url, &dir.path().join("store"), &sandbox_url);
+    std::fs::write(
+        &config,
+        support::settings_layer(&amqp_url, &dir.path().join("store"), &sandbox_url),
+    )
+    .expect("config");
+    let log = dir.path().join("worker.log");
+    // Declare the topology and our event queue before the worker runs, so
+    // commands wait in the queue for it.
+    let (_conn, channel, mut events) = support::test_client(&amqp_url, &settings).await;
+    let (_topology_conn, topology_channel, _) = support::test_client(&amqp_url, &settings).await;
+    refund_worker::broker::topology::declare(&topology_channel, &settings)
+        .await
+        .expect("topology");
+    for i in 0..N {
+        let body = serde_json::json!({
+            "refund_id": format!("rf-term-{i}"),
+            "provider": "hyp_pay",
+            "transaction": { "id": format!("{}", 60_000_000 + i) },
+            "amount": { "minor": 100, "currency": "ILS" },
+        })
+        .to_string();
+        channel
+            .basic_publish(
+                "refunds.commands".into(),
+                "refund.hyp_pay".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let prefetch = [("REFUND_WORKER__AMQP__PREFETCH", "8")];
+    let mut worker = spawn_worker_with(&config, &log, &prefetch);
+    // Wait until the sandbox sees requests, then ask the worker to stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sandbox.requests() == 0 {
+        assert!(Instant::now() < deadline, "no provider request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.id().to_string())
+        .status();
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "clean exit, got {status:?} (log: {})",
+        log.display()
+    );
+    let executed = sandbox.journal().len();
+    assert!(
+        executed > 0 && executed < N,
+        "stopped mid-run ({executed} executed)"
+    );
+
+    // Restart: the rest are processed; nothing is in doubt.
+    let mut worker = spawn_worker_with(&config, &log, &prefetch);
+    let mut outcomes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outcomes.len() < N && Instant::now() < deadline {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+            let v: Value = serde_json::from_slice(&d.data).expect("json");
+            outcomes
+                .entry(v["refund_id"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .insert(v["status"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.id().to_string())
+        .status();
+    let _ = worker.wait();
+    assert_eq!(outcomes.len(), N);
+    for (id, statuses) in &outcomes {
+        assert_eq!(
+            statuses.iter().collect::<Vec<_>>(),
+            vec!["succeeded"],
+            "{id}"
+        );
+    }
+    assert_eq!(sandbox.journal().len(), N);
 }
