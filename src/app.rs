@@ -102,7 +102,16 @@ impl App {
             listener,
             health,
         } = self;
-        let http_task = tokio::spawn(http::serve(listener, health.clone(), shutdown.clone()));
+        let http_task = tokio::spawn(http::serve(
+            listener,
+            health.clone(),
+            worker.clone(),
+            shutdown.clone(),
+        ));
+        let store_metrics = tokio::spawn(refresh_store_metrics(
+            worker.store().clone(),
+            shutdown.clone(),
+        ));
         let pruner = tokio::spawn(prune_periodically(
             worker.store().clone(),
             settings.store.retention_days,
@@ -143,6 +152,7 @@ impl App {
         }
         let _ = http_task.await;
         let _ = pruner.await;
+        let _ = store_metrics.await;
         info!("stopped");
     }
 }
@@ -238,6 +248,27 @@ async fn prune_periodically(
             ),
             Ok(Err(e)) => warn!(error = %e, "pruning failed"),
             Err(e) => warn!(error = %e, "pruning task failed"),
+        }
+    }
+}
+
+/// Refreshes the store gauges every few seconds, off the async runtime.
+async fn refresh_store_metrics(store: Store, mut shutdown: Shutdown) {
+    loop {
+        let stats = store.stats();
+        crate::metrics::store_syncs(
+            stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let counting = store.clone();
+        if let Ok(Ok((all, in_doubt, unfinished))) =
+            tokio::task::spawn_blocking(move || counting.counts()).await
+        {
+            crate::metrics::store_counts(all, in_doubt, unfinished);
+        }
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

@@ -217,6 +217,27 @@ impl Settings {
         Self::load_from(file, None)
     }
 
+    /// Only the `amqp` section, for operator tools that talk to the broker
+    /// and need no provider account.
+    pub fn load_amqp(file: Option<&Path>) -> Result<AmqpSettings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let amqp: AmqpSettings = builder
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()?
+            .get("amqp")?;
+        Ok(amqp)
+    }
+
     /// As [`Settings::load`], with the environment given as a map (tests).
     pub fn load_from(
         file: Option<&Path>,

@@ -1,13 +1,26 @@
-//! The worker's HTTP listener: `/healthz` (the process is alive) and
-//! `/readyz` (broker connected and consumer running; the store is open for as
-//! long as the process runs).
+//! The worker's HTTP listener: `/healthz` (the process is alive), `/readyz`
+//! (broker connected and consumer running; the store is open for as long as
+//! the process runs), `/metrics` (Prometheus), and the operator API over the
+//! store (the store is locked by the running worker, so operator tools go
+//! through it):
+//!
+//! * `GET /refunds/{id}`: the record with its history.
+//! * `GET /refunds?status=in_doubt&limit=100`: records by status.
+//! * `POST /refunds/{id}/resolve`: settle an in-doubt refund
+//!   (`{"executed": "<txn>"}` or `{"not_executed": true}`, with `by` and
+//!   `reason`).
+//!
+//! Bind it to a private address: the resolve endpoint changes refunds.
 
 use crate::shutdown::Shutdown;
-use axum::extract::State;
+use crate::store::RefundRecord;
+use crate::worker::{record_status, Resolution, ResolveError, Worker};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -34,18 +47,35 @@ impl Health {
     }
 }
 
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    worker: Worker,
+}
+
 /// Serves until shutdown.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, mut shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    worker: Worker,
+    mut shutdown: Shutdown,
+) {
+    crate::metrics::install();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/refunds", get(list_refunds))
+        .route("/refunds/{id}", get(show_refund))
+        .route("/refunds/{id}/resolve", post(resolve_refund))
+        .with_state(AppState { health, worker });
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.triggered().await })
         .await;
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let health = &state.health;
     let body = serde_json::json!({
         "broker_connected": health.broker.load(Ordering::Relaxed),
         "consuming": health.consuming.load(Ordering::Relaxed),
@@ -57,4 +87,64 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body))
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.worker.store().get(&id) {
+        Ok(Some(record)) => Json(record).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no refund {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_refunds(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
+    let store = state.worker.store().clone();
+    let limit = q.limit.unwrap_or(1000);
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut out: Vec<RefundRecord> = Vec::new();
+        for record in store.records() {
+            let record = record?;
+            if q.status
+                .as_deref()
+                .is_none_or(|s| s == record_status(&record))
+            {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok::<_, crate::store::StoreError>(out)
+    })
+    .await;
+    match listed {
+        Ok(Ok(records)) => Json(records).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn resolve_refund(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(resolution): Json<Resolution>,
+) -> Response {
+    match state.worker.resolve(&id, resolution).await {
+        Ok(record) => Json(record).into_response(),
+        Err(e @ ResolveError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ ResolveError::NotInDoubt { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ ResolveError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ ResolveError::Publish(_)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        Err(e @ ResolveError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

@@ -296,6 +296,21 @@ impl Store {
         Ok(report)
     }
 
+    /// Counts of all records, in-doubt ones, and unfinished ones
+    /// (attempting or not yet sent). Blocking: walks the tree.
+    pub fn counts(&self) -> Result<(usize, usize, usize), StoreError> {
+        let (mut all, mut in_doubt, mut unfinished) = (0, 0, 0);
+        for record in self.records() {
+            all += 1;
+            match record?.state {
+                RefundState::InDoubt { .. } => in_doubt += 1,
+                RefundState::Attempting { .. } | RefundState::NotSent { .. } => unfinished += 1,
+                RefundState::Finished { .. } => {}
+            }
+        }
+        Ok((all, in_doubt, unfinished))
+    }
+
     /// Records stored.
     pub fn len(&self) -> usize {
         self.refunds.len()

@@ -26,6 +26,7 @@ use crate::config::Settings;
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::ledger::Reservation;
 use crate::locks::RefundLocks;
+use crate::metrics;
 use crate::providers::{Provider, ProviderOutcome, Providers};
 use crate::store::{RefundRecord, RefundState, Store, StoreError};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -76,6 +77,11 @@ impl Worker {
         &self.store
     }
 
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// Processes one delivery and acks it, or puts it back when it could not
     /// be finished.
     pub async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
@@ -85,8 +91,20 @@ impl Worker {
             tag = delivery.delivery_tag
         );
         async {
-            match self.process(publisher, &delivery).await {
+            metrics::command_received();
+            metrics::in_flight(1.0);
+            let result = self.process(publisher, &delivery).await;
+            metrics::in_flight(-1.0);
+            match result {
                 Ok(()) => {
+                    if let Some(published) = delivery.properties.timestamp() {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        let took = (now - *published as f64).max(0.0);
+                        metrics::end_to_end(Duration::from_secs_f64(took));
+                    }
                     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                         // The channel is gone: the broker redelivers, and the
                         // record turns the redelivery into a re-publication.
@@ -311,6 +329,11 @@ impl Worker {
         loop {
             let call_started = Instant::now();
             let outcome = provider.execute(&record.command).await;
+            metrics::provider_call(
+                &record.command.provider,
+                outcome.class(),
+                call_started.elapsed(),
+            );
             info!(
                 attempt = record.attempts,
                 class = outcome.class(),
@@ -395,6 +418,7 @@ impl Worker {
                     match delay {
                         Some(delay) if Instant::now() + delay < deadline => {
                             warn!(%reason, delay_ms = delay.as_millis() as u64, "not sent; retrying");
+                            metrics::retry("in_process");
                             tokio::time::sleep(delay).await;
                             self.begin_attempt(record).await?;
                         }
@@ -418,6 +442,7 @@ impl Worker {
                                 Some(queue) => {
                                     warn!(%info.error, queue = queue.as_str(), "not sent; waiting in a delay queue");
                                     info.delayed_rounds = Some(rounds + 1);
+                                    metrics::retry("delayed");
                                     self.park(
                                         publisher,
                                         delivery,
@@ -460,6 +485,7 @@ impl Worker {
         };
         self.store.settle(&record.command, reservation)?;
         self.store.sync().await?;
+        metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
             provider = record.command.provider.as_str(),
             status = event.status.as_str(),
@@ -516,6 +542,7 @@ impl Worker {
             },
             format!("in doubt: {reason}"),
         );
+        metrics::outcome(&record.command.provider, "in_doubt");
         self.store.put(&record)?;
         self.store
             .settle(&record.command, Some(Reservation::InDoubt))?;
@@ -569,6 +596,7 @@ impl Worker {
             attempts = 0,
             "refund outcome"
         );
+        metrics::outcome(echo.provider.as_deref().unwrap_or(""), "rejected");
         publisher.publish_event(&event).await?;
         Ok(())
     }
@@ -620,6 +648,9 @@ impl Worker {
             .unwrap_or_else(|| delivery.exchange.to_string());
         let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string());
+        if matches!(target, ParkTarget::DeadLetters) {
+            metrics::dead_lettered(&info.kind);
+        }
         publisher
             .park(
                 target,
@@ -662,5 +693,156 @@ fn header_str(delivery: &Delivery, key: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(s.to_string()),
         AMQPValue::ShortString(s) => Some(s.to_string()),
         _ => None,
+    }
+}
+
+/// How an operator settled an in-doubt refund after checking with the
+/// provider. Exactly one of `executed` and `not_executed`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Resolution {
+    /// The provider executed it: its transaction id.
+    #[serde(default)]
+    pub executed: Option<String>,
+    /// The provider did not execute it: allow one new attempt (via replay).
+    #[serde(default)]
+    pub not_executed: bool,
+    /// Who decided.
+    pub by: String,
+    /// Why (ticket, provider answer).
+    pub reason: String,
+}
+
+/// Why a resolution was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// No record for that refund.
+    #[error("no refund {0} in the store")]
+    NotFound(String),
+    /// Only in-doubt refunds can be resolved.
+    #[error("refund {refund_id} is {state}, not in doubt: nothing to resolve")]
+    NotInDoubt {
+        /// The refund.
+        refund_id: String,
+        /// Its state.
+        state: String,
+    },
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Recorded, but the event could not be published yet.
+    #[error("resolution recorded, but the succeeded event was not published ({0}); replaying the refund's dead-lettered message publishes it")]
+    Publish(String),
+}
+
+impl Worker {
+    /// Settles an in-doubt refund. `executed` records and publishes the
+    /// final `succeeded` event; `not_executed` makes the refund eligible for
+    /// one new attempt, which a replay of its dead-lettered message starts.
+    /// Both are noted in the refund's history with who and why.
+    pub async fn resolve(
+        &self,
+        refund_id: &str,
+        resolution: Resolution,
+    ) -> Result<RefundRecord, ResolveError> {
+        if resolution.by.trim().is_empty() || resolution.reason.trim().is_empty() {
+            return Err(ResolveError::Invalid(
+                "who (by) and why (reason) are required".into(),
+            ));
+        }
+        let executed = match (&resolution.executed, resolution.not_executed) {
+            (Some(txn), false) if !txn.trim().is_empty() => Some(txn.trim().to_string()),
+            (None, true) => None,
+            _ => {
+                return Err(ResolveError::Invalid(
+                    "give exactly one of: executed <provider transaction id>, not_executed".into(),
+                ))
+            }
+        };
+        let _guard = self.locks.lock(refund_id).await;
+        let mut record = self
+            .store
+            .get(refund_id)?
+            .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
+        if !matches!(record.state, RefundState::InDoubt { .. }) {
+            return Err(ResolveError::NotInDoubt {
+                refund_id: refund_id.to_string(),
+                state: record_status(&record).to_string(),
+            });
+        }
+        let who = format!("by {}: {}", resolution.by.trim(), resolution.reason.trim());
+        match executed {
+            Some(txn) => {
+                let mut event = OutcomeEvent::new(
+                    refund_id,
+                    Status::Succeeded,
+                    &record.command.echo(),
+                    record.attempts,
+                );
+                event.performed = Some(record.command.operation);
+                event.provider_transaction_id = Some(txn.clone());
+                event.provider_message = Some(format!("resolved as executed {who}"));
+                record.transition(
+                    RefundState::Finished {
+                        event: event.clone(),
+                    },
+                    format!("resolved as executed (provider transaction {txn}) {who}"),
+                );
+                self.store.put(&record)?;
+                self.store
+                    .settle(&record.command, Some(Reservation::Succeeded))?;
+                self.store.sync().await?;
+                metrics::outcome(&record.command.provider, "succeeded");
+                warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
+                let publish = async {
+                    let connection =
+                        crate::broker::connect(&self.settings.amqp.url, "refund-worker-resolve")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    let channel = connection
+                        .create_channel()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let publisher = Publisher::new(channel, &self.settings.amqp)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let result = publisher
+                        .publish_event(&event)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = connection.close(200, "resolved".into()).await;
+                    result
+                };
+                publish.await.map_err(ResolveError::Publish)?;
+                record.transition(record.state.clone(), confirmed_note(&event));
+                self.store.put(&record)?;
+            }
+            None => {
+                let note = format!("resolved as not executed {who}; one new attempt allowed");
+                record.transition(
+                    RefundState::NotSent {
+                        reason: note.clone(),
+                    },
+                    note.clone(),
+                );
+                self.store.put(&record)?;
+                self.store
+                    .settle(&record.command, Some(Reservation::InFlight))?;
+                self.store.sync().await?;
+                warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
+            }
+        }
+        Ok(record)
+    }
+}
+
+/// The status an operator sees: the event status of a finished refund,
+/// otherwise the lifecycle state (`attempting`, `not_sent`, `in_doubt`).
+pub fn record_status(record: &RefundRecord) -> &'static str {
+    match &record.state {
+        RefundState::Finished { event } => event.status.as_str(),
+        other => other.name(),
     }
 }

@@ -1,0 +1,430 @@
+//! Operator tools for the dead-letter queue: list, show, replay, purge.
+//!
+//! The queue is browsed by taking every message with `basic.get` without
+//! acking it; what the operator does not replay or purge goes back to the
+//! queue, in order, when the browsing channel closes. A replayed message is
+//! published to the commands exchange with publisher confirms and only then
+//! acked (removed), so an interrupted replay loses nothing; a message that
+//! was published but not yet removed is replayed twice at worst, and the
+//! store absorbs the duplicate.
+
+use crate::broker::{
+    HEADER_ATTEMPTS, HEADER_DELAYED_ROUNDS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FIRST_FAILURE,
+    HEADER_LAST_FAILURE, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER,
+    HEADER_REFUND_ID,
+};
+use crate::config::AmqpSettings;
+use crate::secret::Secret;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use serde::Serialize;
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Header added to a replayed command: how many times it was replayed.
+pub const HEADER_REPLAYS: &str = "x-refund-replays";
+
+/// Most messages browsed at once (the rest stay in the queue untouched).
+pub const MAX_BROWSE: usize = 100_000;
+
+/// Tool failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// Broker error.
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// A replayed message was not confirmed; it stays in the dead-letter queue.
+    #[error("the broker did not confirm the replay of {0}; it stays in the dead-letter queue")]
+    NotConfirmed(String),
+}
+
+/// One dead-lettered message as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadMessage {
+    /// From `x-refund-id`, or read from the body.
+    pub refund_id: Option<String>,
+    /// From `x-refund-provider`.
+    pub provider: Option<String>,
+    /// `x-refund-error-kind`.
+    pub kind: String,
+    /// `x-refund-error`.
+    pub error: String,
+    /// `x-refund-attempts`.
+    pub attempts: i64,
+    /// `x-refund-first-failure-at`.
+    pub first_failure_at: Option<String>,
+    /// `x-refund-last-failure-at`.
+    pub last_failure_at: Option<String>,
+    /// Seconds since the last failure.
+    pub age_secs: Option<i64>,
+    /// The body, as text.
+    pub body: String,
+    /// All headers, as text.
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(skip)]
+    delivery_tag: u64,
+    #[serde(skip)]
+    raw: Vec<u8>,
+    #[serde(skip)]
+    properties: BasicProperties,
+}
+
+/// Which messages an operation applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// `x-refund-error-kind` equals this.
+    pub reason: Option<String>,
+    /// Provider account equals this.
+    pub provider: Option<String>,
+    /// `refund_id` equals this.
+    pub refund_id: Option<String>,
+    /// Last failure at least this long ago.
+    pub older_than: Option<Duration>,
+}
+
+impl Filter {
+    /// Whether no condition is set.
+    pub fn is_empty(&self) -> bool {
+        self.reason.is_none()
+            && self.provider.is_none()
+            && self.refund_id.is_none()
+            && self.older_than.is_none()
+    }
+
+    /// Whether `m` matches every condition.
+    pub fn matches(&self, m: &DeadMessage) -> bool {
+        self.reason.as_ref().is_none_or(|r| *r == m.kind)
+            && self
+                .provider
+                .as_ref()
+                .is_none_or(|p| m.provider.as_ref() == Some(p))
+            && self
+                .refund_id
+                .as_ref()
+                .is_none_or(|id| m.refund_id.as_ref() == Some(id))
+            && self
+                .older_than
+                .is_none_or(|d| m.age_secs.is_some_and(|age| age >= d.as_secs() as i64))
+    }
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Messages looked at.
+    pub browsed: usize,
+    /// Messages matching the filter.
+    pub matched: usize,
+    /// Replayed (or removed, for a purge); with `dry_run`, would have been.
+    pub done: usize,
+    /// Skipped in-doubt refunds not yet resolved.
+    pub skipped_in_doubt: Vec<String>,
+}
+
+/// A browsing session over the dead-letter queue.
+#[derive(Debug)]
+pub struct Dlq {
+    connection: Connection,
+    channel: Channel,
+    amqp: AmqpSettings,
+    messages: Vec<DeadMessage>,
+}
+
+impl Dlq {
+    /// Connects and takes every message (up to [`MAX_BROWSE`]) unacked.
+    pub async fn open(amqp: &AmqpSettings) -> Result<Self, DlqError> {
+        Self::open_url(&amqp.url, amqp).await
+    }
+
+    async fn open_url(url: &Secret, amqp: &AmqpSettings) -> Result<Self, DlqError> {
+        let connection = crate::broker::connect(url, "refund-worker-dlq").await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut messages = Vec::new();
+        while messages.len() < MAX_BROWSE {
+            let Some(got) = channel
+                .basic_get(
+                    amqp.dead_letter_queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                break;
+            };
+            messages.push(describe(
+                got.delivery.delivery_tag,
+                got.delivery.data.clone(),
+                got.delivery.properties.clone(),
+            ));
+        }
+        Ok(Dlq {
+            connection,
+            channel,
+            amqp: amqp.clone(),
+            messages,
+        })
+    }
+
+    /// The browsed messages, oldest first.
+    pub fn messages(&self) -> &[DeadMessage] {
+        &self.messages
+    }
+
+    /// Re-publishes matching messages to where they were first published
+    /// and removes each after the broker confirmed it. `in_doubt` tells
+    /// whether a refund is still in doubt (then its message is skipped).
+    /// `progress` is called after each message.
+    pub async fn replay(
+        &mut self,
+        filter: &Filter,
+        limit: Option<usize>,
+        dry_run: bool,
+        mut still_in_doubt: impl AsyncFnMut(&str) -> bool,
+        mut progress: impl FnMut(&DeadMessage),
+    ) -> Result<Report, DlqError> {
+        let mut report = Report {
+            browsed: self.messages.len(),
+            ..Default::default()
+        };
+        for m in self.messages.iter().filter(|m| filter.matches(m)) {
+            report.matched += 1;
+            if limit.is_some_and(|l| report.done >= l) {
+                continue;
+            }
+            if m.kind == "in_doubt" {
+                let id = m.refund_id.clone().unwrap_or_default();
+                if still_in_doubt(&id).await {
+                    report.skipped_in_doubt.push(id);
+                    continue;
+                }
+            }
+            if !dry_run {
+                let exchange = m
+                    .headers
+                    .get(HEADER_ORIGINAL_EXCHANGE)
+                    .filter(|e| !e.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| self.amqp.commands_exchange.clone());
+                let routing_key = m
+                    .headers
+                    .get(HEADER_ORIGINAL_ROUTING_KEY)
+                    .cloned()
+                    .unwrap_or_else(|| "refund.replay".into());
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &m.raw,
+                        replay_properties(&m.properties),
+                    )
+                    .await?
+                    .await?;
+                if !matches!(confirm, Confirmation::Ack(None)) {
+                    return Err(DlqError::NotConfirmed(
+                        m.refund_id.clone().unwrap_or_default(),
+                    ));
+                }
+                self.channel
+                    .basic_ack(m.delivery_tag, BasicAckOptions::default())
+                    .await?;
+            }
+            report.done += 1;
+            progress(m);
+        }
+        Ok(report)
+    }
+
+    /// Removes matching messages (up to `limit`).
+    pub async fn purge(
+        &mut self,
+        filter: &Filter,
+        limit: Option<usize>,
+    ) -> Result<Report, DlqError> {
+        let mut report = Report {
+            browsed: self.messages.len(),
+            ..Default::default()
+        };
+        for m in self.messages.iter().filter(|m| filter.matches(m)) {
+            report.matched += 1;
+            if limit.is_some_and(|l| report.done >= l) {
+                continue;
+            }
+            self.channel
+                .basic_ack(m.delivery_tag, BasicAckOptions::default())
+                .await?;
+            report.done += 1;
+        }
+        Ok(report)
+    }
+
+    /// Puts everything not replayed or purged back in the queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// The original properties without the failure headers, with the replay
+/// counted; delayed rounds start afresh.
+fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let mut replays = 0;
+    if let Some(old) = original.headers() {
+        for (key, value) in old.inner() {
+            match key.as_str() {
+                HEADER_ERROR_KIND | HEADER_ERROR | HEADER_LAST_FAILURE | HEADER_DELAYED_ROUNDS => {}
+                HEADER_REPLAYS => replays = as_i64(value).unwrap_or(0),
+                _ => {
+                    headers.insert(key.clone(), value.clone());
+                }
+            }
+        }
+    }
+    headers.insert(HEADER_REPLAYS.into(), AMQPValue::LongLongInt(replays + 1));
+    original.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+fn as_i64(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongString(s) => s.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => s.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => as_i64(other)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+fn describe(delivery_tag: u64, raw: Vec<u8>, properties: BasicProperties) -> DeadMessage {
+    let headers: std::collections::BTreeMap<String, String> = properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), as_text(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&raw).to_string();
+    let refund_id = headers.get(HEADER_REFUND_ID).cloned().or_else(|| {
+        serde_json::from_slice::<serde_json::Value>(&raw)
+            .ok()?
+            .get("refund_id")?
+            .as_str()
+            .map(str::to_string)
+    });
+    let last = headers.get(HEADER_LAST_FAILURE).cloned();
+    let age_secs = last
+        .as_deref()
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .map(|t| (OffsetDateTime::now_utc() - t).whole_seconds());
+    DeadMessage {
+        refund_id,
+        provider: headers.get(HEADER_PROVIDER).cloned(),
+        kind: headers
+            .get(HEADER_ERROR_KIND)
+            .cloned()
+            .unwrap_or_else(|| "rejected_by_broker".into()),
+        error: headers.get(HEADER_ERROR).cloned().unwrap_or_default(),
+        attempts: headers
+            .get(HEADER_ATTEMPTS)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        first_failure_at: headers.get(HEADER_FIRST_FAILURE).cloned(),
+        last_failure_at: last,
+        age_secs,
+        body,
+        headers,
+        delivery_tag,
+        raw,
+        properties,
+    }
+}
+
+/// Parses `90s`, `15m`, `2h`, `3d` (or plain seconds).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m, 2h, 3d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Renders an age in seconds as `3d4h`, `5m`, `42s`.
+pub fn human_age(secs: i64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_parse_and_print() {
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_age("3d"), Ok(Duration::from_secs(259_200)));
+        assert!(parse_age("soon").is_err());
+        assert!(parse_age("5w").is_err());
+        assert_eq!(human_age(42), "42s");
+        assert_eq!(human_age(3_900), "1h5m");
+        assert_eq!(human_age(90_000), "1d1h");
+    }
+
+    #[test]
+    fn replay_drops_failure_headers_and_counts_replays() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_ERROR_KIND.into(),
+            AMQPValue::LongString("in_doubt".into()),
+        );
+        headers.insert(
+            HEADER_FIRST_FAILURE.into(),
+            AMQPValue::LongString("2026-01-01T00:00:00Z".into()),
+        );
+        headers.insert(HEADER_DELAYED_ROUNDS.into(), AMQPValue::LongLongInt(3));
+        headers.insert(HEADER_REPLAYS.into(), AMQPValue::LongLongInt(1));
+        let props = replay_properties(&BasicProperties::default().with_headers(headers));
+        let out = props.headers().clone().unwrap_or_default();
+        assert!(!out.inner().contains_key(HEADER_ERROR_KIND));
+        assert!(!out.inner().contains_key(HEADER_DELAYED_ROUNDS));
+        assert!(out.inner().contains_key(HEADER_FIRST_FAILURE));
+        assert_eq!(out.inner().get(HEADER_REPLAYS).and_then(as_i64), Some(2));
+    }
+}

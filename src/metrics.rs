@@ -1,0 +1,89 @@
+//! Prometheus metrics, through the `metrics` facade, set up in one place.
+//! The recorder is process-global (installed once); `/metrics` renders it.
+//! Every name the worker exports is written here, so the list in the README
+//! and this file are the whole story.
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder (first call) and returns the handle. `None` if
+/// another recorder was installed first (then metrics are not exported).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+/// The Prometheus text exposition.
+pub fn render() -> String {
+    match install() {
+        Some(handle) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    }
+}
+
+/// A command delivery arrived.
+pub fn command_received() {
+    counter!("refund_worker_commands_received_total").increment(1);
+}
+
+/// Deliveries being processed now.
+pub fn in_flight(delta: f64) {
+    gauge!("refund_worker_in_flight").increment(delta);
+}
+
+/// An outcome event was decided.
+pub fn outcome(provider: &str, status: &str) {
+    counter!("refund_worker_outcomes_total", "provider" => provider.to_string(), "status" => status.to_string())
+        .increment(1);
+}
+
+/// One provider call and its outcome class.
+pub fn provider_call(provider: &str, class: &str, took: Duration) {
+    histogram!("refund_worker_provider_call_seconds", "provider" => provider.to_string(), "class" => class.to_string())
+        .record(took.as_secs_f64());
+}
+
+/// From the command's publish timestamp to its event.
+pub fn end_to_end(took: Duration) {
+    histogram!("refund_worker_end_to_end_seconds").record(took.as_secs_f64());
+}
+
+/// A retry: `in_process` (backoff) or `delayed` (delay queue).
+pub fn retry(kind: &'static str) {
+    counter!("refund_worker_retries_total", "kind" => kind).increment(1);
+}
+
+/// A message went to the dead-letter queue.
+pub fn dead_lettered(reason: &str) {
+    counter!("refund_worker_dead_lettered_total", "reason" => reason.to_string()).increment(1);
+}
+
+/// Store figures, refreshed in the background.
+pub fn store_counts(records: usize, in_doubt: usize, unfinished: usize) {
+    gauge!("refund_worker_store_records").set(records as f64);
+    gauge!("refund_worker_in_doubt").set(in_doubt as f64);
+    gauge!("refund_worker_unfinished").set(unfinished as f64);
+}
+
+/// Group-commit figures: flushes and the sync requests they served.
+pub fn store_syncs(flushes: u64, requests: u64) {
+    counter!("refund_worker_store_flushes_total").absolute(flushes);
+    counter!("refund_worker_store_sync_requests_total").absolute(requests);
+}

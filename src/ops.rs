@@ -1,0 +1,351 @@
+//! The operator commands behind `refund-worker dlq …` and
+//! `refund-worker refunds …`: what they print and how they decide. The
+//! dead-letter commands talk to the broker; the refund commands talk to the
+//! running worker's HTTP API (the worker holds the store's lock).
+
+use crate::config::AmqpSettings;
+use crate::dlq::{human_age, DeadMessage, Dlq, Filter, Report};
+use crate::worker::Resolution;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use std::io::IsTerminal;
+
+/// Operator command failures, with what to do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Broker side.
+    #[error(transparent)]
+    Dlq(#[from] crate::dlq::DlqError),
+    /// The worker's API could not be reached.
+    #[error("worker API at {url}: {message}")]
+    Api {
+        /// Base URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Refused before doing anything.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A client of the worker's HTTP API.
+#[derive(Debug, Clone)]
+pub struct WorkerApi {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl WorkerApi {
+    /// `base` like `http://127.0.0.1:8080`.
+    pub fn new(base: &str) -> Self {
+        WorkerApi {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn err(&self, message: impl ToString) -> OpsError {
+        OpsError::Api {
+            url: self.base.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn decode(&self, response: reqwest::Response) -> Result<Value, OpsError> {
+        let status = response.status();
+        let body: Value = response.json().await.map_err(|e| self.err(e))?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(self.err(format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                body.get("error").and_then(Value::as_str).unwrap_or("")
+            )))
+        }
+    }
+
+    /// The stored record of a refund, `None` if unknown.
+    pub async fn refund(&self, refund_id: &str) -> Result<Option<Value>, OpsError> {
+        let response = self
+            .http
+            .get(format!("{}/refunds/{refund_id}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.decode(response).await.map(Some)
+    }
+
+    /// Records with this status.
+    pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<Value>, OpsError> {
+        let mut request = self
+            .http
+            .get(format!("{}/refunds", self.base))
+            .query(&[("limit", limit.to_string())]);
+        if let Some(status) = status {
+            request = request.query(&[("status", status)]);
+        }
+        let response = request.send().await.map_err(|e| self.err(e))?;
+        let body = self.decode(response).await?;
+        Ok(body.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Resolves an in-doubt refund.
+    pub async fn resolve(
+        &self,
+        refund_id: &str,
+        resolution: &Resolution,
+    ) -> Result<Value, OpsError> {
+        let response = self
+            .http
+            .post(format!("{}/refunds/{refund_id}/resolve", self.base))
+            .json(resolution)
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        self.decode(response).await
+    }
+
+    /// Whether the worker still has this refund in doubt. Unknown (API
+    /// unreachable) counts as in doubt: never replay on a guess.
+    pub async fn still_in_doubt(&self, refund_id: &str) -> bool {
+        match self.refund(refund_id).await {
+            Ok(Some(record)) => status_of(&record) == "in_doubt",
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+}
+
+/// The operator-facing status of a record as the API returns it.
+pub fn status_of(record: &Value) -> String {
+    let state = &record["state"];
+    match state["state"].as_str() {
+        Some("finished") => state["event"]["status"]
+            .as_str()
+            .unwrap_or("finished")
+            .to_string(),
+        Some(other) => other.to_string(),
+        None => "unknown".into(),
+    }
+}
+
+/// `dlq list`.
+pub async fn dlq_list(amqp: &AmqpSettings, filter: &Filter, json: bool) -> Result<(), OpsError> {
+    let dlq = Dlq::open(amqp).await?;
+    let matching: Vec<&DeadMessage> = dlq
+        .messages()
+        .iter()
+        .filter(|m| filter.matches(m))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&matching).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{:<28} {:<12} {:<22} {:>8}  {:<20} {:<20} {:>7}",
+            "REFUND_ID", "PROVIDER", "REASON", "ATTEMPTS", "FIRST_FAILURE", "LAST_FAILURE", "AGE"
+        );
+        for m in &matching {
+            println!(
+                "{:<28} {:<12} {:<22} {:>8}  {:<20} {:<20} {:>7}",
+                m.refund_id.as_deref().unwrap_or("-"),
+                m.provider.as_deref().unwrap_or("-"),
+                m.kind,
+                m.attempts,
+                short_time(m.first_failure_at.as_deref()),
+                short_time(m.last_failure_at.as_deref()),
+                m.age_secs.map(human_age).unwrap_or_else(|| "-".into()),
+            );
+        }
+        eprintln!(
+            "{} of {} dead-lettered message(s) shown",
+            matching.len(),
+            dlq.messages().len()
+        );
+    }
+    dlq.close().await;
+    Ok(())
+}
+
+fn short_time(t: Option<&str>) -> String {
+    t.map(|t| t.chars().take(19).collect())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `dlq show REFUND_ID`.
+pub async fn dlq_show(
+    amqp: &AmqpSettings,
+    api: &WorkerApi,
+    refund_id: &str,
+) -> Result<(), OpsError> {
+    let dlq = Dlq::open(amqp).await?;
+    let filter = Filter {
+        refund_id: Some(refund_id.to_string()),
+        ..Default::default()
+    };
+    let messages: Vec<&DeadMessage> = dlq
+        .messages()
+        .iter()
+        .filter(|m| filter.matches(m))
+        .collect();
+    let record = match api.refund(refund_id).await {
+        Ok(record) => record.unwrap_or(Value::Null),
+        Err(e) => Value::String(format!("not available: {e}")),
+    };
+    let out = serde_json::json!({ "messages": messages, "record": record });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    dlq.close().await;
+    Ok(())
+}
+
+/// `dlq replay`.
+pub async fn dlq_replay(
+    amqp: &AmqpSettings,
+    api: &WorkerApi,
+    filter: &Filter,
+    limit: Option<usize>,
+    dry_run: bool,
+    quiet: bool,
+) -> Result<Report, OpsError> {
+    let mut dlq = Dlq::open(amqp).await?;
+    let total = dlq.messages().iter().filter(|m| filter.matches(m)).count();
+    let bar = if !quiet && std::io::stderr().is_terminal() && total > 20 {
+        let bar = ProgressBar::new(total as u64);
+        if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} replayed {msg}") {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let report = dlq
+        .replay(
+            filter,
+            limit,
+            dry_run,
+            async |id: &str| api.still_in_doubt(id).await,
+            |m| {
+                bar.inc(1);
+                if dry_run && !quiet {
+                    bar.suspend(|| {
+                        println!(
+                            "would replay {} ({})",
+                            m.refund_id.as_deref().unwrap_or("-"),
+                            m.kind
+                        )
+                    });
+                }
+            },
+        )
+        .await;
+    bar.finish_and_clear();
+    dlq.close().await;
+    let report = report?;
+    for id in &report.skipped_in_doubt {
+        eprintln!("skipped {id}: in doubt; resolve it first (refund-worker refunds resolve {id} --executed TXN | --not-executed)");
+    }
+    eprintln!(
+        "{} {} of {} matching message(s) ({} in the queue), {} skipped as in doubt",
+        if dry_run { "would replay" } else { "replayed" },
+        report.done,
+        report.matched,
+        report.browsed,
+        report.skipped_in_doubt.len()
+    );
+    Ok(report)
+}
+
+/// `dlq purge`.
+pub async fn dlq_purge(
+    amqp: &AmqpSettings,
+    filter: &Filter,
+    all: bool,
+    yes: bool,
+    limit: Option<usize>,
+) -> Result<Report, OpsError> {
+    if filter.is_empty() && !(all && yes) {
+        return Err(OpsError::Refused(
+            "purge needs a filter (--reason, --provider, --refund-id, --older-than) or --all --yes"
+                .into(),
+        ));
+    }
+    let mut dlq = Dlq::open(amqp).await?;
+    let report = dlq.purge(filter, limit).await;
+    dlq.close().await;
+    let report = report?;
+    eprintln!(
+        "removed {} of {} message(s) in the dead-letter queue",
+        report.done, report.browsed
+    );
+    Ok(report)
+}
+
+/// `refunds show`.
+pub async fn refunds_show(api: &WorkerApi, refund_id: &str) -> Result<(), OpsError> {
+    match api.refund(refund_id).await? {
+        Some(record) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).unwrap_or_default()
+            );
+            Ok(())
+        }
+        None => Err(OpsError::Refused(format!(
+            "no refund {refund_id} in the store"
+        ))),
+    }
+}
+
+/// `refunds list`.
+pub async fn refunds_list(
+    api: &WorkerApi,
+    status: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<(), OpsError> {
+    let records = api.list(status, limit).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&records).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<12} {:<10} {:>8}  {:<20}",
+        "REFUND_ID", "PROVIDER", "STATUS", "ATTEMPTS", "UPDATED"
+    );
+    for r in &records {
+        println!(
+            "{:<28} {:<12} {:<10} {:>8}  {:<20}",
+            r["refund_id"].as_str().unwrap_or("-"),
+            r["command"]["provider"].as_str().unwrap_or("-"),
+            status_of(r),
+            r["attempts"].as_u64().unwrap_or(0),
+            short_time(r["updated_at"].as_str()),
+        );
+    }
+    eprintln!("{} refund(s)", records.len());
+    Ok(())
+}
+
+/// `refunds resolve`.
+pub async fn refunds_resolve(
+    api: &WorkerApi,
+    refund_id: &str,
+    resolution: &Resolution,
+) -> Result<(), OpsError> {
+    let record = api.resolve(refund_id, resolution).await?;
+    println!("{} is now {}", refund_id, status_of(&record));
+    if resolution.not_executed {
+        println!("replay it to retry: refund-worker dlq replay --refund-id {refund_id}");
+    }
+    Ok(())
+}

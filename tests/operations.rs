@@ -1,0 +1,344 @@
+//! Operator tools against a real broker and a running worker: dead-letter
+//! listing and replay (filters, limit, dry run, interruption), in-doubt
+//! refunds refused until resolved, resolution both ways, metrics.
+
+mod support;
+
+use refund_worker::dlq::{Dlq, Filter};
+use refund_worker::ops::{status_of, WorkerApi};
+use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
+use refund_worker::worker::Resolution;
+use std::time::Duration;
+use support::{with_refund_id, TestApp, HYP_REFUND};
+
+fn fault(kind: FaultKind, original: &str) -> Fault {
+    Fault {
+        fault: kind,
+        original_id: Some(original.into()),
+        times: 1,
+        stall_ms: 0,
+    }
+}
+
+fn refund_on(refund_id: &str, original: &str, minor: u64) -> String {
+    serde_json::json!({
+        "refund_id": refund_id,
+        "provider": "hyp_pay",
+        "transaction": { "id": original },
+        "amount": { "minor": minor, "currency": "ILS" },
+    })
+    .to_string()
+}
+
+/// One attempt, no delay rounds: a 503 goes straight to the dead letters.
+async fn start_impatient() -> TestApp {
+    TestApp::start_with(SandboxConfig::default(), |s| {
+        s.retry.max_attempts = 1;
+        s.retry.delayed_ms = vec![];
+    })
+    .await
+}
+
+async fn wait_depth(app: &TestApp, queue: &str, want: u32) {
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while app.queue_depth(queue).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} never reached {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
+    let mut app = start_impatient().await;
+    let api = WorkerApi::new(&format!("http://{}", app.http_addr));
+    for (id, original) in [
+        ("rf-out-1", "12290620"),
+        ("rf-out-2", "12290621"),
+        ("rf-out-3", "12290622"),
+    ] {
+        app.sandbox
+            .add_fault(fault(FaultKind::Unavailable, original));
+        app.publish(&refund_on(id, original, 100)).await;
+    }
+    app.publish_raw(b"not json", Some("application/json")).await;
+    wait_depth(&app, "refunds.dead", 4).await;
+
+    let outage = Filter {
+        reason: Some("provider_unavailable".into()),
+        ..Default::default()
+    };
+    {
+        let dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+        assert_eq!(dlq.messages().len(), 4);
+        let listed: Vec<_> = dlq
+            .messages()
+            .iter()
+            .filter(|m| outage.matches(m))
+            .collect();
+        assert_eq!(listed.len(), 3);
+        assert!(listed
+            .iter()
+            .all(|m| m.provider.as_deref() == Some("hyp_pay") && m.attempts == 1));
+        let old = Filter {
+            older_than: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        assert_eq!(dlq.messages().iter().filter(|m| old.matches(m)).count(), 0);
+        dlq.close().await;
+    }
+    wait_depth(&app, "refunds.dead", 4).await;
+
+    // Dry run: nothing moves.
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &outage,
+            None,
+            true,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("dry run");
+    dlq.close().await;
+    assert_eq!((report.matched, report.done), (3, 3));
+    wait_depth(&app, "refunds.dead", 4).await;
+    assert!(app.sandbox.journal().is_empty());
+
+    // Limit 1: one comes back and succeeds.
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &outage,
+            Some(1),
+            false,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    dlq.close().await;
+    assert_eq!(report.done, 1);
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    wait_depth(&app, "refunds.dead", 3).await;
+
+    // An interrupted replay (connection dropped without closing) loses
+    // nothing: what was not confirmed and removed is back in the queue.
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &outage,
+            Some(1),
+            false,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    assert_eq!(report.done, 1);
+    drop(dlq);
+    let (key, _) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    wait_depth(&app, "refunds.dead", 2).await;
+
+    // The rest, by refund id; the poison message stays.
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &outage,
+            None,
+            false,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    dlq.close().await;
+    assert_eq!(report.done, 1);
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    wait_depth(&app, "refunds.dead", 1).await;
+    assert_eq!(app.sandbox.journal().len(), 3);
+
+    // Purge by reason removes the poison message.
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let malformed = Filter {
+        reason: Some("malformed".into()),
+        ..Default::default()
+    };
+    let report = dlq.purge(&malformed, None).await.expect("purge");
+    dlq.close().await;
+    assert_eq!(report.done, 1);
+    wait_depth(&app, "refunds.dead", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
+    let mut app = TestApp::start().await;
+    let api = WorkerApi::new(&format!("http://{}", app.http_addr));
+    // A: executed, then an HTML page. B: an HTML page without executing.
+    app.sandbox
+        .add_fault(fault(FaultKind::HtmlAfter, "12290620"));
+    app.sandbox
+        .add_fault(fault(FaultKind::HtmlBefore, "12290621"));
+    app.publish(&refund_on("rf-doubt-a", "12290620", 100)).await;
+    app.publish(&refund_on("rf-doubt-b", "12290621", 100)).await;
+    for _ in 0..2 {
+        assert_eq!(app.next_event().await.0, "refund.in_doubt");
+    }
+    wait_depth(&app, "refunds.dead", 2).await;
+    assert_eq!(app.sandbox.journal().len(), 1);
+    let listed = api.list(Some("in_doubt"), 10).await.expect("list");
+    assert_eq!(listed.len(), 2);
+
+    // Replay refuses both.
+    let everything = Filter::default();
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &everything,
+            None,
+            false,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    dlq.close().await;
+    assert_eq!(report.done, 0);
+    assert_eq!(report.skipped_in_doubt.len(), 2);
+    wait_depth(&app, "refunds.dead", 2).await;
+
+    // Resolution needs who and why, and exactly one verdict.
+    let bad = Resolution {
+        by: "ops".into(),
+        reason: "".into(),
+        executed: Some("1".into()),
+        not_executed: false,
+    };
+    assert!(api.resolve("rf-doubt-a", &bad).await.is_err());
+
+    // A happened (the operator saw transaction 405577500 at Hyp).
+    let txn = app.sandbox.journal()[0].new_id.clone();
+    let resolved = api
+        .resolve(
+            "rf-doubt-a",
+            &Resolution {
+                executed: Some(txn.clone()),
+                not_executed: false,
+                by: "dana".into(),
+                reason: "seen in Hyp back office".into(),
+            },
+        )
+        .await
+        .expect("resolve executed");
+    assert_eq!(status_of(&resolved), "succeeded");
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["refund_id"], "rf-doubt-a");
+    assert_eq!(event["provider_transaction_id"], txn.as_str());
+    let history = resolved["history"].to_string();
+    assert!(
+        history.contains("dana") && history.contains("back office"),
+        "{history}"
+    );
+    // Resolving it again is refused.
+    assert!(api
+        .resolve(
+            "rf-doubt-a",
+            &Resolution {
+                executed: Some(txn.clone()),
+                not_executed: false,
+                by: "dana".into(),
+                reason: "again".into()
+            }
+        )
+        .await
+        .is_err());
+
+    // B did not happen: one new attempt, through replay.
+    let resolved = api
+        .resolve(
+            "rf-doubt-b",
+            &Resolution {
+                executed: None,
+                not_executed: true,
+                by: "dana".into(),
+                reason: "not in Hyp".into(),
+            },
+        )
+        .await
+        .expect("resolve not executed");
+    assert_eq!(status_of(&resolved), "not_sent");
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            &everything,
+            None,
+            false,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    dlq.close().await;
+    assert_eq!(report.done, 2, "both resolved: both replayed");
+    let mut keys = [app.next_event().await, app.next_event().await];
+    keys.sort_by(|a, b| a.1["refund_id"].as_str().cmp(&b.1["refund_id"].as_str()));
+    assert_eq!(keys[0].0, "refund.succeeded"); // A: the recorded resolution, re-published
+    assert_eq!(keys[1].0, "refund.succeeded"); // B: executed now
+    assert_eq!(keys[1].1["attempts"], 2);
+    wait_depth(&app, "refunds.dead", 0).await;
+    // A executed once (before the HTML page), B once (after resolution).
+    let journal = app.sandbox.journal();
+    assert_eq!(journal.len(), 2);
+    assert_eq!(
+        journal
+            .iter()
+            .filter(|e| e.original_id == "12290620")
+            .count(),
+        1
+    );
+    assert_eq!(
+        journal
+            .iter()
+            .filter(|e| e.original_id == "12290621")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reflect_a_run() {
+    let mut app = TestApp::start().await;
+    app.publish(HYP_REFUND).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    app.publish(&with_refund_id(HYP_REFUND, "rf-metrics-declined").replace("1050", "999900"))
+        .await;
+    assert_eq!(app.next_event().await.0, "refund.failed");
+    app.publish_raw(b"junk", None).await;
+    let _ = app.next_dead_letter().await;
+    let body = reqwest::get(format!("http://{}/metrics", app.http_addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "refund_worker_commands_received_total",
+        "refund_worker_outcomes_total{provider=\"hyp_pay\",status=\"succeeded\"}",
+        "refund_worker_outcomes_total{provider=\"hyp_pay\",status=\"failed\"}",
+        "refund_worker_provider_call_seconds_bucket{provider=\"hyp_pay\",class=\"confirmed\"",
+        "refund_worker_dead_lettered_total{reason=\"malformed\"}",
+        "refund_worker_in_flight",
+    ] {
+        assert!(body.contains(needle), "{needle} missing in:\n{body}");
+    }
+    let health = reqwest::get(format!("http://{}/healthz", app.http_addr))
+        .await
+        .expect("healthz");
+    assert!(health.status().is_success());
+}
