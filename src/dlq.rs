@@ -26,6 +26,16 @@ use time::OffsetDateTime;
 /// Header added to a replayed command: how many times it was replayed.
 pub const HEADER_REPLAYS: &str = "x-refund-replays";
 
+/// Reasons a replay cannot fix (the body itself is bad): skipped by a
+/// replay unless its filter names the reason explicitly.
+pub const POISON_KINDS: &[&str] = &[
+    "malformed",
+    "missing_refund_id",
+    "invalid_refund_id",
+    "wrong_content_type",
+    "oversize",
+];
+
 /// Most messages browsed at once (the rest stay in the queue untouched).
 pub const MAX_BROWSE: usize = 100_000;
 
@@ -121,6 +131,8 @@ pub struct Report {
     pub done: usize,
     /// Skipped in-doubt refunds not yet resolved.
     pub skipped_in_doubt: Vec<String>,
+    /// Skipped poison messages (see [`POISON_KINDS`]).
+    pub skipped_poison: usize,
 }
 
 /// A browsing session over the dead-letter queue.
@@ -193,6 +205,10 @@ impl Dlq {
         for m in self.messages.iter().filter(|m| filter.matches(m)) {
             report.matched += 1;
             if limit.is_some_and(|l| report.done >= l) {
+                continue;
+            }
+            if filter.reason.is_none() && POISON_KINDS.contains(&m.kind.as_str()) {
+                report.skipped_poison += 1;
                 continue;
             }
             if m.kind == "in_doubt" {

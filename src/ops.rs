@@ -251,13 +251,20 @@ pub async fn dlq_replay(
     for id in &report.skipped_in_doubt {
         eprintln!("skipped {id}: in doubt; resolve it first (refund-worker refunds resolve {id} --executed TXN | --not-executed)");
     }
+    if report.skipped_poison > 0 {
+        eprintln!(
+            "skipped {} poison message(s) (bad body: a replay cannot fix them; name the reason with --reason to force, or purge them)",
+            report.skipped_poison
+        );
+    }
     eprintln!(
-        "{} {} of {} matching message(s) ({} in the queue), {} skipped as in doubt",
+        "{} {} of {} matching message(s) ({} in the queue), {} skipped as in doubt, {} as poison",
         if dry_run { "would replay" } else { "replayed" },
         report.done,
         report.matched,
         report.browsed,
-        report.skipped_in_doubt.len()
+        report.skipped_in_doubt.len(),
+        report.skipped_poison
     );
     Ok(report)
 }
