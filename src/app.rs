@@ -255,11 +255,6 @@ async fn prune_periodically(
 /// Refreshes the store gauges every few seconds, off the async runtime.
 async fn refresh_store_metrics(store: Store, mut shutdown: Shutdown) {
     loop {
-        let stats = store.stats();
-        crate::metrics::store_syncs(
-            stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
-            stats.requests.load(std::sync::atomic::Ordering::Relaxed),
-        );
         let counting = store.clone();
         if let Ok(Ok((all, in_doubt, unfinished))) =
             tokio::task::spawn_blocking(move || counting.counts()).await

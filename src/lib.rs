@@ -10,6 +10,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod command;
@@ -18,6 +19,7 @@ pub mod dlq;
 pub mod event;
 pub mod http;
 pub mod ledger;
+pub mod local_broker;
 pub mod locks;
 pub mod metrics;
 pub mod money;

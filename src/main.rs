@@ -99,6 +99,30 @@ enum Command {
         #[command(subcommand)]
         command: RefundsCommand,
     },
+    /// Benchmark: the worker against a baseline relay on the same broker.
+    Bench {
+        /// Commands per drain (make each drain last ≥ 10 s on your machine).
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Prefetch values to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+        prefetch: Vec<u16>,
+        /// Provider latencies to sweep (ms).
+        #[arg(long, value_delimiter = ',', default_value = "0,50")]
+        latency_ms: Vec<u64>,
+        /// Use this broker instead of starting a private node.
+        #[arg(long)]
+        amqp_url: Option<String>,
+        /// Write the results as JSON.
+        #[arg(long, default_value = "bench.json")]
+        json: PathBuf,
+        /// Write the plot (SVG).
+        #[arg(long, default_value = "bench.svg")]
+        plot: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print outcome events as they are published (one line each).
     Events {
         /// Broker URL.
@@ -276,6 +300,28 @@ fn main() -> anyhow::Result<()> {
                 worker_url,
                 command,
             } => refunds_command(&worker_url, command).await,
+            Command::Bench {
+                n,
+                prefetch,
+                latency_ms,
+                amqp_url,
+                json,
+                plot,
+                quiet,
+            } => {
+                let options = refund_worker::bench::BenchOptions {
+                    n,
+                    prefetch,
+                    latency_ms,
+                    amqp_url,
+                    json: Some(json),
+                    plot: Some(plot),
+                    quiet,
+                    worker_exe: std::env::current_exe().context("locating this executable")?,
+                };
+                refund_worker::bench::run(&options).await?;
+                Ok(())
+            }
         }
     })
 }

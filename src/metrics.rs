@@ -82,8 +82,8 @@ pub fn store_counts(records: usize, in_doubt: usize, unfinished: usize) {
     gauge!("refund_worker_unfinished").set(unfinished as f64);
 }
 
-/// Group-commit figures: flushes and the sync requests they served.
-pub fn store_syncs(flushes: u64, requests: u64) {
-    counter!("refund_worker_store_flushes_total").absolute(flushes);
-    counter!("refund_worker_store_sync_requests_total").absolute(requests);
+/// One group-commit flush and the sync requests it served.
+pub fn store_flush(requests: usize) {
+    counter!("refund_worker_store_flushes_total").increment(1);
+    counter!("refund_worker_store_sync_requests_total").increment(requests as u64);
 }

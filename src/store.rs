@@ -395,6 +395,7 @@ async fn run_syncer(
         stats
             .requests
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        crate::metrics::store_flush(batch.len());
         for reply in batch.drain(..) {
             let _ = reply.send(result.clone());
         }

@@ -1,0 +1,587 @@
+//! `refund-worker bench`: how fast the worker drains a queue, compared with
+//! the fastest thing the same broker can do in the same run.
+//!
+//! For each configuration (provider latency × prefetch) it preloads N
+//! commands (persistent, confirmed), then drains them twice: with the real
+//! worker (this binary's `run`, as a child process, on a fresh store, against
+//! the in-process sandbox with the set latency) and with a baseline relay
+//! (consume → publish a small persistent event with confirms → ack after the
+//! confirm; no store, no HTTP). The ratio of the two is the figure that
+//! means something on any machine.
+
+pub mod plot;
+pub mod relay;
+
+use crate::broker::topology;
+use crate::config::{Settings, DEFAULT_TOML};
+use crate::local_broker::LocalBroker;
+use crate::sandbox::{Sandbox, SandboxConfig, Seed, SeedTransaction};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Commands per drain.
+    pub n: usize,
+    /// Prefetch values to sweep.
+    pub prefetch: Vec<u16>,
+    /// Provider latencies to sweep (ms).
+    pub latency_ms: Vec<u64>,
+    /// Use this broker instead of starting a private node.
+    pub amqp_url: Option<String>,
+    /// Write the results here as JSON.
+    pub json: Option<PathBuf>,
+    /// Write the plot here (SVG).
+    pub plot: Option<PathBuf>,
+    /// No progress bar.
+    pub quiet: bool,
+    /// The worker binary (normally this executable).
+    pub worker_exe: PathBuf,
+}
+
+/// One drain's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Drain {
+    /// Messages per second, first to last event.
+    pub msgs_per_sec: f64,
+    /// Publish-to-event latency percentiles (ms).
+    pub p50_ms: f64,
+    /// 99th percentile (ms).
+    pub p99_ms: f64,
+    /// Worst (ms).
+    pub max_ms: f64,
+    /// Seconds from first to last event.
+    pub seconds: f64,
+}
+
+/// One configuration's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResult {
+    /// Provider latency (ms).
+    pub latency_ms: u64,
+    /// basic.qos prefetch.
+    pub prefetch: u16,
+    /// Commands drained.
+    pub n: usize,
+    /// The worker.
+    pub worker: Drain,
+    /// The baseline relay.
+    pub relay: Drain,
+    /// worker ÷ relay throughput.
+    pub ratio: f64,
+    /// prefetch ÷ latency: the most the worker can do when every message
+    /// waits `latency` at the provider (Little's law); `None` at 0 ms.
+    pub littles_law_msgs_per_sec: Option<f64>,
+    /// Peak resident set size of the worker process (MiB).
+    pub worker_peak_rss_mib: f64,
+    /// Store flushes per message.
+    pub syncs_per_message: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// When (RFC 3339).
+    pub date: String,
+    /// `nproc`, memory, kernel.
+    pub machine: String,
+    /// Per configuration.
+    pub results: Vec<ConfigResult>,
+}
+
+/// Runs the sweep.
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let _node;
+    let amqp_url = match &options.amqp_url {
+        Some(url) => url.clone(),
+        None => {
+            eprintln!("starting a private RabbitMQ node...");
+            let node = tokio::task::spawn_blocking(LocalBroker::start).await??;
+            let url = node.vhost()?;
+            _node = node;
+            url
+        }
+    };
+    let connection = Connection::connect(&amqp_url, ConnectionProperties::default()).await?;
+    let mut results = Vec::new();
+    let mut run_id = 0;
+    for &latency_ms in &options.latency_ms {
+        for &prefetch in &options.prefetch {
+            run_id += 1;
+            let result = run_config(
+                options,
+                &connection,
+                &amqp_url,
+                run_id,
+                latency_ms,
+                prefetch,
+            )
+            .await?;
+            print_row(&result);
+            results.push(result);
+        }
+    }
+    let _ = connection.close(200, "bench done".into()).await;
+    let report = BenchReport {
+        date: crate::event::now_rfc3339(),
+        machine: machine_description(),
+        results,
+    };
+    print_table(&report);
+    if let Some(path) = &options.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &options.plot {
+        plot::write_svg(&report, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+/// Settings for one configuration: its own exchange and queue names, so runs
+/// never see each other's messages, even on a shared broker.
+fn bench_settings(
+    amqp_url: &str,
+    run: &str,
+    prefetch: u16,
+    store: &Path,
+    http_port: u16,
+    sandbox_url: &str,
+) -> anyhow::Result<Settings> {
+    let layer = format!(
+        r#"
+        [amqp]
+        url = "{amqp_url}"
+        prefetch = {prefetch}
+        commands_exchange = "bench.{run}.commands"
+        commands_queue = "bench.{run}.commands"
+        events_exchange = "bench.{run}.events"
+        dead_letter_exchange = "bench.{run}.dead"
+        dead_letter_queue = "bench.{run}.dead"
+        delay_queue_prefix = "bench.{run}.retry"
+        [store]
+        path = "{store}"
+        [http]
+        addr = "127.0.0.1:{http_port}"
+        [log]
+        filter = "warn"
+        [providers.hyp_pay]
+        kind = "hyp_pay"
+        base_url = "{sandbox_url}/p/"
+        masof = "0010131918"
+        pass_p = "sandbox-pass"
+        "#,
+        store = store.display()
+    );
+    let settings: Settings = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
+        .build()?
+        .try_deserialize()?;
+    settings.validate()?;
+    std::fs::write(store.with_extension("toml"), layer)?;
+    Ok(settings)
+}
+
+async fn run_config(
+    options: &BenchOptions,
+    connection: &Connection,
+    amqp_url: &str,
+    run_id: usize,
+    latency_ms: u64,
+    prefetch: u16,
+) -> anyhow::Result<ConfigResult> {
+    let n = options.n;
+    let dir = tempfile::tempdir()?;
+    let sandbox = Sandbox::new(SandboxConfig {
+        latency: Duration::from_millis(latency_ms),
+        seed: Seed {
+            hyp_pay: (0..n)
+                .map(|i| SeedTransaction {
+                    id: original_id(i),
+                    amount_minor: 1_000_000,
+                    currency: "ILS".into(),
+                    transmitted: true,
+                })
+                .collect(),
+        },
+        ..SandboxConfig::default()
+    });
+    let sandbox_url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);
+    let http_port = free_port()?;
+    let store = dir.path().join("store");
+    let worker_run = format!("{run_id}w");
+    let settings = bench_settings(
+        amqp_url,
+        &worker_run,
+        prefetch,
+        &store,
+        http_port,
+        &sandbox_url,
+    )?;
+
+    // The worker.
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare(&channel, &settings).await?;
+    let events = bind_events(&channel, &settings.amqp.events_exchange).await?;
+    preload(
+        &channel,
+        &settings.amqp.commands_exchange,
+        n,
+        &format!("b{run_id}"),
+    )
+    .await?;
+    let log = std::fs::File::create(dir.path().join("worker.log"))?;
+    let mut child = std::process::Command::new(&options.worker_exe)
+        .arg("run")
+        .arg("--config")
+        .arg(store.with_extension("toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let label = format!("worker  {latency_ms:>3} ms  prefetch {prefetch:>3}");
+    let worker = collect(&channel, &events, n, &label, options.quiet).await;
+    let rss = peak_rss_mib(child.id());
+    let flushes = scrape_counter(http_port, "refund_worker_store_flushes_total").await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let worker = worker?;
+
+    // The baseline relay on its own names.
+    let relay_run = format!("{run_id}r");
+    let relay_settings = bench_settings(
+        amqp_url,
+        &relay_run,
+        prefetch,
+        &dir.path().join("relay"),
+        http_port,
+        &sandbox_url,
+    )?;
+    topology::declare(&channel, &relay_settings).await?;
+    let relay_events = bind_events(&channel, &relay_settings.amqp.events_exchange).await?;
+    preload(
+        &channel,
+        &relay_settings.amqp.commands_exchange,
+        n,
+        &format!("r{run_id}"),
+    )
+    .await?;
+    let relay_task = tokio::spawn(relay::run(
+        amqp_url.to_string(),
+        relay_settings.amqp.clone(),
+        n,
+    ));
+    let label = format!("relay   {latency_ms:>3} ms  prefetch {prefetch:>3}");
+    let relay = collect(&channel, &relay_events, n, &label, options.quiet).await;
+    relay_task.abort();
+    let relay = relay?;
+    let _ = channel.close(200, "config done".into()).await;
+
+    Ok(ConfigResult {
+        latency_ms,
+        prefetch,
+        n,
+        ratio: if relay.msgs_per_sec > 0.0 {
+            worker.msgs_per_sec / relay.msgs_per_sec
+        } else {
+            0.0
+        },
+        littles_law_msgs_per_sec: (latency_ms > 0)
+            .then(|| f64::from(prefetch) / (latency_ms as f64 / 1000.0)),
+        worker_peak_rss_mib: rss,
+        syncs_per_message: flushes / n as f64,
+        worker,
+        relay,
+    })
+}
+
+fn original_id(i: usize) -> String {
+    format!("{}", 100_000_000 + i)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Publishes `n` distinct commands, persistent, all confirmed before return.
+async fn preload(channel: &Channel, exchange: &str, n: usize, prefix: &str) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(1000);
+    for i in 0..n {
+        let body = serde_json::json!({
+            "refund_id": format!("{prefix}-{i}"),
+            "provider": "hyp_pay",
+            "transaction": { "id": original_id(i) },
+            "amount": { "minor": 100, "currency": "ILS" },
+            "metadata": { "published_us": now_us() },
+        })
+        .to_string();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                "refund.hyp_pay".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await?;
+        pending.push(confirm);
+        if pending.len() >= 1000 {
+            for c in pending.drain(..) {
+                c.await?;
+            }
+        }
+    }
+    for c in pending {
+        c.await?;
+    }
+    Ok(())
+}
+
+async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<String> {
+    let queue = channel
+        .queue_declare(
+            format!("{exchange}.bench").as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue.name().to_string())
+}
+
+/// Consumes `n` events and measures the drain.
+async fn collect(
+    channel: &Channel,
+    queue: &str,
+    n: usize,
+    label: &str,
+    quiet: bool,
+) -> anyhow::Result<Drain> {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let bar = if quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(n as u64);
+        if let Ok(style) = ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {per_sec}") {
+            bar.set_style(style);
+        }
+        bar.set_message(label.to_string());
+        bar
+    };
+    let mut latencies = Vec::with_capacity(n);
+    let (mut first, mut last) = (None, Instant::now());
+    let idle = Duration::from_secs(60);
+    while latencies.len() < n {
+        let delivery = match tokio::time::timeout(idle, consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => anyhow::bail!("{label}: event stream closed"),
+            Err(_) => anyhow::bail!(
+                "{label}: no event for {idle:?} after {} of {n}",
+                latencies.len()
+            ),
+        };
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        let v: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+        let published = v["metadata"]["published_us"]
+            .as_u64()
+            .or_else(|| v["published_us"].as_u64());
+        if let Some(published) = published {
+            latencies.push(now_us().saturating_sub(published) as f64 / 1000.0);
+        } else {
+            latencies.push(f64::NAN);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
+    latencies.retain(|l| l.is_finite());
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            latencies[((latencies.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    Ok(Drain {
+        msgs_per_sec: if seconds > 0.0 {
+            (n.saturating_sub(1)) as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        seconds,
+    })
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn scrape_counter(port: u16, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()
+        .map(|a| a.port())
+}
+
+fn machine_description() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {mem}, Linux {}", kernel.trim())
+}
+
+fn check(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "MISSED"
+    }
+}
+
+fn print_row(r: &ConfigResult) {
+    eprintln!(
+        "latency {:>3} ms  prefetch {:>3}: worker {:>7.0} msg/s, relay {:>7.0} msg/s, ratio {:.2}",
+        r.latency_ms, r.prefetch, r.worker.msgs_per_sec, r.relay.msgs_per_sec, r.ratio
+    );
+}
+
+/// The table, with each target checked.
+pub fn print_table(report: &BenchReport) {
+    println!("refund-worker bench, {} ({})", report.date, report.machine);
+    println!(
+        "{:>7} {:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}  targets",
+        "lat_ms",
+        "prefetch",
+        "worker/s",
+        "relay/s",
+        "ratio",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "rss_MiB",
+        "syncs/msg"
+    );
+    for r in &report.results {
+        let mut targets = Vec::new();
+        if r.latency_ms == 0 {
+            targets.push(format!("ratio>=0.85 {}", check(r.ratio >= 0.85)));
+        }
+        if let Some(limit) = r.littles_law_msgs_per_sec {
+            let goal = 0.9 * limit.min(r.relay.msgs_per_sec);
+            targets.push(format!(
+                "worker>={goal:.0}/s {}",
+                check(r.worker.msgs_per_sec >= goal)
+            ));
+        }
+        if r.prefetch == 256 {
+            targets.push(format!(
+                "rss<=64MiB {}",
+                check(r.worker_peak_rss_mib <= 64.0)
+            ));
+        }
+        if r.prefetch == 64 {
+            targets.push(format!("syncs<=0.1 {}", check(r.syncs_per_message <= 0.1)));
+        }
+        println!(
+            "{:>7} {:>8} {:>10.0} {:>10.0} {:>6.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.3}  {}",
+            r.latency_ms,
+            r.prefetch,
+            r.worker.msgs_per_sec,
+            r.relay.msgs_per_sec,
+            r.ratio,
+            r.worker.p50_ms,
+            r.worker.p99_ms,
+            r.worker.max_ms,
+            r.worker_peak_rss_mib,
+            r.syncs_per_message,
+            targets.join(", ")
+        );
+    }
+}
