@@ -68,11 +68,17 @@ pub struct App {
 impl App {
     /// Opens the store, builds the providers and binds the HTTP listener.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        let store = Store::open(&settings.store.path).map_err(|source| AppError::Store {
-            path: settings.store.path.display().to_string(),
-            source,
-        })?;
-        let providers = Providers::new(&settings.providers, &settings.provider_http)?;
+        let linger = Duration::from_micros(settings.store.group_commit_linger_us);
+        let store =
+            Store::open_with(&settings.store.path, linger).map_err(|source| AppError::Store {
+                path: settings.store.path.display().to_string(),
+                source,
+            })?;
+        let providers = Providers::new(
+            &settings.providers,
+            &settings.provider_http,
+            &settings.public_url(),
+        )?;
         let listener = TcpListener::bind(&settings.http.addr)
             .await
             .map_err(|source| AppError::Bind {
@@ -110,6 +116,7 @@ impl App {
         ));
         let store_metrics = tokio::spawn(refresh_store_metrics(
             worker.store().clone(),
+            settings.clone(),
             shutdown.clone(),
         ));
         let pruner = tokio::spawn(prune_periodically(
@@ -137,6 +144,7 @@ impl App {
                 }
                 Err(e) => warn!(error = %e, "broker unreachable; retrying"),
             }
+            worker.set_side_publisher(None);
             health.set_consuming(false);
             health.set_broker(false);
             let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
@@ -189,6 +197,7 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
+    worker.set_side_publisher(Some(publisher.clone()));
     health.set_broker(true);
     health.set_consuming(true);
     info!(
@@ -252,14 +261,31 @@ async fn prune_periodically(
     }
 }
 
-/// Refreshes the store gauges every few seconds, off the async runtime.
-async fn refresh_store_metrics(store: Store, mut shutdown: Shutdown) {
+/// Refreshes the store gauges every few seconds, off the async runtime,
+/// and reports refunds pending for longer than their account allows (each
+/// once, when it becomes overdue).
+async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut shutdown: Shutdown) {
+    let mut reported = std::collections::HashSet::new();
     loop {
         let counting = store.clone();
-        if let Ok(Ok((all, in_doubt, unfinished))) =
-            tokio::task::spawn_blocking(move || counting.counts()).await
-        {
+        let limits = settings.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let counts = counting.counts()?;
+            let overdue = counting.pending_overdue(|p| limits.pending_alert_after(p))?;
+            Ok::<_, crate::store::StoreError>((counts, overdue))
+        })
+        .await;
+        if let Ok(Ok(((all, in_doubt, unfinished), overdue))) = scan {
             crate::metrics::store_counts(all, in_doubt, unfinished);
+            crate::metrics::pending_overdue(overdue.len());
+            let new: Vec<&String> = overdue
+                .iter()
+                .filter(|id| !reported.contains(*id))
+                .collect();
+            if !new.is_empty() {
+                warn!(refund_ids = ?new, "refunds pending longer than pending_alert_after_secs: check them with the provider");
+            }
+            reported = overdue.into_iter().collect();
         }
         tokio::select! {
             _ = shutdown.triggered() => return,

@@ -219,6 +219,7 @@ async fn run_config(
                     transmitted: true,
                 })
                 .collect(),
+            ..Default::default()
         },
         ..SandboxConfig::default()
     });

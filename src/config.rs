@@ -97,6 +97,9 @@ pub struct StoreSettings {
     pub retention_days: u32,
     /// How often the pruning pass runs.
     pub prune_interval_secs: u64,
+    /// Group commit: how long the syncer waits for more writers after the
+    /// first one of a batch (microseconds; 0 flushes at once).
+    pub group_commit_linger_us: u64,
 }
 
 /// HTTP listener settings.
@@ -163,6 +166,10 @@ pub enum LogFormat {
 pub enum ProviderAccount {
     /// Hyp Pay terminal.
     HypPay(HypPayAccount),
+    /// CreditGuard terminal.
+    Creditguard(CreditGuardAccount),
+    /// Paynet account.
+    Paynet(PaynetAccount),
 }
 
 impl ProviderAccount {
@@ -170,6 +177,8 @@ impl ProviderAccount {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderAccount::HypPay(_) => "hyp_pay",
+            ProviderAccount::Creditguard(_) => "creditguard",
+            ProviderAccount::Paynet(_) => "paynet",
         }
     }
 }
@@ -205,6 +214,46 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
             .map(|part| part.parse::<u64>().map_err(serde::de::Error::custom))
             .collect(),
     }
+}
+
+/// CreditGuard credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreditGuardAccount {
+    /// The full Relay URL, `https://<host>/xpo/Relay`.
+    pub base_url: String,
+    /// API user.
+    pub user: String,
+    /// API password.
+    pub password: Secret,
+    /// The merchant's terminal number.
+    pub terminal_number: String,
+    /// The terminal deduplicates requests (mayBeDuplicate + requestId,
+    /// enabled by CreditGuard on request). Then a request whose answer was
+    /// lost is repeated safely instead of ending in doubt.
+    #[serde(default)]
+    pub dedupe_requests: bool,
+}
+
+/// Paynet credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaynetAccount {
+    /// The API root, `https://api.paynet.com.tr`.
+    #[serde(default = "default_paynet_url")]
+    pub base_url: String,
+    /// The secret key (sent as `Authorization: Basic <secret_key>`).
+    pub secret_key: Secret,
+    /// A refund still `pending` after this long is reported (a warning
+    /// naming it, and the `refund_worker_pending_overdue` gauge).
+    #[serde(default = "default_pending_alert")]
+    pub pending_alert_after_secs: u64,
+}
+
+fn default_pending_alert() -> u64 {
+    86_400
+}
+
+fn default_paynet_url() -> String {
+    "https://api.paynet.com.tr".to_string()
 }
 
 fn default_hyp_pay_url() -> String {
@@ -332,6 +381,15 @@ impl Settings {
         Ok(())
     }
 
+    /// How long a refund of this account may stay `pending` before it is
+    /// reported; `None` for kinds that are never pending.
+    pub fn pending_alert_after(&self, provider: &str) -> Option<Duration> {
+        match self.providers.get(provider)? {
+            ProviderAccount::Paynet(a) => Some(Duration::from_secs(a.pending_alert_after_secs)),
+            _ => None,
+        }
+    }
+
     /// The parsed listen address.
     pub fn http_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.http
@@ -368,6 +426,35 @@ fn validate_account(name: &str, account: &ProviderAccount) -> Result<(), ConfigE
             if a.pass_p.is_empty() {
                 return Err(invalid(
                     key("pass_p"),
+                    "missing (set it in the environment or an uncommitted config file)",
+                ));
+            }
+        }
+        ProviderAccount::Creditguard(a) => {
+            check_url(&key("base_url"), &a.base_url)?;
+            if a.user.trim().is_empty() {
+                return Err(invalid(key("user"), "missing"));
+            }
+            if a.password.is_empty() {
+                return Err(invalid(
+                    key("password"),
+                    "missing (set it in the environment or an uncommitted config file)",
+                ));
+            }
+            if a.terminal_number.trim().is_empty()
+                || !a.terminal_number.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return Err(invalid(
+                    key("terminal_number"),
+                    "must be the terminal number",
+                ));
+            }
+        }
+        ProviderAccount::Paynet(a) => {
+            check_url(&key("base_url"), &a.base_url)?;
+            if a.secret_key.is_empty() {
+                return Err(invalid(
+                    key("secret_key"),
                     "missing (set it in the environment or an uncommitted config file)",
                 ));
             }
@@ -423,6 +510,7 @@ mod tests {
                 // Leading zeros of the terminal number survive.
                 assert_eq!(a.masof, "0010131918");
             }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -464,6 +552,7 @@ mod tests {
                 assert_eq!(a.masof, "0010131918");
                 assert_eq!(a.pass_p.expose(), "from-env");
             }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -14,7 +14,8 @@
 
 use crate::shutdown::Shutdown;
 use crate::store::RefundRecord;
-use crate::worker::{record_status, Resolution, ResolveError, Worker};
+use crate::worker::{record_status, CallbackError, Resolution, ResolveError, Worker};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -68,6 +69,7 @@ pub async fn serve(
         .route("/refunds", get(list_refunds))
         .route("/refunds/{id}", get(show_refund))
         .route("/refunds/{id}/resolve", post(resolve_refund))
+        .route("/callbacks/paynet/{id}/{token}", post(paynet_callback))
         .with_state(AppState { health, worker });
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.triggered().await })
@@ -146,5 +148,22 @@ async fn resolve_refund(
         Err(e @ ResolveError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ ResolveError::Publish(_)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
         Err(e @ ResolveError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn paynet_callback(
+    State(state): State<AppState>,
+    Path((id, token)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    match state.worker.paynet_callback(&id, &token, &body).await {
+        Ok(outcome) => Json(serde_json::json!({ "ok": true, "outcome": format!("{outcome:?}") }))
+            .into_response(),
+        Err(e @ CallbackError::NotFound) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ CallbackError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ CallbackError::NotPending(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        // Non-2xx makes the provider try again; the record is already final.
+        Err(e @ CallbackError::Publish(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ CallbackError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -57,6 +57,31 @@ enum Command {
             hide_env_values = true
         )]
         hyp_pass_p: String,
+        /// CreditGuard user the sandbox accepts.
+        #[arg(long, default_value = "sandbox-user")]
+        cg_user: String,
+        /// CreditGuard password the sandbox accepts.
+        #[arg(
+            long,
+            default_value = "sandbox-pass",
+            env = "SANDBOX_CG_PASSWORD",
+            hide_env_values = true
+        )]
+        cg_password: String,
+        /// CreditGuard terminal number.
+        #[arg(long, default_value = "0882819014")]
+        cg_terminal: String,
+        /// Paynet secret key the sandbox accepts.
+        #[arg(
+            long,
+            default_value = "sandbox-secret",
+            env = "SANDBOX_PAYNET_SECRET",
+            hide_env_values = true
+        )]
+        paynet_secret: String,
+        /// Delay before Paynet's final answer is posted to succeedUrl (ms).
+        #[arg(long, default_value_t = 200)]
+        paynet_callback_delay_ms: u64,
     },
     /// Publish command files (JSON) to the commands exchange, with confirms.
     Publish {
@@ -269,7 +294,29 @@ fn main() -> anyhow::Result<()> {
                 latency_ms,
                 hyp_masof,
                 hyp_pass_p,
-            } => sandbox(addr, seed, latency_ms, hyp_masof, hyp_pass_p).await,
+                cg_user,
+                cg_password,
+                cg_terminal,
+                paynet_secret,
+                paynet_callback_delay_ms,
+            } => {
+                let seed = match seed {
+                    Some(path) => Seed::from_file(&path).map_err(anyhow::Error::msg)?,
+                    None => Seed::default_seed(),
+                };
+                let config = SandboxConfig {
+                    hyp_masof,
+                    hyp_pass_p,
+                    cg_user,
+                    cg_password,
+                    cg_terminal,
+                    paynet_secret,
+                    paynet_callback_delay: Duration::from_millis(paynet_callback_delay_ms),
+                    latency: Duration::from_millis(latency_ms),
+                    seed,
+                };
+                sandbox(addr, config).await
+            }
             Command::Publish {
                 amqp_url,
                 exchange,
@@ -346,29 +393,14 @@ async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::
     Ok(())
 }
 
-async fn sandbox(
-    addr: String,
-    seed: Option<PathBuf>,
-    latency_ms: u64,
-    hyp_masof: String,
-    hyp_pass_p: String,
-) -> anyhow::Result<()> {
+async fn sandbox(addr: String, config: SandboxConfig) -> anyhow::Result<()> {
     telemetry::init(LogFormat::Auto, "info");
-    let seed = match seed {
-        Some(path) => Seed::from_file(&path).map_err(anyhow::Error::msg)?,
-        None => Seed::default_seed(),
-    };
-    let sandbox = Sandbox::new(SandboxConfig {
-        hyp_masof,
-        hyp_pass_p,
-        latency: Duration::from_millis(latency_ms),
-        seed,
-    });
+    let sandbox = Sandbox::new(config);
     let bound = sandbox
         .spawn(&addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%bound, "sandbox serving Hyp Pay at /p/");
+    tracing::info!(%bound, "sandbox serving Hyp Pay at /p/, CreditGuard at /xpo/Relay, Paynet at /v1/transaction/reversed_request");
     wait_for_signal().await;
     Ok(())
 }

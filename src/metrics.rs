@@ -87,3 +87,14 @@ pub fn store_flush(requests: usize) {
     counter!("refund_worker_store_flushes_total").increment(1);
     counter!("refund_worker_store_sync_requests_total").increment(requests as u64);
 }
+
+/// A provider callback contradicted a recorded final outcome.
+pub fn contradiction(provider: &str) {
+    counter!("refund_worker_callback_contradictions_total", "provider" => provider.to_string())
+        .increment(1);
+}
+
+/// Pending refunds older than their account's alert threshold.
+pub fn pending_overdue(count: usize) {
+    gauge!("refund_worker_pending_overdue").set(count as f64);
+}

@@ -4,10 +4,13 @@
 //! here, and the pipeline decides retries and `in_doubt` from that class and
 //! [`Provider::repeats_are_safe`] alone, never from provider codes.
 
+pub mod creditguard;
 pub mod hyp_pay;
+pub mod paynet;
 
 use crate::command::{Operation, RefundCommand};
 use crate::config::{ProviderAccount, ProviderHttpSettings};
+use crate::store::RefundRecord;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -24,6 +27,14 @@ pub enum ProviderOutcome {
         code: String,
         /// Provider message.
         message: Option<String>,
+    },
+    /// The provider accepted the request and will decide later (Paynet);
+    /// the final answer arrives at the callback URL.
+    Accepted {
+        /// Provider status code.
+        code: String,
+        /// Provider message.
+        message: String,
     },
     /// The provider gave a final "no"; nothing was executed.
     Declined {
@@ -60,6 +71,7 @@ impl ProviderOutcome {
     pub fn class(&self) -> &'static str {
         match self {
             ProviderOutcome::Confirmed { .. } => "confirmed",
+            ProviderOutcome::Accepted { .. } => "accepted",
             ProviderOutcome::Declined { .. } => "declined",
             ProviderOutcome::Misconfigured { .. } => "misconfigured",
             ProviderOutcome::NotSent { .. } => "not_sent",
@@ -73,13 +85,23 @@ impl ProviderOutcome {
 pub enum Provider {
     /// Hyp Pay.
     HypPay(hyp_pay::HypPay),
+    /// CreditGuard.
+    CreditGuard(creditguard::CreditGuard),
+    /// Paynet; `public_url` is the worker's base URL for callbacks.
+    Paynet(paynet::Paynet, String),
 }
 
 impl Provider {
     /// Builds the integration for an account.
-    pub fn new(account: &ProviderAccount, http: reqwest::Client) -> Self {
+    pub fn new(account: &ProviderAccount, http: reqwest::Client, public_url: &str) -> Self {
         match account {
             ProviderAccount::HypPay(a) => Provider::HypPay(hyp_pay::HypPay::new(a.clone(), http)),
+            ProviderAccount::Creditguard(a) => {
+                Provider::CreditGuard(creditguard::CreditGuard::new(a.clone(), http))
+            }
+            ProviderAccount::Paynet(a) => {
+                Provider::Paynet(paynet::Paynet::new(a.clone(), http), public_url.to_string())
+            }
         }
     }
 
@@ -88,21 +110,32 @@ impl Provider {
     pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
         match self {
             Provider::HypPay(p) => p.check(command),
+            Provider::CreditGuard(p) => p.check(command),
+            Provider::Paynet(p, _) => p.check(command),
         }
     }
 
-    /// Sends the command once and classifies the answer.
-    pub async fn execute(&self, command: &RefundCommand) -> ProviderOutcome {
+    /// Sends the record's command once and classifies the answer.
+    pub async fn execute(&self, record: &RefundRecord) -> ProviderOutcome {
+        let command = &record.command;
         match self {
             Provider::HypPay(p) => p.execute(command).await,
+            Provider::CreditGuard(p) => p.execute(command).await,
+            Provider::Paynet(p, public_url) => {
+                let url =
+                    paynet::callback_url(public_url, &record.refund_id, &record.callback_token);
+                p.execute(command, &url).await
+            }
         }
     }
 
     /// Whether an `Unknown` outcome may be resolved by sending the same
-    /// request again (the provider deduplicates it). Hyp Pay cannot.
+    /// request again (the provider deduplicates it): only CreditGuard with
+    /// `dedupe_requests`. Hyp Pay and Paynet have no idempotency key.
     pub fn repeats_are_safe(&self) -> bool {
         match self {
-            Provider::HypPay(_) => false,
+            Provider::HypPay(_) | Provider::Paynet(..) => false,
+            Provider::CreditGuard(p) => p.dedupes(),
         }
     }
 }
@@ -118,6 +151,7 @@ impl Providers {
     pub fn new(
         accounts: &BTreeMap<String, ProviderAccount>,
         settings: &ProviderHttpSettings,
+        public_url: &str,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
@@ -126,7 +160,12 @@ impl Providers {
             .build()?;
         let by_name = accounts
             .iter()
-            .map(|(name, account)| (name.clone(), Provider::new(account, http.clone())))
+            .map(|(name, account)| {
+                (
+                    name.clone(),
+                    Provider::new(account, http.clone(), public_url),
+                )
+            })
             .collect();
         Ok(Providers { by_name })
     }

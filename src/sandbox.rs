@@ -3,11 +3,14 @@
 //! was refunded, transmitted or not), records every execution in a journal
 //! and can inject faults. Used by the tests, the local run and demos.
 //!
-//! Provider endpoints: Hyp Pay at `/p/`. Control endpoints under `/_sandbox/`:
+//! Provider endpoints: Hyp Pay at `/p/`, CreditGuard at `/xpo/Relay`, Paynet
+//! at `/v1/transaction/reversed_request`. Control endpoints under `/_sandbox/`:
 //! `GET journal`, `GET originals`, `POST originals` (add seed entries),
 //! `POST faults` (queue faults), `POST latency` (`{"ms": 50}`).
 
+pub mod creditguard;
 pub mod hyp_pay;
+pub mod paynet;
 
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -30,6 +33,16 @@ pub struct SandboxConfig {
     pub hyp_masof: String,
     /// Hyp Pay password the sandbox accepts.
     pub hyp_pass_p: String,
+    /// CreditGuard API user the sandbox accepts.
+    pub cg_user: String,
+    /// CreditGuard password the sandbox accepts.
+    pub cg_password: String,
+    /// CreditGuard terminal number.
+    pub cg_terminal: String,
+    /// Paynet secret key the sandbox accepts.
+    pub paynet_secret: String,
+    /// Delay before Paynet's final answer is posted to `succeedUrl`.
+    pub paynet_callback_delay: Duration,
     /// Added before every provider answer.
     pub latency: Duration,
     /// Original charges.
@@ -41,6 +54,11 @@ impl Default for SandboxConfig {
         SandboxConfig {
             hyp_masof: "0010131918".into(),
             hyp_pass_p: "sandbox-pass".into(),
+            cg_user: "sandbox-user".into(),
+            cg_password: "sandbox-pass".into(),
+            cg_terminal: "0882819014".into(),
+            paynet_secret: "sandbox-secret".into(),
+            paynet_callback_delay: Duration::from_millis(200),
             latency: Duration::ZERO,
             seed: Seed::default_seed(),
         }
@@ -53,6 +71,12 @@ pub struct Seed {
     /// Hyp Pay transactions.
     #[serde(default)]
     pub hyp_pay: Vec<SeedTransaction>,
+    /// CreditGuard transactions.
+    #[serde(default)]
+    pub creditguard: Vec<creditguard::CgOriginal>,
+    /// Paynet transactions.
+    #[serde(default)]
+    pub paynet: Vec<paynet::PaynetOriginal>,
 }
 
 impl Seed {
@@ -88,7 +112,7 @@ fn default_currency() -> String {
     "ILS".into()
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
@@ -162,6 +186,10 @@ fn default_stall() -> u64 {
 pub struct SandboxState {
     config: SandboxConfig,
     originals: HashMap<String, Original>,
+    cg_originals: HashMap<String, creditguard::CgState>,
+    /// mayBeDuplicate: requestId → (request fingerprint, answer).
+    cg_requests: HashMap<String, (String, String)>,
+    paynet_originals: HashMap<String, paynet::PaynetState>,
     journal: Vec<Execution>,
     faults: VecDeque<Fault>,
     requests: u64,
@@ -172,6 +200,9 @@ impl SandboxState {
     fn new(config: SandboxConfig) -> Self {
         let mut state = SandboxState {
             originals: HashMap::new(),
+            cg_originals: HashMap::new(),
+            cg_requests: HashMap::new(),
+            paynet_originals: HashMap::new(),
             journal: Vec::new(),
             faults: VecDeque::new(),
             requests: 0,
@@ -184,6 +215,9 @@ impl SandboxState {
     }
 
     fn add_seed(&mut self, seed: &Seed) {
+        self.cg_originals
+            .extend(creditguard::index(&seed.creditguard));
+        self.paynet_originals.extend(paynet::index(&seed.paynet));
         for t in &seed.hyp_pay {
             self.originals.insert(
                 t.id.clone(),
@@ -269,6 +303,8 @@ impl Sandbox {
         Router::new()
             .route("/p/", get(hyp_pay::handle).post(hyp_pay::handle))
             .route("/p", get(hyp_pay::handle).post(hyp_pay::handle))
+            .route("/xpo/Relay", post(creditguard::handle))
+            .route("/v1/transaction/reversed_request", post(paynet::handle))
             .route("/_sandbox/journal", get(journal))
             .route("/_sandbox/originals", get(originals).post(add_originals))
             .route("/_sandbox/faults", post(add_faults))
@@ -296,11 +332,15 @@ async fn journal(State(sandbox): State<Sandbox>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn originals(State(sandbox): State<Sandbox>) -> Json<Vec<Original>> {
+async fn originals(State(sandbox): State<Sandbox>) -> Json<serde_json::Value> {
     let state = sandbox.lock();
-    let mut all: Vec<Original> = state.originals.values().cloned().collect();
-    all.sort_by(|a, b| a.seed.id.cmp(&b.seed.id));
-    Json(all)
+    let mut hyp: Vec<&Original> = state.originals.values().collect();
+    hyp.sort_by(|a, b| a.seed.id.cmp(&b.seed.id));
+    let mut cg: Vec<&creditguard::CgState> = state.cg_originals.values().collect();
+    cg.sort_by(|a, b| a.seed.tran_id.cmp(&b.seed.tran_id));
+    let mut paynet: Vec<&paynet::PaynetState> = state.paynet_originals.values().collect();
+    paynet.sort_by(|a, b| a.seed.xact_id.cmp(&b.seed.xact_id));
+    Json(serde_json::json!({ "hyp_pay": hyp, "creditguard": cg, "paynet": paynet }))
 }
 
 async fn add_originals(State(sandbox): State<Sandbox>, Json(seed): Json<Seed>) -> &'static str {

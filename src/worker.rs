@@ -59,6 +59,9 @@ pub struct Worker {
     store: Store,
     providers: Providers,
     locks: RefundLocks,
+    /// The current session's publisher, for events that do not answer a
+    /// delivery (operator resolutions, provider callbacks).
+    side: Arc<std::sync::Mutex<Option<Publisher>>>,
 }
 
 impl Worker {
@@ -69,7 +72,44 @@ impl Worker {
             store,
             providers,
             locks: RefundLocks::default(),
+            side: Arc::default(),
         }
+    }
+
+    /// Makes the session's publisher available to events that do not answer
+    /// a delivery; `None` when the session ends.
+    pub fn set_side_publisher(&self, publisher: Option<Publisher>) {
+        *self.side.lock().unwrap_or_else(|p| p.into_inner()) = publisher;
+    }
+
+    /// Publishes an event that does not answer a delivery: on the session's
+    /// channel when there is one, else on a connection of its own.
+    async fn publish_outside_delivery(&self, event: &OutcomeEvent) -> Result<(), String> {
+        let current = self.side.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(publisher) = current {
+            if publisher.publish_event(event).await.is_ok() {
+                return Ok(());
+            }
+        }
+        let connection = crate::broker::connect(&self.settings.amqp.url, "refund-worker-side")
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| e.to_string())?;
+            let publisher = Publisher::new(channel, &self.settings.amqp)
+                .await
+                .map_err(|e| e.to_string())?;
+            publisher
+                .publish_event(event)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let _ = connection.close(200, "published".into()).await;
+        result
     }
 
     /// The store (for operators and tests).
@@ -258,6 +298,12 @@ impl Worker {
                         );
                         return self.publish_recorded(publisher, existing, &event).await;
                     }
+                    RefundState::Pending { event, .. } => {
+                        info!(
+                            "duplicate of a pending refund: re-publishing `pending`, not executing"
+                        );
+                        return self.publish_recorded(publisher, existing, &event).await;
+                    }
                     RefundState::InDoubt { event } => {
                         warn!("refund is in doubt: not executing it again until an operator resolves it");
                         let record = self.publish_recorded(publisher, existing, &event).await;
@@ -328,7 +374,7 @@ impl Worker {
         let mut first_failure: Option<String> = header_str(delivery, HEADER_FIRST_FAILURE);
         loop {
             let call_started = Instant::now();
-            let outcome = provider.execute(&record.command).await;
+            let outcome = provider.execute(record).await;
             metrics::provider_call(
                 &record.command.provider,
                 outcome.class(),
@@ -357,6 +403,26 @@ impl Worker {
                     event.provider_code = Some(code);
                     event.provider_message = message;
                     return self.finish(publisher, record, event, started).await;
+                }
+                ProviderOutcome::Accepted { code, message } => {
+                    let mut event = OutcomeEvent::new(&refund_id, Status::Pending, &echo, attempts);
+                    event.provider_code = Some(code);
+                    event.provider_message = Some(message);
+                    let since = now_rfc3339();
+                    record.transition(
+                        RefundState::Pending {
+                            event: event.clone(),
+                            since,
+                        },
+                        "accepted by the provider; waiting for its callback",
+                    );
+                    self.store.put(record)?;
+                    self.store.sync().await?;
+                    metrics::outcome(&record.command.provider, "pending");
+                    info!(status = "pending", attempts, "refund outcome");
+                    return self
+                        .publish_recorded(publisher, record.clone(), &event)
+                        .await;
                 }
                 ProviderOutcome::Declined { code, message } => {
                     let mut event = OutcomeEvent::new(&refund_id, Status::Failed, &echo, attempts)
@@ -796,26 +862,9 @@ impl Worker {
                 self.store.sync().await?;
                 metrics::outcome(&record.command.provider, "succeeded");
                 warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
-                let publish = async {
-                    let connection =
-                        crate::broker::connect(&self.settings.amqp.url, "refund-worker-resolve")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    let channel = connection
-                        .create_channel()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let publisher = Publisher::new(channel, &self.settings.amqp)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let result = publisher
-                        .publish_event(&event)
-                        .await
-                        .map_err(|e| e.to_string());
-                    let _ = connection.close(200, "resolved".into()).await;
-                    result
-                };
-                publish.await.map_err(ResolveError::Publish)?;
+                self.publish_outside_delivery(&event)
+                    .await
+                    .map_err(ResolveError::Publish)?;
                 record.transition(record.state.clone(), confirmed_note(&event));
                 self.store.put(&record)?;
             }
@@ -845,4 +894,146 @@ pub fn record_status(record: &RefundRecord) -> &'static str {
         RefundState::Finished { event } => event.status.as_str(),
         other => other.name(),
     }
+}
+
+/// What a provider callback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// The pending refund got its final outcome (event published).
+    Finalised(Status),
+    /// The same final answer again: recorded, nothing new published.
+    Repeated,
+    /// A different answer after a final one: recorded and logged for a
+    /// person; no second final event.
+    Contradicted,
+}
+
+/// Why a callback was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    /// Unknown refund or wrong token (a forged or misrouted callback).
+    #[error("no pending refund matches this callback")]
+    NotFound,
+    /// The body is not a Paynet callback.
+    #[error("{0}")]
+    Invalid(String),
+    /// The refund is not waiting for a callback.
+    #[error("refund {0} is not waiting for a provider callback")]
+    NotPending(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Recorded, but the event could not be published yet.
+    #[error("recorded, but the event was not published ({0}); a repeated callback or a redelivery publishes it")]
+    Publish(String),
+}
+
+impl Worker {
+    /// Handles Paynet's post to a refund's `succeedUrl`. The callback is not
+    /// signed, so it must carry the refund's unguessable token, and it only
+    /// ever moves a `pending` refund to its final state once.
+    pub async fn paynet_callback(
+        &self,
+        refund_id: &str,
+        token: &str,
+        body: &[u8],
+    ) -> Result<CallbackOutcome, CallbackError> {
+        let callback =
+            crate::providers::paynet::wire::parse_callback(body).map_err(CallbackError::Invalid)?;
+        let _guard = self.locks.lock(refund_id).await;
+        let Some(mut record) = self.store.get(refund_id)? else {
+            warn!(refund_id, "callback for an unknown refund ignored");
+            return Err(CallbackError::NotFound);
+        };
+        if !constant_time_eq(record.callback_token.as_bytes(), token.as_bytes()) {
+            warn!(
+                refund_id,
+                "callback with a wrong token ignored (forged or misrouted)"
+            );
+            return Err(CallbackError::NotFound);
+        }
+        let status = if callback.approved {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        };
+        let note = format!(
+            "callback: code {} status {:?} xact_id {:?} message {:?}",
+            callback.code, callback.status, callback.xact_id, callback.message
+        );
+        match record.state.clone() {
+            RefundState::Pending { .. } => {
+                let mut event =
+                    OutcomeEvent::new(refund_id, status, &record.command.echo(), record.attempts);
+                event.performed = callback.approved.then_some(record.command.operation);
+                event.provider_transaction_id =
+                    Some(callback.xact_id.clone()).filter(|x| !x.is_empty());
+                event.provider_code = Some(callback.code.clone());
+                event.provider_message = Some(callback.message.clone());
+                if !callback.approved {
+                    event = event.with_error(
+                        "declined",
+                        format!("provider disapproved: {}", callback.message),
+                    );
+                }
+                record.transition(
+                    RefundState::Finished {
+                        event: event.clone(),
+                    },
+                    note,
+                );
+                self.store.put(&record)?;
+                let reservation = callback.approved.then_some(Reservation::Succeeded);
+                self.store.settle(&record.command, reservation)?;
+                self.store.sync().await?;
+                metrics::outcome(&record.command.provider, status.as_str());
+                info!(
+                    refund_id,
+                    provider = record.command.provider.as_str(),
+                    status = status.as_str(),
+                    attempts = record.attempts,
+                    "refund outcome"
+                );
+                self.publish_outside_delivery(&event)
+                    .await
+                    .map_err(CallbackError::Publish)?;
+                record.transition(record.state.clone(), confirmed_note(&event));
+                self.store.put(&record)?;
+                Ok(CallbackOutcome::Finalised(status))
+            }
+            RefundState::Finished { event } if event.status == status => {
+                record.transition(record.state.clone(), format!("repeated {note}"));
+                self.store.put(&record)?;
+                // Publishing again is harmless (same event_id) and covers a
+                // first publication that failed.
+                let _ = self.publish_outside_delivery(&event).await;
+                Ok(CallbackOutcome::Repeated)
+            }
+            RefundState::Finished { event } => {
+                error!(
+                    refund_id,
+                    recorded = event.status.as_str(),
+                    received = status.as_str(),
+                    "contradictory provider callback: recorded, no new event; a person must reconcile it"
+                );
+                metrics::contradiction(&record.command.provider);
+                record.transition(
+                    record.state.clone(),
+                    format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
+                );
+                self.store.put(&record)?;
+                self.store.sync().await?;
+                Ok(CallbackOutcome::Contradicted)
+            }
+            other => Err(CallbackError::NotPending(format!(
+                "{refund_id} ({})",
+                other.name()
+            ))),
+        }
+    }
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

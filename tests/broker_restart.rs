@@ -79,6 +79,7 @@ async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
                 transmitted: true,
             })
             .collect(),
+        ..Default::default()
     };
     let config = SandboxConfig {
         latency: Duration::from_millis(100),

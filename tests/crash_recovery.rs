@@ -71,6 +71,7 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
                 transmitted: true,
             })
             .collect(),
+        ..Default::default()
     };
     let sandbox = Sandbox::new(SandboxConfig {
         latency: Duration::from_millis(300),
@@ -263,6 +264,7 @@ async fn sigterm_finishes_in_flight_refunds_before_exiting() {
                 transmitted: true,
             })
             .collect(),
+        ..Default::default()
     };
     let sandbox = Sandbox::new(SandboxConfig {
         latency: Duration::from_millis(800),

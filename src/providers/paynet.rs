@@ -1,0 +1,76 @@
+//! Paynet integration: `POST {api_root}/v1/transaction/reversed_request`
+//! with `Authorization: Basic <secret_key>` (the raw key, as the notes say).
+//! An accepted request is only `pending`: the final answer arrives at the
+//! worker's callback URL, which carries the refund id and an unguessable
+//! per-refund token (`/callbacks/paynet/{refund_id}/{token}`).
+
+pub mod wire;
+
+use super::{classify_send_error, ProviderOutcome};
+use crate::command::RefundCommand;
+use crate::config::PaynetAccount;
+
+/// A Paynet account.
+#[derive(Debug, Clone)]
+pub struct Paynet {
+    account: PaynetAccount,
+    http: reqwest::Client,
+}
+
+/// The callback URL of a refund.
+pub fn callback_url(public_url: &str, refund_id: &str, token: &str) -> String {
+    format!(
+        "{}/callbacks/paynet/{refund_id}/{token}",
+        public_url.trim_end_matches('/')
+    )
+}
+
+impl Paynet {
+    /// Builds the integration.
+    pub fn new(account: PaynetAccount, http: reqwest::Client) -> Self {
+        Paynet { account, http }
+    }
+
+    /// Checks the command before any call.
+    pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
+        wire::request_for(command, "").map(|_| ())
+    }
+
+    /// Sends the command once; `succeed_url` is where the answer will come.
+    pub async fn execute(&self, command: &RefundCommand, succeed_url: &str) -> ProviderOutcome {
+        let body = match wire::request_for(command, succeed_url) {
+            Ok(body) => body,
+            Err(reason) => {
+                return ProviderOutcome::NotSent {
+                    reason,
+                    retry_after: None,
+                }
+            }
+        };
+        let url = format!(
+            "{}/v1/transaction/reversed_request",
+            self.account.base_url.trim_end_matches('/')
+        );
+        let response = match self
+            .http
+            .post(url)
+            .header(
+                reqwest::header::AUTHORIZATION,
+                format!("Basic {}", self.account.secret_key.expose()),
+            )
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return classify_send_error(e),
+        };
+        let status = response.status().as_u16();
+        match response.text().await {
+            Ok(text) => wire::classify(status, &text),
+            Err(e) => ProviderOutcome::Unknown {
+                reason: format!("answer could not be read: {}", e.without_url()),
+            },
+        }
+    }
+}
