@@ -74,17 +74,18 @@ impl App {
                 path: settings.store.path.display().to_string(),
                 source,
             })?;
-        let providers = Providers::new(
-            &settings.providers,
-            &settings.provider_http,
-            &settings.public_url(),
-        )?;
         let listener = TcpListener::bind(&settings.http.addr)
             .await
             .map_err(|source| AppError::Bind {
                 addr: settings.http.addr.clone(),
                 source,
             })?;
+        // Callback URLs need the real port when http.addr asked for port 0.
+        let public_url = match (&settings.http.public_url, listener.local_addr()) {
+            (None, Ok(bound)) => format!("http://{bound}"),
+            _ => settings.public_url(),
+        };
+        let providers = Providers::new(&settings.providers, &settings.provider_http, &public_url)?;
         let settings = Arc::new(settings);
         Ok(App {
             worker: Worker::new(settings.clone(), store, providers),

@@ -87,6 +87,23 @@ pub fn settings_layer(amqp_url: &str, store: &std::path::Path, sandbox_url: &str
         base_url = "{sandbox_url}/p/"
         masof = "0010131918"
         pass_p = "sandbox-pass"
+        [providers.creditguard]
+        kind = "creditguard"
+        base_url = "{sandbox_url}/xpo/Relay"
+        user = "sandbox-user"
+        password = "sandbox-pass"
+        terminal_number = "0882819014"
+        dedupe_requests = true
+        [providers.creditguard_plain]
+        kind = "creditguard"
+        base_url = "{sandbox_url}/xpo/Relay"
+        user = "sandbox-user"
+        password = "sandbox-pass"
+        terminal_number = "0882819014"
+        [providers.paynet]
+        kind = "paynet"
+        base_url = "{sandbox_url}"
+        secret_key = "sandbox-secret"
         "#,
         store = store.display()
     )
