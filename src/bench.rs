@@ -15,7 +15,7 @@ pub mod relay;
 use crate::broker::topology;
 use crate::config::{Settings, DEFAULT_TOML};
 use crate::local_broker::LocalBroker;
-use crate::sandbox::{Sandbox, SandboxConfig, Seed, SeedTransaction};
+use crate::sandbox::{Sandbox, SandboxConfig, Seed};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{
@@ -210,17 +210,7 @@ async fn run_config(
     let dir = tempfile::tempdir()?;
     let sandbox = Sandbox::new(SandboxConfig {
         latency: Duration::from_millis(latency_ms),
-        seed: Seed {
-            hyp_pay: (0..n)
-                .map(|i| SeedTransaction {
-                    id: original_id(i),
-                    amount_minor: 1_000_000,
-                    currency: "ILS".into(),
-                    transmitted: true,
-                })
-                .collect(),
-            ..Default::default()
-        },
+        seed: Seed::hyp_pay_range(100_000_000, n, 1_000_000),
         ..SandboxConfig::default()
     });
     let sandbox_url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);

@@ -181,6 +181,29 @@ impl Providers {
     }
 }
 
+/// Sends a form request to a provider that answers HTTP 200 for everything
+/// it processed (Hyp Pay, CreditGuard) and classifies the answer: transport
+/// and non-200 statuses the shared way, the 200 body with `classify_body`.
+pub(crate) async fn post_form(
+    request: reqwest::RequestBuilder,
+    classify_body: impl FnOnce(&str) -> ProviderOutcome,
+) -> ProviderOutcome {
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => return classify_send_error(e),
+    };
+    let status = response.status();
+    if status != reqwest::StatusCode::OK {
+        return classify_http_status(status, response.headers().get("retry-after"));
+    }
+    match response.text().await {
+        Ok(body) => classify_body(&body),
+        Err(e) => ProviderOutcome::Unknown {
+            reason: format!("answer could not be read: {}", e.without_url()),
+        },
+    }
+}
+
 /// Classifies a failed `send()`: a connection that was never made is
 /// `NotSent`; anything later (timeout, reset mid-way) is `Unknown`.
 pub(crate) fn classify_send_error(err: reqwest::Error) -> ProviderOutcome {

@@ -85,6 +85,22 @@ impl Seed {
         serde_json::from_str(DEFAULT_SEED).unwrap_or_default()
     }
 
+    /// `count` transmitted Hyp Pay originals with ids `first_id`,
+    /// `first_id + 1`, ... (for tests and the benchmark).
+    pub fn hyp_pay_range(first_id: u64, count: usize, amount_minor: u64) -> Self {
+        Seed {
+            hyp_pay: (0..count as u64)
+                .map(|i| SeedTransaction {
+                    id: (first_id + i).to_string(),
+                    amount_minor,
+                    currency: "ILS".into(),
+                    transmitted: true,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     /// Reads a seed file.
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;

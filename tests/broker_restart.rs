@@ -65,22 +65,12 @@ async fn the_worker_survives_a_broker_restart() {
 async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
     use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
-    use refund_worker::sandbox::{SandboxConfig, Seed, SeedTransaction};
+    use refund_worker::sandbox::{SandboxConfig, Seed};
     use std::collections::{BTreeMap, BTreeSet};
 
     let _one_at_a_time = RESTARTS.lock().await;
     const N: usize = 200;
-    let seed = Seed {
-        hyp_pay: (0..N)
-            .map(|i| SeedTransaction {
-                id: format!("{}", 80_000_000 + i),
-                amount_minor: 10_000,
-                currency: "ILS".into(),
-                transmitted: true,
-            })
-            .collect(),
-        ..Default::default()
-    };
+    let seed = Seed::hyp_pay_range(80_000_000, N, 10_000);
     let config = SandboxConfig {
         latency: Duration::from_millis(100),
         seed,

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed, SeedTransaction};
+use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -48,6 +48,51 @@ fn spawn_worker_with(
         .expect("worker binary")
 }
 
+/// What a crash test runs against: its own vhost, a sandbox with `n`
+/// originals from `first_id` and a latency, a store directory and a worker
+/// config file.
+struct Rig {
+    amqp_url: String,
+    sandbox: Sandbox,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    settings: refund_worker::config::Settings,
+}
+
+async fn rig(first_id: u64, n: usize, latency_ms: u64) -> Rig {
+    let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
+        .await
+        .expect("vhost");
+    let sandbox = Sandbox::new(SandboxConfig {
+        latency: Duration::from_millis(latency_ms),
+        seed: Seed::hyp_pay_range(first_id, n, 10_000),
+        ..SandboxConfig::default()
+    });
+    let sandbox_url = format!(
+        "http://{}",
+        sandbox.spawn("127.0.0.1:0").await.expect("sandbox")
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let store = dir.path().join("store");
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        support::settings_layer(&amqp_url, &store, &sandbox_url),
+    )
+    .expect("config");
+    let settings = support::test_settings(&amqp_url, &store, &sandbox_url);
+    let log = dir.path().join("worker.log");
+    Rig {
+        amqp_url,
+        sandbox,
+        dir,
+        config,
+        log,
+        settings,
+    }
+}
+
 /// A pseudo-random number from the clock: good enough to vary kill times.
 fn jitter_ms(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -59,38 +104,14 @@ fn jitter_ms(max: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
-    let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
-        .await
-        .expect("vhost");
-    let seed = Seed {
-        hyp_pay: (0..REFUNDS)
-            .map(|i| SeedTransaction {
-                id: format!("{}", 70_000_000 + i),
-                amount_minor: 10_000,
-                currency: "ILS".into(),
-                transmitted: true,
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let sandbox = Sandbox::new(SandboxConfig {
-        latency: Duration::from_millis(300),
-        seed,
-        ..SandboxConfig::default()
-    });
-    let sandbox_url = format!(
-        "http://{}",
-        sandbox.spawn("127.0.0.1:0").await.expect("sandbox")
-    );
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        support::settings_layer(&amqp_url, &dir.path().join("store"), &sandbox_url),
-    )
-    .expect("config");
-    let log = dir.path().join("worker.log");
-
+    let Rig {
+        amqp_url,
+        sandbox,
+        dir: _dir,
+        config,
+        log,
+        settings,
+    } = rig(70_000_000, REFUNDS, 300).await;
     // Our event queue and publisher, bound before anything is published.
     let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
         .await
@@ -122,7 +143,6 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let settings = support::test_settings(&amqp_url, &dir.path().join("unused"), &sandbox_url);
     let (_events_connection, channel, mut events) =
         support::test_client(&amqp_url, &settings).await;
 
@@ -252,38 +272,14 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_refunds_before_exiting() {
     const N: usize = 40;
-    let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
-        .await
-        .expect("vhost");
-    let seed = Seed {
-        hyp_pay: (0..N)
-            .map(|i| SeedTransaction {
-                id: format!("{}", 60_000_000 + i),
-                amount_minor: 10_000,
-                currency: "ILS".into(),
-                transmitted: true,
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let sandbox = Sandbox::new(SandboxConfig {
-        latency: Duration::from_millis(800),
-        seed,
-        ..SandboxConfig::default()
-    });
-    let sandbox_url = format!(
-        "http://{}",
-        sandbox.spawn("127.0.0.1:0").await.expect("sandbox")
-    );
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("worker.toml");
-    let settings = support::test_settings(&amqp_url, &dir.path().join("store"), &sandbox_url);
-    std::fs::write(
-        &config,
-        support::settings_layer(&amqp_url, &dir.path().join("store"), &sandbox_url),
-    )
-    .expect("config");
-    let log = dir.path().join("worker.log");
+    let Rig {
+        amqp_url,
+        sandbox,
+        dir: _dir,
+        config,
+        log,
+        settings,
+    } = rig(60_000_000, N, 800).await;
     // Declare the topology and our event queue before the worker runs, so
     // commands wait in the queue for it.
     let (_conn, channel, mut events) = support::test_client(&amqp_url, &settings).await;

@@ -4,7 +4,7 @@
 
 mod support;
 
-use refund_worker::dlq::{Dlq, Filter};
+use refund_worker::dlq::{Dlq, Filter, Report};
 use refund_worker::ops::{status_of, WorkerApi};
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::worker::Resolution;
@@ -28,6 +28,29 @@ fn refund_on(refund_id: &str, original: &str, minor: u64) -> String {
         "amount": { "minor": minor, "currency": "ILS" },
     })
     .to_string()
+}
+
+/// Browses, replays and closes (what `refund-worker dlq replay` does).
+async fn replay(
+    app: &TestApp,
+    api: &WorkerApi,
+    filter: &Filter,
+    limit: Option<usize>,
+    dry_run: bool,
+) -> Report {
+    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
+    let report = dlq
+        .replay(
+            filter,
+            limit,
+            dry_run,
+            async |id: &str| api.still_in_doubt(id).await,
+            |_| {},
+        )
+        .await
+        .expect("replay");
+    dlq.close().await;
+    report
 }
 
 /// One attempt, no delay rounds: a 503 goes straight to the dead letters.
@@ -92,35 +115,13 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
     wait_depth(&app, "refunds.dead", 4).await;
 
     // Dry run: nothing moves.
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &outage,
-            None,
-            true,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("dry run");
-    dlq.close().await;
+    let report = replay(&app, &api, &outage, None, true).await;
     assert_eq!((report.matched, report.done), (3, 3));
     wait_depth(&app, "refunds.dead", 4).await;
     assert!(app.sandbox.journal().is_empty());
 
     // Limit 1: one comes back and succeeds.
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &outage,
-            Some(1),
-            false,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
+    let report = replay(&app, &api, &outage, Some(1), false).await;
     assert_eq!(report.done, 1);
     let (key, _) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
@@ -146,18 +147,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
     wait_depth(&app, "refunds.dead", 2).await;
 
     // The rest, by refund id; the poison message stays.
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &outage,
-            None,
-            false,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
+    let report = replay(&app, &api, &outage, None, false).await;
     assert_eq!(report.done, 1);
     assert_eq!(app.next_event().await.0, "refund.succeeded");
     wait_depth(&app, "refunds.dead", 1).await;
@@ -196,18 +186,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
 
     // Replay refuses both.
     let everything = Filter::default();
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &everything,
-            None,
-            false,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
+    let report = replay(&app, &api, &everything, None, false).await;
     assert_eq!(report.done, 0);
     assert_eq!(report.skipped_in_doubt.len(), 2);
     wait_depth(&app, "refunds.dead", 2).await;
@@ -273,18 +252,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
         .await
         .expect("resolve not executed");
     assert_eq!(status_of(&resolved), "not_sent");
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &everything,
-            None,
-            false,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
+    let report = replay(&app, &api, &everything, None, false).await;
     assert_eq!(report.done, 2, "both resolved: both replayed");
     let mut keys = [app.next_event().await, app.next_event().await];
     keys.sort_by(|a, b| a.1["refund_id"].as_str().cmp(&b.1["refund_id"].as_str()));

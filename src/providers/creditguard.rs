@@ -6,7 +6,7 @@
 
 pub mod wire;
 
-use super::{classify_http_status, classify_send_error, ProviderOutcome};
+use super::{post_form, ProviderOutcome};
 use crate::command::RefundCommand;
 use crate::config::CreditGuardAccount;
 
@@ -51,25 +51,7 @@ impl CreditGuard {
             ("password", self.account.password.expose()),
             ("int_in", xml.as_str()),
         ];
-        let response = match self
-            .http
-            .post(&self.account.base_url)
-            .form(&form)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return classify_send_error(e),
-        };
-        let status = response.status();
-        if status != reqwest::StatusCode::OK {
-            return classify_http_status(status, response.headers().get("retry-after"));
-        }
-        match response.text().await {
-            Ok(body) => wire::classify(command.operation, &body),
-            Err(e) => ProviderOutcome::Unknown {
-                reason: format!("answer could not be read: {}", e.without_url()),
-            },
-        }
+        let request = self.http.post(&self.account.base_url).form(&form);
+        post_form(request, |body| wire::classify(command.operation, body)).await
     }
 }

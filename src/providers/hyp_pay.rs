@@ -5,7 +5,7 @@
 
 pub mod wire;
 
-use super::{classify_http_status, classify_send_error, ProviderOutcome};
+use super::{post_form, ProviderOutcome};
 use crate::command::{Operation, RefundCommand};
 use crate::config::HypPayAccount;
 
@@ -40,26 +40,8 @@ impl HypPay {
                 }
             }
         };
-        let response = match self
-            .http
-            .post(&self.account.base_url)
-            .form(&form.fields())
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return classify_send_error(e),
-        };
-        let status = response.status();
-        if status != reqwest::StatusCode::OK {
-            return classify_http_status(status, response.headers().get("retry-after"));
-        }
-        match response.text().await {
-            Ok(body) => wire::classify(command.operation, &body),
-            Err(e) => ProviderOutcome::Unknown {
-                reason: format!("answer could not be read: {}", e.without_url()),
-            },
-        }
+        let request = self.http.post(&self.account.base_url).form(&form.fields());
+        post_form(request, |body| wire::classify(command.operation, body)).await
     }
 
     /// The operation's action name, for logs.
