@@ -85,6 +85,9 @@ pub struct ConfigResult {
     pub littles_law_msgs_per_sec: Option<f64>,
     /// Peak resident set size of the worker process (MiB).
     pub worker_peak_rss_mib: f64,
+    /// CPU time (user + system) the worker process used per message (ms):
+    /// where its time goes, next to the relay's wall-clock budget.
+    pub worker_cpu_ms_per_msg: f64,
     /// Store flushes per message.
     pub syncs_per_message: f64,
 }
@@ -253,6 +256,7 @@ async fn run_config(
     let label = format!("worker  {latency_ms:>3} ms  prefetch {prefetch:>3}");
     let worker = collect(&channel, &events, n, &label, options.quiet).await;
     let rss = peak_rss_mib(child.id());
+    let cpu_ms = cpu_ms(child.id());
     let flushes = scrape_counter(http_port, "refund_worker_store_flushes_total").await;
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
@@ -303,6 +307,7 @@ async fn run_config(
         littles_law_msgs_per_sec: (latency_ms > 0)
             .then(|| f64::from(prefetch) / (latency_ms as f64 / 1000.0)),
         worker_peak_rss_mib: rss,
+        worker_cpu_ms_per_msg: cpu_ms / n as f64,
         syncs_per_message: flushes / n as f64,
         worker,
         relay,
@@ -472,6 +477,25 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// User + system CPU time of a process so far (ms), from /proc.
+fn cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces): utime and
+    // stime are the 12th and 13th after the closing parenthesis.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Linux reports in USER_HZ, 100 per second on every common platform.
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 async fn scrape_counter(port: u16, name: &str) -> f64 {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
         return 0.0;
@@ -527,7 +551,7 @@ fn print_row(r: &ConfigResult) {
 pub fn print_table(report: &BenchReport) {
     println!("refund-worker bench, {} ({})", report.date, report.machine);
     println!(
-        "{:>7} {:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}  targets",
+        "{:>7} {:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}  targets",
         "lat_ms",
         "prefetch",
         "worker/s",
@@ -537,7 +561,8 @@ pub fn print_table(report: &BenchReport) {
         "p99_ms",
         "max_ms",
         "rss_MiB",
-        "syncs/msg"
+        "syncs/msg",
+        "cpu_ms/msg"
     );
     for r in &report.results {
         let mut targets = Vec::new();
@@ -561,7 +586,7 @@ pub fn print_table(report: &BenchReport) {
             targets.push(format!("syncs<=0.1 {}", check(r.syncs_per_message <= 0.1)));
         }
         println!(
-            "{:>7} {:>8} {:>10.0} {:>10.0} {:>6.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.3}  {}",
+            "{:>7} {:>8} {:>10.0} {:>10.0} {:>6.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.3} {:>10.3}  {}",
             r.latency_ms,
             r.prefetch,
             r.worker.msgs_per_sec,
@@ -572,6 +597,7 @@ pub fn print_table(report: &BenchReport) {
             r.worker.max_ms,
             r.worker_peak_rss_mib,
             r.syncs_per_message,
+            r.worker_cpu_ms_per_msg,
             targets.join(", ")
         );
     }
