@@ -18,10 +18,7 @@ use crate::local_broker::LocalBroker;
 use crate::sandbox::{Sandbox, SandboxConfig, Seed};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
@@ -362,26 +359,8 @@ async fn preload(channel: &Channel, exchange: &str, n: usize, prefix: &str) -> a
 }
 
 async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<String> {
-    let queue = channel
-        .queue_declare(
-            format!("{exchange}.bench").as_str().into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(queue.name().to_string())
+    let name = format!("{exchange}.bench");
+    Ok(crate::client::bind_event_queue(channel, exchange, &name).await?)
 }
 
 /// Consumes `n` events and measures the drain.

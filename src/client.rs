@@ -64,16 +64,14 @@ pub async fn publish(url: &Secret, exchange: &str, bodies: &[Vec<u8>]) -> Result
     Ok(())
 }
 
-/// Binds a temporary queue to the events exchange and prints every event
-/// as one JSON line on stdout, until the connection ends or `limit` events
-/// were printed.
-pub async fn tail_events(
-    url: &Secret,
+/// Declares the events exchange (as the worker does) and a temporary queue
+/// bound to every event on it; `name` empty lets the broker name it.
+/// Returns the queue's name.
+pub async fn bind_event_queue(
+    channel: &lapin::Channel,
     exchange: &str,
-    limit: Option<usize>,
-) -> Result<(), ClientError> {
-    let connection = crate::broker::connect(url, "refund-worker-events").await?;
-    let channel = connection.create_channel().await?;
+    name: &str,
+) -> Result<String, lapin::Error> {
     channel
         .exchange_declare(
             exchange.into(),
@@ -87,9 +85,9 @@ pub async fn tail_events(
         .await?;
     let queue = channel
         .queue_declare(
-            "".into(),
+            name.into(),
             QueueDeclareOptions {
-                exclusive: true,
+                exclusive: name.is_empty(),
                 auto_delete: true,
                 ..Default::default()
             },
@@ -105,9 +103,23 @@ pub async fn tail_events(
             FieldTable::default(),
         )
         .await?;
+    Ok(queue.name().to_string())
+}
+
+/// Binds a temporary queue to the events exchange and prints every event
+/// as one JSON line on stdout, until the connection ends or `limit` events
+/// were printed.
+pub async fn tail_events(
+    url: &Secret,
+    exchange: &str,
+    limit: Option<usize>,
+) -> Result<(), ClientError> {
+    let connection = crate::broker::connect(url, "refund-worker-events").await?;
+    let channel = connection.create_channel().await?;
+    let queue = bind_event_queue(&channel, exchange, "").await?;
     let mut consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue.as_str().into(),
             "".into(),
             BasicConsumeOptions {
                 no_ack: true,

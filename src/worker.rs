@@ -296,19 +296,18 @@ impl Worker {
                             status = event.status.as_str(),
                             "duplicate: re-publishing the recorded outcome"
                         );
-                        return self.publish_recorded(publisher, existing, &event).await;
+                        return self.publish_recorded(publisher, &event).await;
                     }
                     RefundState::Pending { event, .. } => {
                         info!(
                             "duplicate of a pending refund: re-publishing `pending`, not executing"
                         );
-                        return self.publish_recorded(publisher, existing, &event).await;
+                        return self.publish_recorded(publisher, &event).await;
                     }
                     RefundState::InDoubt { event } => {
                         warn!("refund is in doubt: not executing it again until an operator resolves it");
-                        let record = self.publish_recorded(publisher, existing, &event).await;
-                        self.park_in_doubt(publisher, delivery, &event).await?;
-                        return record;
+                        self.publish_recorded(publisher, &event).await?;
+                        return self.park_in_doubt(publisher, delivery, &event).await;
                     }
                     RefundState::NotSent { .. } => {
                         let mut record = existing;
@@ -420,9 +419,7 @@ impl Worker {
                     self.store.sync().await?;
                     metrics::outcome(&record.command.provider, "pending");
                     info!(status = "pending", attempts, "refund outcome");
-                    return self
-                        .publish_recorded(publisher, record.clone(), &event)
-                        .await;
+                    return self.publish_recorded(publisher, &event).await;
                 }
                 ProviderOutcome::Declined { code, message } => {
                     let mut event = OutcomeEvent::new(&refund_id, Status::Failed, &echo, attempts)
@@ -559,29 +556,19 @@ impl Worker {
             latency_ms = started.elapsed().as_millis() as u64,
             "refund outcome"
         );
-        self.publish_recorded(publisher, record.clone(), &event)
-            .await
+        self.publish_recorded(publisher, &event).await
     }
 
-    /// Publishes an event that is already durable in the record, and notes
-    /// that the broker confirmed it (not synced: losing that note only means
-    /// one more harmless re-publication with the same `event_id`).
+    /// Publishes an event that is already durable in the record. Whether the
+    /// broker confirmed it is not written back: a redelivery re-publishes
+    /// it with the same `event_id`, which consumers deduplicate, and one
+    /// record write less per message matters on the hot path.
     async fn publish_recorded(
         &self,
         publisher: &Publisher,
-        mut record: RefundRecord,
         event: &OutcomeEvent,
     ) -> Result<(), PipelineError> {
         publisher.publish_event(event).await?;
-        if !record
-            .history
-            .iter()
-            .any(|h| h.note == confirmed_note(event))
-        {
-            let state = record.state.clone();
-            record.transition(state, confirmed_note(event));
-            self.store.put(&record)?;
-        }
         Ok(())
     }
 
@@ -613,7 +600,7 @@ impl Worker {
         self.store
             .settle(&record.command, Some(Reservation::InDoubt))?;
         self.store.sync().await?;
-        self.publish_recorded(publisher, record, &event).await?;
+        self.publish_recorded(publisher, &event).await?;
         self.park_in_doubt(publisher, delivery, &event).await
     }
 
@@ -729,14 +716,6 @@ impl Worker {
             .await?;
         Ok(())
     }
-}
-
-fn confirmed_note(event: &OutcomeEvent) -> String {
-    format!(
-        "event {} ({}) confirmed by the broker",
-        event.event_id,
-        event.status.as_str()
-    )
 }
 
 /// An integer header of the delivery, if present.
@@ -865,8 +844,6 @@ impl Worker {
                 self.publish_outside_delivery(&event)
                     .await
                     .map_err(ResolveError::Publish)?;
-                record.transition(record.state.clone(), confirmed_note(&event));
-                self.store.put(&record)?;
             }
             None => {
                 let note = format!("resolved as not executed {who}; one new attempt allowed");
@@ -997,8 +974,6 @@ impl Worker {
                 self.publish_outside_delivery(&event)
                     .await
                     .map_err(CallbackError::Publish)?;
-                record.transition(record.state.clone(), confirmed_note(&event));
-                self.store.put(&record)?;
                 Ok(CallbackOutcome::Finalised(status))
             }
             RefundState::Finished { event } if event.status == status => {

@@ -93,6 +93,41 @@ async fn rig(first_id: u64, n: usize, latency_ms: u64) -> Rig {
     }
 }
 
+/// `n` Hyp Pay refund commands `{prefix}-{i}` on originals `first_id + i`.
+fn commands(prefix: &str, first_id: u64, n: usize, minor: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "refund_id": format!("{prefix}-{i}"),
+                "provider": "hyp_pay",
+                "transaction": { "id": (first_id + i as u64).to_string() },
+                "amount": { "minor": minor, "currency": "ILS" },
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+/// Publishes each body as a persistent command and waits for its confirm.
+async fn publish_all(channel: &lapin::Channel, bodies: impl Iterator<Item = &String>) {
+    for body in bodies {
+        channel
+            .basic_publish(
+                "refunds.commands".into(),
+                "refund.hyp_pay".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+}
+
 /// A pseudo-random number from the clock: good enough to vary kill times.
 fn jitter_ms(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -146,35 +181,9 @@ async fn kill_9_at_random_moments_never_pays_twice_or_loses_one() {
     let (_events_connection, channel, mut events) =
         support::test_client(&amqp_url, &settings).await;
 
-    let mut bodies = Vec::new();
-    for i in 0..REFUNDS {
-        bodies.push(
-            serde_json::json!({
-                "refund_id": format!("rf-crash-{i}"),
-                "provider": "hyp_pay",
-                "transaction": { "id": format!("{}", 70_000_000 + i) },
-                "amount": { "minor": 2_500, "currency": "ILS" },
-            })
-            .to_string(),
-        );
-    }
-    let duplicates: Vec<String> = bodies[..DUPLICATED].to_vec();
-    for body in bodies.iter().chain(duplicates.iter()) {
-        channel
-            .basic_publish(
-                "refunds.commands".into(),
-                "refund.hyp_pay".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
+    let bodies = commands("rf-crash", 70_000_000, REFUNDS, 2_500);
+    let duplicates = &bodies[..DUPLICATED];
+    publish_all(&channel, bodies.iter().chain(duplicates)).await;
 
     // Collect events in the background while we kill and restart.
     let collector = tokio::spawn(async move {
@@ -287,29 +296,7 @@ async fn sigterm_finishes_in_flight_refunds_before_exiting() {
     refund_worker::broker::topology::declare(&topology_channel, &settings)
         .await
         .expect("topology");
-    for i in 0..N {
-        let body = serde_json::json!({
-            "refund_id": format!("rf-term-{i}"),
-            "provider": "hyp_pay",
-            "transaction": { "id": format!("{}", 60_000_000 + i) },
-            "amount": { "minor": 100, "currency": "ILS" },
-        })
-        .to_string();
-        channel
-            .basic_publish(
-                "refunds.commands".into(),
-                "refund.hyp_pay".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
+    publish_all(&channel, commands("rf-term", 60_000_000, N, 100).iter()).await;
     let prefetch = [("REFUND_WORKER__AMQP__PREFETCH", "8")];
     let mut worker = spawn_worker_with(&config, &log, &prefetch);
     // Wait until the sandbox sees requests, then ask the worker to stop.
