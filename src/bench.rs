@@ -18,8 +18,7 @@ use crate::local_broker::LocalBroker;
 use crate::sandbox::{Sandbox, SandboxConfig, Seed};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -251,7 +250,7 @@ async fn run_config(
         .stderr(log)
         .spawn()?;
     let label = format!("worker  {latency_ms:>3} ms  prefetch {prefetch:>3}");
-    let worker = collect(&channel, &events, n, &label, options.quiet).await;
+    let worker = collect(events, n, &label, options.quiet).await;
     let rss = peak_rss_mib(child.id());
     let cpu_ms = cpu_ms(child.id());
     let flushes = scrape_counter(http_port, "refund_worker_store_flushes_total").await;
@@ -287,7 +286,7 @@ async fn run_config(
         n,
     ));
     let label = format!("relay   {latency_ms:>3} ms  prefetch {prefetch:>3}");
-    let relay = collect(&channel, &relay_events, n, &label, options.quiet).await;
+    let relay = collect(relay_events, n, &label, options.quiet).await;
     relay_task.abort();
     let relay = relay?;
     let _ = channel.close(200, "config done".into()).await;
@@ -358,30 +357,19 @@ async fn preload(channel: &Channel, exchange: &str, n: usize, prefix: &str) -> a
     Ok(())
 }
 
-async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<String> {
+/// The benchmark's own event queue on `exchange`, consumed without acks.
+async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<lapin::Consumer> {
     let name = format!("{exchange}.bench");
-    Ok(crate::client::bind_event_queue(channel, exchange, &name).await?)
+    Ok(crate::client::consume_events(channel, exchange, &name).await?)
 }
 
 /// Consumes `n` events and measures the drain.
 async fn collect(
-    channel: &Channel,
-    queue: &str,
+    mut consumer: lapin::Consumer,
     n: usize,
     label: &str,
     quiet: bool,
 ) -> anyhow::Result<Drain> {
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let bar = if quiet || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {

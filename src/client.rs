@@ -65,13 +65,13 @@ pub async fn publish(url: &Secret, exchange: &str, bodies: &[Vec<u8>]) -> Result
 }
 
 /// Declares the events exchange (as the worker does) and a temporary queue
-/// bound to every event on it; `name` empty lets the broker name it.
-/// Returns the queue's name.
-pub async fn bind_event_queue(
+/// bound to every event on it (`name` empty lets the broker name it), and
+/// consumes it without acks.
+pub async fn consume_events(
     channel: &lapin::Channel,
     exchange: &str,
     name: &str,
-) -> Result<String, lapin::Error> {
+) -> Result<lapin::Consumer, lapin::Error> {
     channel
         .exchange_declare(
             exchange.into(),
@@ -103,7 +103,17 @@ pub async fn bind_event_queue(
             FieldTable::default(),
         )
         .await?;
-    Ok(queue.name().to_string())
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Binds a temporary queue to the events exchange and prints every event
@@ -116,18 +126,7 @@ pub async fn tail_events(
 ) -> Result<(), ClientError> {
     let connection = crate::broker::connect(url, "refund-worker-events").await?;
     let channel = connection.create_channel().await?;
-    let queue = bind_event_queue(&channel, exchange, "").await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume_events(&channel, exchange, "").await?;
     eprintln!("listening for events on {exchange}");
     let mut printed = 0;
     while let Some(delivery) = consumer.next().await {

@@ -310,8 +310,17 @@ impl Sandbox {
         self.lock().config.latency = latency;
     }
 
-    fn latency(&self) -> Duration {
-        self.lock().config.latency
+    /// What every provider endpoint does first: wait the configured
+    /// latency, then count the request and decide its answer under the lock
+    /// (never held across an await).
+    async fn answer<T>(&self, decide: impl FnOnce(&mut SandboxState) -> T) -> T {
+        let latency = self.lock().config.latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut state = self.lock();
+        state.requests += 1;
+        decide(&mut state)
     }
 
     /// The routes: provider endpoints and control endpoints.

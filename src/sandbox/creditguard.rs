@@ -91,15 +91,7 @@ pub(super) async fn handle(
     State(sandbox): State<Sandbox>,
     Form(form): Form<RelayForm>,
 ) -> HttpResponse {
-    let latency = sandbox.latency();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let answer = {
-        let mut state = sandbox.lock();
-        state.requests += 1;
-        decide(&mut state, &form)
-    };
+    let answer = sandbox.answer(|state| decide(state, &form)).await;
     let xml = |body: String| {
         (
             StatusCode::OK,

@@ -39,15 +39,7 @@ pub(super) async fn handle(
     if let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) {
         params.extend(form);
     }
-    let latency = sandbox.latency();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let answer = {
-        let mut state = sandbox.lock();
-        state.requests += 1;
-        decide(&mut state, &params)
-    };
+    let answer = sandbox.answer(|state| decide(state, &params)).await;
     match answer {
         Answer::Text(text) => text_response(text),
         Answer::Html(status) => (

@@ -76,15 +76,7 @@ pub(super) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let latency = sandbox.latency();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let decision = {
-        let mut state = sandbox.lock();
-        state.requests += 1;
-        decide(&mut state, &headers, &body)
-    };
+    let decision = sandbox.answer(|state| decide(state, &headers, &body)).await;
     let (callback, fault, stall) = match decision {
         Decision::Reply(response) => return response,
         Decision::Accepted {
