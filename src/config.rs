@@ -4,6 +4,9 @@
 //! at start-up and names the offending key, so a bad deployment fails before
 //! it touches a message.
 
+pub use crate::providers::creditguard::CreditGuardAccount;
+pub use crate::providers::hyp_pay::HypPayAccount;
+pub use crate::providers::paynet::PaynetAccount;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -33,7 +36,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         problem: problem.into(),
@@ -183,18 +186,6 @@ impl ProviderAccount {
     }
 }
 
-/// Hyp Pay credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HypPayAccount {
-    /// Full action URL, default `https://pay.hyp.co.il/p/`.
-    #[serde(default = "default_hyp_pay_url")]
-    pub base_url: String,
-    /// Terminal number (10 digits).
-    pub masof: String,
-    /// API password.
-    pub pass_p: Secret,
-}
-
 /// Accepts `[1, 2]` or `"1,2"`: lists cannot be typed in one environment
 /// variable, and the config crate's list parsing would also turn terminal
 /// numbers such as `0010131918` into integers.
@@ -214,50 +205,6 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
             .map(|part| part.parse::<u64>().map_err(serde::de::Error::custom))
             .collect(),
     }
-}
-
-/// CreditGuard credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
-pub struct CreditGuardAccount {
-    /// The full Relay URL, `https://<host>/xpo/Relay`.
-    pub base_url: String,
-    /// API user.
-    pub user: String,
-    /// API password.
-    pub password: Secret,
-    /// The merchant's terminal number.
-    pub terminal_number: String,
-    /// The terminal deduplicates requests (mayBeDuplicate + requestId,
-    /// enabled by CreditGuard on request). Then a request whose answer was
-    /// lost is repeated safely instead of ending in doubt.
-    #[serde(default)]
-    pub dedupe_requests: bool,
-}
-
-/// Paynet credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
-pub struct PaynetAccount {
-    /// The API root, `https://api.paynet.com.tr`.
-    #[serde(default = "default_paynet_url")]
-    pub base_url: String,
-    /// The secret key (sent as `Authorization: Basic <secret_key>`).
-    pub secret_key: Secret,
-    /// A refund still `pending` after this long is reported (a warning
-    /// naming it, and the `refund_worker_pending_overdue` gauge).
-    #[serde(default = "default_pending_alert")]
-    pub pending_alert_after_secs: u64,
-}
-
-fn default_pending_alert() -> u64 {
-    86_400
-}
-
-fn default_paynet_url() -> String {
-    "https://api.paynet.com.tr".to_string()
-}
-
-fn default_hyp_pay_url() -> String {
-    "https://pay.hyp.co.il/p/".to_string()
 }
 
 impl Settings {
@@ -376,7 +323,12 @@ impl Settings {
             ));
         }
         for (name, account) in &self.providers {
-            validate_account(name, account)?;
+            let key = |field: &str| format!("providers.{name}.{field}");
+            match account {
+                ProviderAccount::HypPay(a) => a.validate(key)?,
+                ProviderAccount::Creditguard(a) => a.validate(key)?,
+                ProviderAccount::Paynet(a) => a.validate(key)?,
+            }
         }
         Ok(())
     }
@@ -412,58 +364,7 @@ impl Settings {
     }
 }
 
-fn validate_account(name: &str, account: &ProviderAccount) -> Result<(), ConfigError> {
-    let key = |field: &str| format!("providers.{name}.{field}");
-    match account {
-        ProviderAccount::HypPay(a) => {
-            check_url(&key("base_url"), &a.base_url)?;
-            if a.masof.len() != 10 || !a.masof.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid(
-                    key("masof"),
-                    "must be the 10-digit terminal number",
-                ));
-            }
-            if a.pass_p.is_empty() {
-                return Err(invalid(
-                    key("pass_p"),
-                    "missing (set it in the environment or an uncommitted config file)",
-                ));
-            }
-        }
-        ProviderAccount::Creditguard(a) => {
-            check_url(&key("base_url"), &a.base_url)?;
-            if a.user.trim().is_empty() {
-                return Err(invalid(key("user"), "missing"));
-            }
-            if a.password.is_empty() {
-                return Err(invalid(
-                    key("password"),
-                    "missing (set it in the environment or an uncommitted config file)",
-                ));
-            }
-            if a.terminal_number.trim().is_empty()
-                || !a.terminal_number.bytes().all(|b| b.is_ascii_alphanumeric())
-            {
-                return Err(invalid(
-                    key("terminal_number"),
-                    "must be the terminal number",
-                ));
-            }
-        }
-        ProviderAccount::Paynet(a) => {
-            check_url(&key("base_url"), &a.base_url)?;
-            if a.secret_key.is_empty() {
-                return Err(invalid(
-                    key("secret_key"),
-                    "missing (set it in the environment or an uncommitted config file)",
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     match reqwest::Url::parse(url) {
         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
         Ok(_) => Err(invalid(key, "must be an http(s) URL")),

@@ -18,7 +18,6 @@ pub mod config;
 pub mod dlq;
 pub mod event;
 pub mod http;
-pub mod ledger;
 pub mod local_broker;
 pub mod locks;
 pub mod metrics;

@@ -1,14 +1,15 @@
-//! The `refund-worker` command line. Only argument parsing and start-up live
-//! here; everything else is in the library.
+//! The `refund-worker` command line: its definition and the dispatch to the
+//! handlers in `cli/`; everything else is in the library.
+
+mod cli;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use refund_worker::app::App;
-use refund_worker::config::{LogFormat, Settings};
-use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed};
+use cli::ops::{DlqCommand, RefundsCommand};
+use refund_worker::client;
+use refund_worker::config::LogFormat;
+use refund_worker::sandbox::{SandboxConfig, Seed};
 use refund_worker::secret::Secret;
-use refund_worker::worker::Resolution;
-use refund_worker::{client, dlq, ops, shutdown, telemetry};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -162,121 +163,6 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct DlqFilter {
-    /// Only this reason (x-refund-error-kind), e.g. provider_unavailable.
-    #[arg(long)]
-    reason: Option<String>,
-    /// Only this provider account.
-    #[arg(long)]
-    provider: Option<String>,
-    /// Only this refund.
-    #[arg(long)]
-    refund_id: Option<String>,
-    /// Only messages whose last failure is at least this old (30s, 15m, 2h, 3d).
-    #[arg(long, value_parser = refund_worker::dlq::parse_age)]
-    older_than: Option<Duration>,
-}
-
-impl DlqFilter {
-    fn into_filter(self) -> dlq::Filter {
-        dlq::Filter {
-            reason: self.reason,
-            provider: self.provider,
-            refund_id: self.refund_id,
-            older_than: self.older_than,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum DlqCommand {
-    /// List dead-lettered messages.
-    List {
-        #[command(flatten)]
-        filter: DlqFilter,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show a refund's dead-lettered message(s), headers and stored record.
-    Show {
-        /// The refund.
-        refund_id: String,
-    },
-    /// Move matching messages back to the commands exchange (confirmed
-    /// before removal). In-doubt refunds are skipped until resolved.
-    Replay {
-        #[command(flatten)]
-        filter: DlqFilter,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Only say what would be replayed.
-        #[arg(long)]
-        dry_run: bool,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
-    /// Remove matching messages (a filter, or --all --yes).
-    Purge {
-        #[command(flatten)]
-        filter: DlqFilter,
-        /// Everything in the queue.
-        #[arg(long)]
-        all: bool,
-        /// Confirms --all.
-        #[arg(long)]
-        yes: bool,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<usize>,
-    },
-}
-
-#[derive(Subcommand)]
-enum RefundsCommand {
-    /// A refund's record: lifecycle, attempts, outcome, history.
-    Show {
-        /// The refund.
-        refund_id: String,
-    },
-    /// Refunds by status (in_doubt, attempting, not_sent, succeeded, failed, ...).
-    List {
-        /// Status filter.
-        #[arg(long)]
-        status: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Settle an in-doubt refund after checking with the provider.
-    Resolve {
-        /// The refund.
-        refund_id: String,
-        /// The provider executed it: its transaction id (publishes `succeeded`).
-        #[arg(
-            long,
-            conflicts_with = "not_executed",
-            required_unless_present = "not_executed"
-        )]
-        executed: Option<String>,
-        /// The provider did not execute it: allow one new attempt (then replay it).
-        #[arg(long)]
-        not_executed: bool,
-        /// Who decides (recorded).
-        #[arg(long)]
-        by: String,
-        /// Why (recorded): ticket, provider's answer.
-        #[arg(long)]
-        reason: String,
-    },
-}
-
 const DEFAULT_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn main() -> anyhow::Result<()> {
@@ -287,7 +173,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config, log_format } => run(config, log_format).await,
+            Command::Run { config, log_format } => cli::run::run(config, log_format).await,
             Command::Sandbox {
                 addr,
                 seed,
@@ -315,7 +201,7 @@ fn main() -> anyhow::Result<()> {
                     latency: Duration::from_millis(latency_ms),
                     seed,
                 };
-                sandbox(addr, config).await
+                cli::sandbox::run(addr, config).await
             }
             Command::Publish {
                 amqp_url,
@@ -342,11 +228,11 @@ fn main() -> anyhow::Result<()> {
                 config,
                 worker_url,
                 command,
-            } => dlq_command(config, &worker_url, command).await,
+            } => cli::ops::dlq(config, &worker_url, command).await,
             Command::Refunds {
                 worker_url,
                 command,
-            } => refunds_command(&worker_url, command).await,
+            } => cli::ops::refunds(&worker_url, command).await,
             Command::Bench {
                 n,
                 prefetch,
@@ -371,111 +257,4 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
-}
-
-async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
-    let settings = Settings::load(config.as_deref())?;
-    telemetry::init(
-        log_format.unwrap_or(settings.log.format),
-        &settings.log.filter,
-    );
-    let app = App::build(settings).await?;
-    let (trigger, listener) = shutdown::channel();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received: shutting down (a second signal exits at once)");
-        trigger.fire();
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
-    app.run(listener).await;
-    Ok(())
-}
-
-async fn sandbox(addr: String, config: SandboxConfig) -> anyhow::Result<()> {
-    telemetry::init(LogFormat::Auto, "info");
-    let sandbox = Sandbox::new(config);
-    let bound = sandbox
-        .spawn(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%bound, "sandbox serving Hyp Pay at /p/, CreditGuard at /xpo/Relay, Paynet at /v1/transaction/reversed_request");
-    wait_for_signal().await;
-    Ok(())
-}
-
-async fn dlq_command(
-    config: Option<PathBuf>,
-    worker_url: &str,
-    command: DlqCommand,
-) -> anyhow::Result<()> {
-    let amqp = Settings::load_amqp(config.as_deref())?;
-    let api = ops::WorkerApi::new(worker_url);
-    match command {
-        DlqCommand::List { filter, json } => {
-            ops::dlq_list(&amqp, &filter.into_filter(), json).await?
-        }
-        DlqCommand::Show { refund_id } => ops::dlq_show(&amqp, &api, &refund_id).await?,
-        DlqCommand::Replay {
-            filter,
-            limit,
-            dry_run,
-            quiet,
-        } => {
-            ops::dlq_replay(&amqp, &api, &filter.into_filter(), limit, dry_run, quiet).await?;
-        }
-        DlqCommand::Purge {
-            filter,
-            all,
-            yes,
-            limit,
-        } => {
-            ops::dlq_purge(&amqp, &filter.into_filter(), all, yes, limit).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn refunds_command(worker_url: &str, command: RefundsCommand) -> anyhow::Result<()> {
-    let api = ops::WorkerApi::new(worker_url);
-    match command {
-        RefundsCommand::Show { refund_id } => ops::refunds_show(&api, &refund_id).await?,
-        RefundsCommand::List {
-            status,
-            limit,
-            json,
-        } => ops::refunds_list(&api, status.as_deref(), limit, json).await?,
-        RefundsCommand::Resolve {
-            refund_id,
-            executed,
-            not_executed,
-            by,
-            reason,
-        } => {
-            let resolution = Resolution {
-                executed,
-                not_executed,
-                by,
-                reason,
-            };
-            ops::refunds_resolve(&api, &refund_id, &resolution).await?
-        }
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

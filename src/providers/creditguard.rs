@@ -8,7 +8,9 @@ pub mod wire;
 
 use super::{post_form, ProviderOutcome};
 use crate::command::RefundCommand;
-use crate::config::CreditGuardAccount;
+use crate::config::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
+use serde::Deserialize;
 
 /// A CreditGuard terminal.
 #[derive(Debug, Clone)]
@@ -53,5 +55,52 @@ impl CreditGuard {
         ];
         let request = self.http.post(&self.account.base_url).form(&form);
         post_form(request, |body| wire::classify(command.operation, body)).await
+    }
+}
+
+/// CreditGuard credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreditGuardAccount {
+    /// The full Relay URL, `https://<host>/xpo/Relay`.
+    pub base_url: String,
+    /// API user.
+    pub user: String,
+    /// API password.
+    pub password: Secret,
+    /// The merchant's terminal number.
+    pub terminal_number: String,
+    /// The terminal deduplicates requests (mayBeDuplicate + requestId,
+    /// enabled by CreditGuard on request). Then a request whose answer was
+    /// lost is repeated safely instead of ending in doubt.
+    #[serde(default)]
+    pub dedupe_requests: bool,
+}
+
+impl CreditGuardAccount {
+    /// Checks the account's settings; `key` names a field of it
+    /// (`providers.<name>.<field>`).
+    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
+        check_url(&key("base_url"), &self.base_url)?;
+        if self.user.trim().is_empty() {
+            return Err(invalid(key("user"), "missing"));
+        }
+        if self.password.is_empty() {
+            return Err(invalid(
+                key("password"),
+                "missing (set it in the environment or an uncommitted config file)",
+            ));
+        }
+        if self.terminal_number.trim().is_empty()
+            || !self
+                .terminal_number
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(invalid(
+                key("terminal_number"),
+                "must be the terminal number",
+            ));
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,9 @@ pub mod wire;
 
 use super::{post_form, ProviderOutcome};
 use crate::command::{Operation, RefundCommand};
-use crate::config::HypPayAccount;
+use crate::config::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
+use serde::Deserialize;
 
 /// A Hyp Pay terminal.
 #[derive(Debug, Clone)]
@@ -50,5 +52,42 @@ impl HypPay {
             Operation::Refund => wire::ACTION_REFUND,
             Operation::Cancel => wire::ACTION_CANCEL,
         }
+    }
+}
+
+/// Hyp Pay credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HypPayAccount {
+    /// Full action URL, default `https://pay.hyp.co.il/p/`.
+    #[serde(default = "default_hyp_pay_url")]
+    pub base_url: String,
+    /// Terminal number (10 digits).
+    pub masof: String,
+    /// API password.
+    pub pass_p: Secret,
+}
+
+fn default_hyp_pay_url() -> String {
+    "https://pay.hyp.co.il/p/".to_string()
+}
+
+impl HypPayAccount {
+    /// Checks the account's settings; `key` names a field of it
+    /// (`providers.<name>.<field>`).
+    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
+        check_url(&key("base_url"), &self.base_url)?;
+        if self.masof.len() != 10 || !self.masof.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid(
+                key("masof"),
+                "must be the 10-digit terminal number",
+            ));
+        }
+        if self.pass_p.is_empty() {
+            return Err(invalid(
+                key("pass_p"),
+                "missing (set it in the environment or an uncommitted config file)",
+            ));
+        }
+        Ok(())
     }
 }

@@ -8,7 +8,9 @@ pub mod wire;
 
 use super::{classify_send_error, ProviderOutcome};
 use crate::command::RefundCommand;
-use crate::config::PaynetAccount;
+use crate::config::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
+use serde::Deserialize;
 
 /// A Paynet account.
 #[derive(Debug, Clone)]
@@ -72,5 +74,42 @@ impl Paynet {
                 reason: format!("answer could not be read: {}", e.without_url()),
             },
         }
+    }
+}
+
+/// Paynet credentials and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaynetAccount {
+    /// The API root, `https://api.paynet.com.tr`.
+    #[serde(default = "default_paynet_url")]
+    pub base_url: String,
+    /// The secret key (sent as `Authorization: Basic <secret_key>`).
+    pub secret_key: Secret,
+    /// A refund still `pending` after this long is reported (a warning
+    /// naming it, and the `refund_worker_pending_overdue` gauge).
+    #[serde(default = "default_pending_alert")]
+    pub pending_alert_after_secs: u64,
+}
+
+fn default_pending_alert() -> u64 {
+    86_400
+}
+
+fn default_paynet_url() -> String {
+    "https://api.paynet.com.tr".to_string()
+}
+
+impl PaynetAccount {
+    /// Checks the account's settings; `key` names a field of it
+    /// (`providers.<name>.<field>`).
+    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
+        check_url(&key("base_url"), &self.base_url)?;
+        if self.secret_key.is_empty() {
+            return Err(invalid(
+                key("secret_key"),
+                "missing (set it in the environment or an uncommitted config file)",
+            ));
+        }
+        Ok(())
     }
 }

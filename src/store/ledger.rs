@@ -12,12 +12,15 @@
 //! Updates are compare-and-swap loops on one sled key, so concurrent
 //! refunds of one charge (different `refund_id`s, not serialised by the
 //! per-refund lock) cannot both slip under the limit. They become durable
-//! with the next [`Store::sync`](crate::store::Store::sync), which the
-//! pipeline runs before the provider call.
+//! with the next [`Store::sync`](super::Store::sync), which the pipeline
+//! runs before the provider call.
+//!
+//! This module knows only its own tree; the store sits on top of it and
+//! exposes it (the arrows point one way: `store` → `ledger`).
 
+use super::StoreError;
 use crate::command::RefundCommand;
 use crate::event::now_rfc3339;
-use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -78,7 +81,23 @@ pub fn requested_amount(command: &RefundCommand, original_amount: u64) -> u64 {
     }
 }
 
-impl Store {
+/// The ledger tree: one [`OriginalLedger`] per original charge.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    tree: sled::Tree,
+}
+
+impl Ledger {
+    /// Wraps the store's `originals` tree.
+    pub(super) fn new(tree: sled::Tree) -> Self {
+        Ledger { tree }
+    }
+
+    /// The underlying tree (for pruning and transactions).
+    pub(super) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// Reserves the command's amount against its original. Idempotent per
     /// `refund_id`. `Ok(Err(_))` means it would over-refund.
     pub fn reserve(
@@ -89,7 +108,7 @@ impl Store {
         let key = ledger_key(command);
         let requested = requested_amount(command, original_amount);
         loop {
-            let current = self.originals().get(key.as_bytes())?;
+            let current = self.tree.get(key.as_bytes())?;
             let mut ledger: OriginalLedger = match &current {
                 Some(bytes) => decode(&key, bytes)?,
                 None => OriginalLedger {
@@ -116,7 +135,7 @@ impl Store {
             ledger.updated_at = now_rfc3339();
             let new = serde_json::to_vec(&ledger).unwrap_or_default();
             if self
-                .originals()
+                .tree
                 .compare_and_swap(key.as_bytes(), current, Some(new))?
                 .is_ok()
             {
@@ -136,7 +155,7 @@ impl Store {
         }
         let key = ledger_key(command);
         loop {
-            let Some(current) = self.originals().get(key.as_bytes())? else {
+            let Some(current) = self.tree.get(key.as_bytes())? else {
                 return Ok(());
             };
             let mut ledger: OriginalLedger = decode(&key, &current)?;
@@ -153,7 +172,7 @@ impl Store {
             ledger.updated_at = now_rfc3339();
             let new = serde_json::to_vec(&ledger).unwrap_or_default();
             if self
-                .originals()
+                .tree
                 .compare_and_swap(key.as_bytes(), Some(current), Some(new))?
                 .is_ok()
             {
@@ -163,16 +182,16 @@ impl Store {
     }
 
     /// The ledger of a command's original, if any.
-    pub fn ledger(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
+    pub fn get(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
         let key = ledger_key(command);
-        match self.originals().get(key.as_bytes())? {
+        match self.tree.get(key.as_bytes())? {
             Some(bytes) => decode(&key, &bytes).map(Some),
             None => Ok(None),
         }
     }
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<OriginalLedger, StoreError> {
+pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<OriginalLedger, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         refund_id: format!("ledger {key}"),
         source,
@@ -196,7 +215,8 @@ mod tests {
     #[tokio::test]
     async fn refuses_what_would_exceed_the_original_and_releases_declines() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path()).expect("open");
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        let store = Ledger::new(db.open_tree("originals").expect("tree"));
         assert_eq!(
             store.reserve(&refund("a", 6000), 10000).expect("io"),
             Ok(())
@@ -224,10 +244,7 @@ mod tests {
         store
             .settle(&refund("b", 5000), Some(Reservation::Succeeded))
             .expect("settle");
-        let ledger = store
-            .ledger(&refund("b", 5000))
-            .expect("io")
-            .expect("ledger");
+        let ledger = store.get(&refund("b", 5000)).expect("io").expect("ledger");
         assert_eq!(ledger.reserved(), 9000);
         assert_eq!(ledger.refunds["b"].1, Reservation::Succeeded);
     }

@@ -4,23 +4,31 @@
 //! One record per `refund_id` holds everything the pipeline decides from: the
 //! hash of the command, the lifecycle state and the recorded outcome. A
 //! redelivery, a restart and a replay all read the same record, so they all
-//! take the same path (see `worker.rs`).
+//! take the same path (see `worker/`).
 //!
 //! Durability: sled keeps writes in memory until `flush()`. Callers that need
 //! a write on disk before they go on (before a provider call, before an event
-//! is published) call [`Store::sync`], which hands the request to a single
-//! syncer task. The syncer takes every request waiting, runs one `flush()` on
-//! the blocking pool and answers them all, so one disk sync serves every
-//! message that was written meanwhile. Each caller is answered only by a flush
-//! that began after its request arrived, hence after its write.
+//! is published) call [`Store::sync`], which hands the request to the
+//! group-commit syncer (`syncer.rs`): one disk sync serves every message that
+//! was written meanwhile.
+//!
+//! Module map: `record.rs` (the record and its states), `ledger.rs` (the
+//! over-refund guard, its own tree), `syncer.rs` (group commit). The store
+//! sits on top of both; neither imports it.
+
+pub mod ledger;
+mod record;
+mod syncer;
+
+pub use record::{HistoryEntry, RefundRecord, RefundState};
+pub use syncer::SyncStats;
 
 use crate::command::RefundCommand;
-use crate::event::{now_rfc3339, OutcomeEvent};
-use serde::{Deserialize, Serialize};
+use ledger::{Ledger, OriginalLedger, OverRefund, Reservation};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use syncer::{run_syncer, SyncReply, SyncRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -45,119 +53,6 @@ pub enum StoreError {
     SyncerGone,
 }
 
-/// Where a refund is in its life.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum RefundState {
-    /// A provider request is (or was) on its way. Written and synced before
-    /// the request leaves; found after a restart it means "outcome unknown".
-    Attempting {
-        /// When the attempt started.
-        since: String,
-    },
-    /// The last attempt surely did not reach the provider: a new attempt is
-    /// safe.
-    NotSent {
-        /// Why it was not sent.
-        reason: String,
-    },
-    /// The provider accepted it and will post the final answer (Paynet).
-    Pending {
-        /// The `pending` event.
-        event: OutcomeEvent,
-        /// Since when.
-        since: String,
-    },
-    /// The final outcome, synced before its event is published.
-    Finished {
-        /// The event, re-published as is on every redelivery.
-        event: OutcomeEvent,
-    },
-    /// The provider may or may not have executed it; a person must decide.
-    InDoubt {
-        /// The `in_doubt` event.
-        event: OutcomeEvent,
-    },
-}
-
-impl RefundState {
-    /// Short name for logs and listings.
-    pub fn name(&self) -> &'static str {
-        match self {
-            RefundState::Attempting { .. } => "attempting",
-            RefundState::NotSent { .. } => "not_sent",
-            RefundState::Pending { .. } => "pending",
-            RefundState::Finished { .. } => "finished",
-            RefundState::InDoubt { .. } => "in_doubt",
-        }
-    }
-}
-
-/// One line of a refund's history, for operators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// When.
-    pub at: String,
-    /// What happened.
-    pub note: String,
-}
-
-/// The stored record of one refund.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RefundRecord {
-    /// Key.
-    pub refund_id: String,
-    /// Hash of the normalised command that claimed this `refund_id`.
-    pub payload_hash: String,
-    /// That command.
-    pub command: RefundCommand,
-    /// Lifecycle state.
-    pub state: RefundState,
-    /// Provider requests started so far.
-    pub attempts: u32,
-    /// Unguessable per-refund token of the provider callback URL (Paynet).
-    #[serde(default)]
-    pub callback_token: String,
-    /// First seen.
-    pub created_at: String,
-    /// Last change.
-    pub updated_at: String,
-    /// What happened, in order.
-    pub history: Vec<HistoryEntry>,
-}
-
-impl RefundRecord {
-    /// A fresh record in the `Attempting` state for the first attempt.
-    pub fn attempting(command: &RefundCommand) -> Self {
-        let now = now_rfc3339();
-        RefundRecord {
-            refund_id: command.refund_id.clone(),
-            payload_hash: command.payload_hash(),
-            command: command.clone(),
-            state: RefundState::Attempting { since: now.clone() },
-            attempts: 1,
-            callback_token: random_token(),
-            created_at: now.clone(),
-            updated_at: now.clone(),
-            history: vec![HistoryEntry {
-                at: now,
-                note: "attempt 1 started".into(),
-            }],
-        }
-    }
-
-    /// Moves to `state`, noting why.
-    pub fn transition(&mut self, state: RefundState, note: impl Into<String>) {
-        let now = now_rfc3339();
-        self.state = state;
-        self.updated_at = now.clone();
-        self.history.push(HistoryEntry {
-            at: now,
-            note: note.into(),
-        });
-    }
-}
-
 /// What one pruning pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneReport {
@@ -167,39 +62,10 @@ pub struct PruneReport {
     pub ledgers: usize,
 }
 
-/// 32 hex characters from the OS's random source.
-fn random_token() -> String {
-    let mut bytes = [0u8; 16];
-    // The OS random source does not fail on Linux; an all-zero token would
-    // only make callbacks for this one refund guessable, never pay twice.
-    let _ = getrandom::fill(&mut bytes);
-    crate::command::hex(&bytes)
-}
-
-/// Counters of the syncer, for metrics and the benchmark.
-#[derive(Debug, Default)]
-pub struct SyncStats {
-    /// `flush()` calls made.
-    pub flushes: AtomicU64,
-    /// `sync()` requests answered.
-    pub requests: AtomicU64,
-}
-
-type SyncReply = oneshot::Sender<Result<(), String>>;
-
-/// A request to the syncer task.
-#[derive(Debug)]
-enum SyncRequest {
-    /// Answer after a flush that began after this request arrived.
-    Sync(SyncReply),
-    /// Flush, answer, and stop (releasing the syncer's handle on the db).
-    Close(SyncReply),
-}
-
 /// Handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    originals: sled::Tree,
+    ledger: Ledger,
     refunds: sled::Tree,
     syncer: mpsc::UnboundedSender<SyncRequest>,
     stats: Arc<SyncStats>,
@@ -229,7 +95,7 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_syncer(db.clone(), rx, stats.clone(), linger));
         Ok(Store {
-            originals,
+            ledger: Ledger::new(originals),
             refunds,
             syncer: tx,
             stats,
@@ -304,19 +170,19 @@ impl Store {
                 }
             }
         }
-        for item in self.originals.iter() {
+        let originals = self.ledger.tree();
+        for item in originals.iter() {
             let (key, value) = item?;
-            let Ok(ledger) = serde_json::from_slice::<crate::ledger::OriginalLedger>(&value) else {
+            let Ok(ledger) = serde_json::from_slice::<OriginalLedger>(&value) else {
                 continue;
             };
             let settled = ledger
                 .refunds
                 .values()
-                .all(|(_, state)| *state == crate::ledger::Reservation::Succeeded);
+                .all(|(_, state)| *state == Reservation::Succeeded);
             if settled
                 && older(&ledger.updated_at)
-                && self
-                    .originals
+                && originals
                     .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
                     .is_ok()
             {
@@ -373,9 +239,28 @@ impl Store {
         self.refunds.is_empty()
     }
 
-    /// The over-refund ledger's tree (see `ledger.rs`).
-    pub(crate) fn originals(&self) -> &sled::Tree {
-        &self.originals
+    /// Reserves the command's amount against its original (see
+    /// [`Ledger::reserve`]). `Ok(Err(_))` means it would over-refund.
+    pub fn reserve(
+        &self,
+        command: &RefundCommand,
+        original_amount: u64,
+    ) -> Result<Result<(), OverRefund>, StoreError> {
+        self.ledger.reserve(command, original_amount)
+    }
+
+    /// Records how a reserved refund ended: `None` releases it.
+    pub fn settle(
+        &self,
+        command: &RefundCommand,
+        outcome: Option<Reservation>,
+    ) -> Result<(), StoreError> {
+        self.ledger.settle(command, outcome)
+    }
+
+    /// The ledger of a command's original charge, if any.
+    pub fn ledger(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
+        self.ledger.get(command)
     }
 
     /// Syncer counters.
@@ -417,63 +302,10 @@ fn decode(refund_id: &str, bytes: &[u8]) -> Result<RefundRecord, StoreError> {
     })
 }
 
-/// Adds a request's reply to the batch; true if it asks the syncer to stop.
-fn add(batch: &mut Vec<SyncReply>, request: SyncRequest) -> bool {
-    match request {
-        SyncRequest::Sync(reply) => {
-            batch.push(reply);
-            false
-        }
-        SyncRequest::Close(reply) => {
-            batch.push(reply);
-            true
-        }
-    }
-}
-
-/// The group-commit loop: one flush for every batch of waiting requests.
-async fn run_syncer(
-    db: sled::Db,
-    mut requests: mpsc::UnboundedReceiver<SyncRequest>,
-    stats: Arc<SyncStats>,
-    linger: Duration,
-) {
-    let mut batch = Vec::new();
-    let mut closing = false;
-    while let Some(first) = requests.recv().await {
-        closing |= add(&mut batch, first);
-        while let Ok(more) = requests.try_recv() {
-            closing |= add(&mut batch, more);
-        }
-        if !linger.is_zero() && !closing {
-            let until = tokio::time::Instant::now() + linger;
-            while let Ok(Some(more)) = tokio::time::timeout_at(until, requests.recv()).await {
-                closing |= add(&mut batch, more);
-            }
-        }
-        let flushing = db.clone();
-        let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        crate::metrics::store_flush(batch.len());
-        for reply in batch.drain(..) {
-            let _ = reply.send(result.clone());
-        }
-        if closing {
-            break;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn command(id: &str) -> RefundCommand {
         RefundCommand::parse(

@@ -1,0 +1,184 @@
+//! `refund-worker dlq …` and `refund-worker refunds …`: their arguments
+//! and the dispatch to the operator commands in the library (`ops.rs`).
+
+use clap::Subcommand;
+use refund_worker::config::Settings;
+use refund_worker::worker::Resolution;
+use refund_worker::{dlq, ops};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub(crate) struct DlqFilter {
+    /// Only this reason (x-refund-error-kind), e.g. provider_unavailable.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this provider account.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only this refund.
+    #[arg(long)]
+    refund_id: Option<String>,
+    /// Only messages whose last failure is at least this old (30s, 15m, 2h, 3d).
+    #[arg(long, value_parser = refund_worker::dlq::parse_age)]
+    older_than: Option<Duration>,
+}
+
+impl DlqFilter {
+    fn into_filter(self) -> dlq::Filter {
+        dlq::Filter {
+            reason: self.reason,
+            provider: self.provider,
+            refund_id: self.refund_id,
+            older_than: self.older_than,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List dead-lettered messages.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a refund's dead-lettered message(s), headers and stored record.
+    Show {
+        /// The refund.
+        refund_id: String,
+    },
+    /// Move matching messages back to the commands exchange (confirmed
+    /// before removal). In-doubt refunds are skipped until resolved.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only say what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Remove matching messages (a filter, or --all --yes).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Everything in the queue.
+        #[arg(long)]
+        all: bool,
+        /// Confirms --all.
+        #[arg(long)]
+        yes: bool,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RefundsCommand {
+    /// A refund's record: lifecycle, attempts, outcome, history.
+    Show {
+        /// The refund.
+        refund_id: String,
+    },
+    /// Refunds by status (in_doubt, attempting, not_sent, succeeded, failed, ...).
+    List {
+        /// Status filter.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle an in-doubt refund after checking with the provider.
+    Resolve {
+        /// The refund.
+        refund_id: String,
+        /// The provider executed it: its transaction id (publishes `succeeded`).
+        #[arg(
+            long,
+            conflicts_with = "not_executed",
+            required_unless_present = "not_executed"
+        )]
+        executed: Option<String>,
+        /// The provider did not execute it: allow one new attempt (then replay it).
+        #[arg(long)]
+        not_executed: bool,
+        /// Who decides (recorded).
+        #[arg(long)]
+        by: String,
+        /// Why (recorded): ticket, provider's answer.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+pub(crate) async fn dlq(
+    config: Option<PathBuf>,
+    worker_url: &str,
+    command: DlqCommand,
+) -> anyhow::Result<()> {
+    let amqp = Settings::load_amqp(config.as_deref())?;
+    let api = ops::WorkerApi::new(worker_url);
+    match command {
+        DlqCommand::List { filter, json } => {
+            ops::dlq_list(&amqp, &filter.into_filter(), json).await?
+        }
+        DlqCommand::Show { refund_id } => ops::dlq_show(&amqp, &api, &refund_id).await?,
+        DlqCommand::Replay {
+            filter,
+            limit,
+            dry_run,
+            quiet,
+        } => {
+            ops::dlq_replay(&amqp, &api, &filter.into_filter(), limit, dry_run, quiet).await?;
+        }
+        DlqCommand::Purge {
+            filter,
+            all,
+            yes,
+            limit,
+        } => {
+            ops::dlq_purge(&amqp, &filter.into_filter(), all, yes, limit).await?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn refunds(worker_url: &str, command: RefundsCommand) -> anyhow::Result<()> {
+    let api = ops::WorkerApi::new(worker_url);
+    match command {
+        RefundsCommand::Show { refund_id } => ops::refunds_show(&api, &refund_id).await?,
+        RefundsCommand::List {
+            status,
+            limit,
+            json,
+        } => ops::refunds_list(&api, status.as_deref(), limit, json).await?,
+        RefundsCommand::Resolve {
+            refund_id,
+            executed,
+            not_executed,
+            by,
+            reason,
+        } => {
+            let resolution = Resolution {
+                executed,
+                not_executed,
+                by,
+                reason,
+            };
+            ops::refunds_resolve(&api, &refund_id, &resolution).await?
+        }
+    }
+    Ok(())
+}

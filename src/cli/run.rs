@@ -1,0 +1,46 @@
+//! `refund-worker run`: load the configuration, set up telemetry, build
+//! the service and run it until a signal asks it to stop (a second signal
+//! exits at once).
+
+use refund_worker::app::App;
+use refund_worker::config::{LogFormat, Settings};
+use refund_worker::{shutdown, telemetry};
+use std::path::PathBuf;
+
+pub(crate) async fn run(
+    config: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref())?;
+    telemetry::init(
+        log_format.unwrap_or(settings.log.format),
+        &settings.log.filter,
+    );
+    let app = App::build(settings).await?;
+    let (trigger, listener) = shutdown::channel();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down (a second signal exits at once)");
+        trigger.fire();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    app.run(listener).await;
+    Ok(())
+}
+
+pub(crate) async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,164 @@
+//! Stage 4, finish: the outcome is written and synced, then its event is
+//! published with a confirm; the caller acks the delivery only after that.
+//! Rejections are published without a record (they depend on the message
+//! and on configuration, and a corrected command may re-use the id).
+
+use super::{PipelineError, Worker};
+use crate::broker::publisher::Publisher;
+use crate::command::{Echo, RefundCommand};
+use crate::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::metrics;
+use crate::store::ledger::Reservation;
+use crate::store::{RefundRecord, RefundState};
+use std::time::Instant;
+use tracing::{info, warn};
+
+impl Worker {
+    /// Records a final outcome durably, then publishes it.
+    pub(super) async fn finish(
+        &self,
+        publisher: &Publisher,
+        record: &mut RefundRecord,
+        event: OutcomeEvent,
+        started: Instant,
+    ) -> Result<(), PipelineError> {
+        let note = format!("outcome {}", event.status.as_str());
+        record.transition(
+            RefundState::Finished {
+                event: event.clone(),
+            },
+            note,
+        );
+        self.store.put(record)?;
+        let reservation = match event.status {
+            Status::Succeeded => Some(Reservation::Succeeded),
+            _ => None,
+        };
+        self.store.settle(&record.command, reservation)?;
+        self.store.sync().await?;
+        metrics::outcome(&record.command.provider, event.status.as_str());
+        info!(
+            provider = record.command.provider.as_str(),
+            status = event.status.as_str(),
+            attempts = event.attempts,
+            latency_ms = started.elapsed().as_millis() as u64,
+            "refund outcome"
+        );
+        self.publish_recorded(publisher, &event).await
+    }
+
+    /// The provider accepted the refund and will post its answer later
+    /// (Paynet): record `Pending` durably, then publish `pending`.
+    pub(super) async fn wait_for_callback(
+        &self,
+        publisher: &Publisher,
+        record: &mut RefundRecord,
+        event: OutcomeEvent,
+    ) -> Result<(), PipelineError> {
+        record.transition(
+            RefundState::Pending {
+                event: event.clone(),
+                since: now_rfc3339(),
+            },
+            "accepted by the provider; waiting for its callback",
+        );
+        self.store.put(record)?;
+        self.store.sync().await?;
+        metrics::outcome(&record.command.provider, "pending");
+        info!(
+            status = "pending",
+            attempts = record.attempts,
+            "refund outcome"
+        );
+        self.publish_recorded(publisher, &event).await
+    }
+
+    /// Publishes an event that is already durable in the record. Whether the
+    /// broker confirmed it is not written back: a redelivery re-publishes
+    /// it with the same `event_id`, which consumers deduplicate, and one
+    /// record write less per message matters on the hot path.
+    pub(super) async fn publish_recorded(
+        &self,
+        publisher: &Publisher,
+        event: &OutcomeEvent,
+    ) -> Result<(), PipelineError> {
+        publisher.publish_event(event).await?;
+        Ok(())
+    }
+
+    /// Rejects a parsed command (see [`Worker::reject`]).
+    pub(super) async fn reject_command(
+        &self,
+        publisher: &Publisher,
+        command: &RefundCommand,
+        kind: &str,
+        message: String,
+    ) -> Result<(), PipelineError> {
+        self.reject(
+            publisher,
+            &command.refund_id,
+            &command.echo(),
+            kind,
+            message,
+        )
+        .await
+    }
+
+    /// Publishes a `rejected` event. Not recorded: a rejection depends only
+    /// on the message (and configuration), so a redelivery rejects it again
+    /// with the same `event_id`, and a corrected command may re-use the id.
+    pub(super) async fn reject(
+        &self,
+        publisher: &Publisher,
+        refund_id: &str,
+        echo: &Echo,
+        kind: &str,
+        message: String,
+    ) -> Result<(), PipelineError> {
+        warn!(kind, %message, "command rejected");
+        let event =
+            OutcomeEvent::new(refund_id, Status::Rejected, echo, 0).with_error(kind, message);
+        info!(
+            provider = echo.provider.as_deref().unwrap_or(""),
+            status = "rejected",
+            attempts = 0,
+            "refund outcome"
+        );
+        metrics::outcome(echo.provider.as_deref().unwrap_or(""), "rejected");
+        publisher.publish_event(&event).await?;
+        Ok(())
+    }
+
+    /// Publishes an event that does not answer a delivery: on the session's
+    /// channel when there is one, else on a connection of its own.
+    pub(super) async fn publish_outside_delivery(
+        &self,
+        event: &OutcomeEvent,
+    ) -> Result<(), String> {
+        let current = self.side.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(publisher) = current {
+            if publisher.publish_event(event).await.is_ok() {
+                return Ok(());
+            }
+        }
+        let connection = crate::broker::connect(&self.settings.amqp.url, "refund-worker-side")
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| e.to_string())?;
+            let publisher = Publisher::new(channel, &self.settings.amqp)
+                .await
+                .map_err(|e| e.to_string())?;
+            publisher
+                .publish_event(event)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let _ = connection.close(200, "published".into()).await;
+        result
+    }
+}

@@ -1,0 +1,71 @@
+//! Stage 1, intake: what can be decided from the message alone. Size,
+//! content type and JSON shape are checked before anything else; a message
+//! that cannot be tied to a refund is dead-lettered as poison, one that names
+//! a refund but is not a valid command is answered with `rejected`.
+//!
+//! Nothing here depends on configuration beyond `amqp.max_body_bytes`, so a
+//! refund that was seen before is never turned away here because an account
+//! was renamed since (the claim stage decides that from the record).
+
+use super::{PipelineError, Worker};
+use crate::broker::publisher::Publisher;
+use crate::command::{ParseError, RefundCommand};
+use lapin::message::Delivery;
+
+impl Worker {
+    /// The delivery's command, or `None` when intake already settled it
+    /// (poison dead-lettered, invalid command rejected).
+    pub(super) async fn intake(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+    ) -> Result<Option<RefundCommand>, PipelineError> {
+        let amqp = &self.settings.amqp;
+        if delivery.data.len() > amqp.max_body_bytes {
+            let message = format!(
+                "body of {} bytes exceeds amqp.max_body_bytes = {}",
+                delivery.data.len(),
+                amqp.max_body_bytes
+            );
+            self.poison(publisher, delivery, "oversize", message, None)
+                .await?;
+            return Ok(None);
+        }
+        if let Some(ct) = delivery.properties.content_type() {
+            let ct = ct.as_str();
+            if !ct
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+            {
+                let message = format!("content_type {ct:?} is not application/json");
+                self.poison(publisher, delivery, "wrong_content_type", message, None)
+                    .await?;
+                return Ok(None);
+            }
+        }
+        match RefundCommand::parse(&delivery.data) {
+            Ok(command) => {
+                tracing::Span::current().record("refund_id", command.refund_id.as_str());
+                Ok(Some(command))
+            }
+            Err(ParseError::Poison(p)) => {
+                self.poison(publisher, delivery, p.kind, p.message, None)
+                    .await?;
+                Ok(None)
+            }
+            Err(ParseError::Invalid(invalid)) => {
+                tracing::Span::current().record("refund_id", invalid.refund_id.as_str());
+                self.reject(
+                    publisher,
+                    &invalid.refund_id,
+                    &invalid.echo,
+                    "invalid_command",
+                    invalid.message,
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+}

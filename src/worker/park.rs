@@ -1,0 +1,226 @@
+//! Stage 5, park: a delivery that cannot be finished now leaves the
+//! consumer without holding a slot. Not-sent refunds wait in a TTL delay
+//! queue (one round per `retry.delayed_ms` entry) and then go to the
+//! dead-letter queue; in-doubt refunds, misconfigured accounts and poison
+//! messages go to the dead-letter queue at once, with headers saying why.
+//! Each is published with a confirm before the delivery is acked.
+
+use super::{header_str, header_u32, PipelineError, Worker};
+use crate::broker::publisher::{DeadLetter, ParkTarget, Publisher};
+use crate::broker::topology::delay_queues;
+use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE};
+use crate::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::metrics;
+use crate::store::ledger::Reservation;
+use crate::store::{RefundRecord, RefundState};
+use lapin::message::Delivery;
+use tracing::{error, warn};
+
+/// How a refund's last in-process attempts failed to reach the provider.
+#[derive(Debug)]
+pub(super) struct NotSentSoFar {
+    /// The last reason.
+    pub(super) reason: String,
+    /// RFC 3339.
+    pub(super) first_failure_at: String,
+    /// RFC 3339.
+    pub(super) last_failure_at: String,
+}
+
+impl Worker {
+    /// Out of in-process retries: the next delay queue, or the dead-letter
+    /// queue after the last round. The record (`NotSent`) is synced first.
+    pub(super) async fn park_not_sent(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        record: &RefundRecord,
+        so_far: NotSentSoFar,
+    ) -> Result<(), PipelineError> {
+        self.store.sync().await?;
+        let rounds = header_u32(delivery, HEADER_DELAYED_ROUNDS).unwrap_or(0);
+        let mut info = DeadLetter {
+            kind: "provider_unavailable".into(),
+            error: format!(
+                "provider unavailable after {} attempts: {}",
+                record.attempts, so_far.reason
+            ),
+            attempts: record.attempts,
+            first_failure_at: so_far.first_failure_at,
+            last_failure_at: so_far.last_failure_at,
+            refund_id: Some(record.refund_id.clone()),
+            provider: Some(record.command.provider.clone()),
+            delayed_rounds: Some(rounds),
+        };
+        let queues = delay_queues(&self.settings);
+        match queues.get(rounds as usize) {
+            Some(queue) => {
+                warn!(%info.error, queue = queue.as_str(), "not sent; waiting in a delay queue");
+                info.delayed_rounds = Some(rounds + 1);
+                metrics::retry("delayed");
+                self.park(publisher, delivery, ParkTarget::DelayQueue(queue), &info)
+                    .await
+            }
+            None => {
+                warn!(%info.error, "giving up; the message goes to the dead-letter queue");
+                self.dead_letter(publisher, delivery, &info).await
+            }
+        }
+    }
+
+    /// The account's configuration is wrong (credentials, terminal): nothing
+    /// was executed, so the refund is `NotSent` and dead-lettered; a replay
+    /// after the fix executes it.
+    pub(super) async fn park_misconfigured(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        record: &mut RefundRecord,
+        reason: String,
+        first_failure: Option<String>,
+    ) -> Result<(), PipelineError> {
+        error!(%reason, "fix the provider account configuration, then replay from the dead-letter queue");
+        record.transition(
+            RefundState::NotSent {
+                reason: reason.clone(),
+            },
+            reason.clone(),
+        );
+        self.store.put(record)?;
+        self.store.sync().await?;
+        let now = now_rfc3339();
+        let info = DeadLetter {
+            kind: "provider_misconfigured".into(),
+            error: reason,
+            attempts: record.attempts,
+            first_failure_at: first_failure.unwrap_or_else(|| now.clone()),
+            last_failure_at: now,
+            refund_id: Some(record.refund_id.clone()),
+            provider: Some(record.command.provider.clone()),
+            delayed_rounds: None,
+        };
+        self.dead_letter(publisher, delivery, &info).await
+    }
+
+    /// The outcome may or may not have happened: record it as in doubt,
+    /// tell accounting once, park the message for an operator.
+    pub(super) async fn in_doubt(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        mut record: RefundRecord,
+        reason: String,
+    ) -> Result<(), PipelineError> {
+        error!(%reason, "outcome unknown: the refund is in doubt and will not be sent again");
+        let event = OutcomeEvent::new(
+            &record.refund_id,
+            Status::InDoubt,
+            &record.command.echo(),
+            record.attempts,
+        )
+        .with_error("outcome_unknown", reason.clone());
+        record.transition(
+            RefundState::InDoubt {
+                event: event.clone(),
+            },
+            format!("in doubt: {reason}"),
+        );
+        metrics::outcome(&record.command.provider, "in_doubt");
+        self.store.put(&record)?;
+        self.store
+            .settle(&record.command, Some(Reservation::InDoubt))?;
+        self.store.sync().await?;
+        self.publish_recorded(publisher, &event).await?;
+        self.park_in_doubt(publisher, delivery, &event).await
+    }
+
+    /// Moves an in-doubt refund's message to the dead-letter queue, where a
+    /// replay skips it until an operator resolved it.
+    pub(super) async fn park_in_doubt(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        event: &OutcomeEvent,
+    ) -> Result<(), PipelineError> {
+        let now = now_rfc3339();
+        let info = DeadLetter {
+            kind: "in_doubt".into(),
+            error: event
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| "outcome unknown".into()),
+            attempts: event.attempts,
+            first_failure_at: header_str(delivery, HEADER_FIRST_FAILURE)
+                .unwrap_or_else(|| event.occurred_at.clone()),
+            last_failure_at: now,
+            refund_id: Some(event.refund_id.clone()),
+            provider: event.provider.clone(),
+            delayed_rounds: None,
+        };
+        self.dead_letter(publisher, delivery, &info).await
+    }
+
+    /// Dead-letters a message that cannot be tied to a refund.
+    pub(super) async fn poison(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        kind: &str,
+        message: String,
+        refund_id: Option<String>,
+    ) -> Result<(), PipelineError> {
+        warn!(kind, %message, "poison message: moving it to the dead-letter queue");
+        let now = now_rfc3339();
+        let info = DeadLetter {
+            kind: kind.into(),
+            error: message,
+            attempts: 0,
+            first_failure_at: now.clone(),
+            last_failure_at: now,
+            refund_id,
+            provider: None,
+            delayed_rounds: None,
+        };
+        self.dead_letter(publisher, delivery, &info).await
+    }
+
+    async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        info: &DeadLetter,
+    ) -> Result<(), PipelineError> {
+        self.park(publisher, delivery, ParkTarget::DeadLetters, info)
+            .await
+    }
+
+    async fn park(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        target: ParkTarget<'_>,
+        info: &DeadLetter,
+    ) -> Result<(), PipelineError> {
+        // A replayed message keeps the exchange and routing key it was first
+        // published with.
+        let exchange = header_str(delivery, crate::broker::HEADER_ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| delivery.exchange.to_string());
+        let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
+        if matches!(target, ParkTarget::DeadLetters) {
+            metrics::dead_lettered(&info.kind);
+        }
+        publisher
+            .park(
+                target,
+                &delivery.data,
+                &delivery.properties,
+                &exchange,
+                &routing_key,
+                info,
+            )
+            .await?;
+        Ok(())
+    }
+}
