@@ -9,6 +9,7 @@
 //! consumes again. Deliveries that were in flight come back redelivered and
 //! their records tell what to do with each.
 
+use crate::background;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::config::Settings;
@@ -115,15 +116,20 @@ impl App {
             worker.clone(),
             shutdown.clone(),
         ));
-        let store_metrics = tokio::spawn(refresh_store_metrics(
+        let store_metrics = tokio::spawn(background::refresh_store_metrics(
             worker.store().clone(),
             settings.clone(),
             shutdown.clone(),
         ));
-        let pruner = tokio::spawn(prune_periodically(
+        let pruner = tokio::spawn(background::prune_periodically(
             worker.store().clone(),
-            settings.store.retention_days,
-            Duration::from_secs(settings.store.prune_interval_secs),
+            settings.store.retention(),
+            settings.store.prune_every(),
+            shutdown.clone(),
+        ));
+        let sweeper = tokio::spawn(background::sweep_outbox_periodically(
+            worker.clone(),
+            settings.store.outbox_sweep_every(),
             shutdown.clone(),
         ));
         let mut in_flight = JoinSet::new();
@@ -161,6 +167,7 @@ impl App {
         }
         let _ = http_task.await;
         let _ = pruner.await;
+        let _ = sweeper.await;
         let _ = store_metrics.await;
         info!("stopped");
     }
@@ -232,67 +239,6 @@ async fn session(
         let _ = connection.close(200, "shutting down".into()).await;
     }
     Ok(end)
-}
-
-/// Prunes old finished records on the blocking pool, so processing never
-/// waits for it.
-async fn prune_periodically(
-    store: Store,
-    retention_days: u32,
-    every: Duration,
-    mut shutdown: Shutdown,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.triggered() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let cutoff =
-            time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(retention_days));
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.prune(cutoff)).await {
-            Ok(Ok(report)) => info!(
-                records = report.records,
-                ledgers = report.ledgers,
-                "pruned the store"
-            ),
-            Ok(Err(e)) => warn!(error = %e, "pruning failed"),
-            Err(e) => warn!(error = %e, "pruning task failed"),
-        }
-    }
-}
-
-/// Refreshes the store gauges every few seconds, off the async runtime,
-/// and reports refunds pending for longer than their account allows (each
-/// once, when it becomes overdue).
-async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut shutdown: Shutdown) {
-    let mut reported = std::collections::HashSet::new();
-    loop {
-        let counting = store.clone();
-        let limits = settings.clone();
-        let scan = tokio::task::spawn_blocking(move || {
-            let counts = counting.counts()?;
-            let overdue = counting.pending_overdue(|p| limits.pending_alert_after(p))?;
-            Ok::<_, crate::store::StoreError>((counts, overdue))
-        })
-        .await;
-        if let Ok(Ok(((all, in_doubt, unfinished), overdue))) = scan {
-            crate::metrics::store_counts(all, in_doubt, unfinished);
-            crate::metrics::pending_overdue(overdue.len());
-            let new: Vec<&String> = overdue
-                .iter()
-                .filter(|id| !reported.contains(*id))
-                .collect();
-            if !new.is_empty() {
-                warn!(refund_ids = ?new, "refunds pending longer than pending_alert_after_secs: check them with the provider");
-            }
-            reported = overdue.into_iter().collect();
-        }
-        tokio::select! {
-            _ = shutdown.triggered() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-    }
 }
 
 /// Waits for in-flight deliveries, up to [`DRAIN_DEADLINE`]. Those still

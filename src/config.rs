@@ -8,6 +8,7 @@ pub use crate::providers::creditguard::CreditGuardAccount;
 pub use crate::providers::hyp_pay::HypPayAccount;
 pub use crate::providers::paynet::PaynetAccount;
 use crate::secret::Secret;
+use crate::store::Retention;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -95,14 +96,105 @@ pub struct AmqpSettings {
 pub struct StoreSettings {
     /// The sled directory.
     pub path: PathBuf,
-    /// Finished records older than this are pruned (a duplicate arriving
-    /// later than this is no longer recognised).
-    pub retention_days: u32,
-    /// How often the pruning pass runs.
-    pub prune_interval_secs: u64,
+    /// Finished records older than this become tombstones (`30d`, `12h`,
+    /// `10s`). Default 30 days.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub retention: Option<Duration>,
+    /// The older form of `retention`, in days; used when `retention` is
+    /// not set.
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+    /// Tombstones (and settled over-refund ledgers) are kept this long after
+    /// the record was pruned. Default 400 days.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub tombstone_retention: Option<Duration>,
+    /// How often the pruning pass runs (`1h`, `10s`). Default 1 hour.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub prune_interval: Option<Duration>,
+    /// The older form of `prune_interval`, in seconds.
+    #[serde(default)]
+    pub prune_interval_secs: Option<u64>,
+    /// How often events the broker has not confirmed are published again
+    /// (the outbox sweep). Default 10 seconds.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub outbox_sweep_interval: Option<Duration>,
     /// Group commit: how long the syncer waits for more writers after the
     /// first one of a batch (microseconds; 0 flushes at once).
     pub group_commit_linger_us: u64,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+impl StoreSettings {
+    /// How long finished records and tombstones are kept.
+    pub fn retention(&self) -> Retention {
+        let records = self
+            .retention
+            .or(self.retention_days.map(|d| DAY.saturating_mul(d)))
+            .unwrap_or(DAY * 30);
+        Retention {
+            records,
+            tombstones: self.tombstone_retention.unwrap_or(DAY * 400),
+        }
+    }
+
+    /// How often the pruning pass runs.
+    pub fn prune_every(&self) -> Duration {
+        self.prune_interval
+            .or(self.prune_interval_secs.map(Duration::from_secs))
+            .unwrap_or(Duration::from_secs(3600))
+    }
+
+    /// How often the outbox is swept.
+    pub fn outbox_sweep_every(&self) -> Duration {
+        self.outbox_sweep_interval
+            .unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// Parses a duration: a number with a unit (`500ms`, `10s`, `15m`, `2h`,
+/// `30d`) or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s, 15m, 2h, 30d"))?;
+    let unit_secs = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Accepts `"30d"`-style strings and plain seconds.
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Seconds(n)) => Ok(Some(Duration::from_secs(n))),
+        Some(Raw::Text(t)) => parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 /// HTTP listener settings.
@@ -289,11 +381,31 @@ impl Settings {
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
-        if self.store.retention_days == 0 {
+        for (key, value) in [
+            ("store.retention", self.store.retention),
+            ("store.tombstone_retention", self.store.tombstone_retention),
+            ("store.prune_interval", self.store.prune_interval),
+            (
+                "store.outbox_sweep_interval",
+                self.store.outbox_sweep_interval,
+            ),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if self.store.retention_days == Some(0) {
             return Err(invalid("store.retention_days", "must be at least 1"));
         }
-        if self.store.prune_interval_secs == 0 {
+        if self.store.prune_interval_secs == Some(0) {
             return Err(invalid("store.prune_interval_secs", "must be at least 1"));
+        }
+        let retention = self.store.retention();
+        if retention.tombstones < retention.records {
+            return Err(invalid(
+                "store.tombstone_retention",
+                "must not be shorter than store.retention (a duplicate must never outlive both)",
+            ));
         }
         self.http_addr()?;
         if let Some(public) = &self.http.public_url {
@@ -455,6 +567,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn retention_takes_durations_and_the_older_day_key() {
+        let s = with(HYP).expect("valid");
+        assert_eq!(s.store.retention().records, DAY * 30);
+        assert_eq!(s.store.retention().tombstones, DAY * 400);
+        assert_eq!(s.store.prune_every(), Duration::from_secs(3600));
+        let s = with(&format!("{HYP}\n[store]\nretention_days = 7\n")).expect("valid");
+        assert_eq!(s.store.retention().records, DAY * 7);
+        let env = [
+            ("REFUND_WORKER__STORE__RETENTION", "3s"),
+            ("REFUND_WORKER__STORE__PRUNE_INTERVAL", "1s"),
+            ("REFUND_WORKER__STORE__TOMBSTONE_RETENTION", "12h"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(None, Some(env)).expect("valid");
+        assert_eq!(s.store.retention().records, Duration::from_secs(3));
+        assert_eq!(
+            s.store.retention().tombstones,
+            Duration::from_secs(12 * 3600)
+        );
+        assert_eq!(s.store.prune_every(), Duration::from_secs(1));
+        let err = with(&format!("{HYP}\n[store]\nretention = \"soon\"\n"))
+            .expect_err("bad duration")
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
+        let err = with(&format!("{HYP}\n[store]\nretention = \"500d\"\n"))
+            .expect_err("outlives tombstones")
+            .to_string();
+        assert!(err.contains("store.tombstone_retention"), "{err}");
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("5w").is_err());
     }
 
     #[test]

@@ -133,6 +133,12 @@ pub struct Report {
     pub skipped_in_doubt: Vec<String>,
     /// Skipped poison messages (see [`POISON_KINDS`]).
     pub skipped_poison: usize,
+    /// Purge: refund messages kept (no `--include-refunds`).
+    pub skipped_refunds: usize,
+    /// Purge: refunds recorded as abandoned before their message went.
+    pub abandoned: Vec<String>,
+    /// Purge: refunds that could not be abandoned (message kept), and why.
+    pub refused: Vec<(String, String)>,
 }
 
 /// A browsing session over the dead-letter queue.
@@ -259,11 +265,18 @@ impl Dlq {
         Ok(report)
     }
 
-    /// Removes matching messages (up to `limit`).
+    /// Removes matching messages (up to `limit`). Poison messages (a bad
+    /// body, no refund to lose) go at once. Any other dead letter stands
+    /// for a refund that is not decided (in doubt, not yet sent,
+    /// misconfigured): it is kept unless `abandon` is given, which must
+    /// record the refund as abandoned (publishing its `failed` event and
+    /// releasing its reservation) before the message is removed; a refund
+    /// it cannot abandon keeps its message.
     pub async fn purge(
         &mut self,
         filter: &Filter,
         limit: Option<usize>,
+        mut abandon: Option<impl AsyncFnMut(&DeadMessage) -> Result<(), String>>,
     ) -> Result<Report, DlqError> {
         let mut report = Report {
             browsed: self.messages.len(),
@@ -274,12 +287,37 @@ impl Dlq {
             if limit.is_some_and(|l| report.done >= l) {
                 continue;
             }
+            if !POISON_KINDS.contains(&m.kind.as_str()) {
+                let Some(abandon) = abandon.as_mut() else {
+                    report.skipped_refunds += 1;
+                    continue;
+                };
+                if let Err(why) = abandon(m).await {
+                    report
+                        .refused
+                        .push((m.refund_id.clone().unwrap_or_default(), why));
+                    continue;
+                }
+                report
+                    .abandoned
+                    .push(m.refund_id.clone().unwrap_or_default());
+            }
             self.channel
                 .basic_ack(m.delivery_tag, BasicAckOptions::default())
                 .await?;
             report.done += 1;
         }
         Ok(report)
+    }
+
+    /// As [`Dlq::purge`] without abandoning: poison messages only.
+    pub async fn purge_poison(
+        &mut self,
+        filter: &Filter,
+        limit: Option<usize>,
+    ) -> Result<Report, DlqError> {
+        type NoAbandon = fn(&DeadMessage) -> std::future::Ready<Result<(), String>>;
+        self.purge(filter, limit, None::<NoAbandon>).await
     }
 
     /// Puts everything not replayed or purged back in the queue.
@@ -378,22 +416,7 @@ fn describe(delivery_tag: u64, raw: Vec<u8>, properties: BasicProperties) -> Dea
 
 /// Parses `90s`, `15m`, `2h`, `3d` (or plain seconds).
 pub fn parse_age(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m, 2h, 3d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
+    crate::config::parse_duration(text)
 }
 
 /// Renders an age in seconds as `3d4h`, `5m`, `42s`.

@@ -93,6 +93,11 @@ pub struct OutcomeEvent {
 /// Derives the stable event id: a UUID-shaped digest of `refund_id` and status.
 pub fn event_id(refund_id: &str, status: Status) -> String {
     let digest = Sha256::digest(format!("{refund_id}\n{}", status.as_str()).as_bytes());
+    uuid_shape(&digest)
+}
+
+/// The first 16 bytes of a digest in the 8-4-4-4-12 form of a UUID.
+fn uuid_shape(digest: &[u8]) -> String {
     let h = hex(&digest[..16]);
     format!(
         "{}-{}-{}-{}-{}",
@@ -133,6 +138,20 @@ impl OutcomeEvent {
         }
     }
 
+    /// Marks the `n`-th in-doubt episode of a refund (1 for the first): from
+    /// the second on, the event id also covers the episode number, so a
+    /// consumer that dedupes on `event_id` still sees a new episode. The
+    /// first keeps the id derived from `(refund_id, status)` alone.
+    pub fn episode(mut self, n: u32) -> Self {
+        if n > 1 {
+            let digest = Sha256::digest(
+                format!("{}\n{}\n{n}", self.refund_id, self.status.as_str()).as_bytes(),
+            );
+            self.event_id = uuid_shape(&digest);
+        }
+        self
+    }
+
     /// Sets the worker's error.
     pub fn with_error(mut self, kind: &str, message: impl Into<String>) -> Self {
         self.error = Some(EventError {
@@ -159,6 +178,18 @@ mod tests {
         assert_ne!(a, event_id("rf-1", Status::Failed));
         assert_ne!(a, event_id("rf-2", Status::Succeeded));
         assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn in_doubt_episodes_have_their_own_ids_and_the_first_keeps_todays() {
+        let echo = Echo::default();
+        let first = OutcomeEvent::new("rf-1", Status::InDoubt, &echo, 1).episode(1);
+        assert_eq!(first.event_id, event_id("rf-1", Status::InDoubt));
+        let second = OutcomeEvent::new("rf-1", Status::InDoubt, &echo, 2).episode(2);
+        let again = OutcomeEvent::new("rf-1", Status::InDoubt, &echo, 2).episode(2);
+        assert_ne!(second.event_id, first.event_id);
+        assert_eq!(second.event_id, again.event_id);
+        assert_eq!(second.event_id.len(), 36);
     }
 
     #[test]

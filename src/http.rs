@@ -7,14 +7,19 @@
 //! * `GET /refunds/{id}`: the record with its history.
 //! * `GET /refunds?status=in_doubt&limit=100`: records by status.
 //! * `POST /refunds/{id}/resolve`: settle an in-doubt refund
-//!   (`{"executed": "<txn>"}` or `{"not_executed": true}`, with `by` and
-//!   `reason`).
+//!   (`{"executed": "<txn>", "performed": "refund"}` or
+//!   `{"not_executed": true}`, with `by` and `reason`).
+//! * `POST /refunds/{id}/abandon`: give up a not-sent or in-doubt refund
+//!   (`failed`, `error.kind = abandoned`; `by`, `reason`).
+//! * `POST /refunds/{id}/release`: release an over-refund reservation that
+//!   nothing will settle (`by`, `reason`).
 //!
 //! Bind it to a private address: the resolve endpoint changes refunds.
 
 use crate::shutdown::Shutdown;
+use crate::store::Known;
 use crate::store::RefundRecord;
-use crate::worker::{record_status, CallbackError, Resolution, ResolveError, Worker};
+use crate::worker::{record_status, CallbackError, Decision, Resolution, ResolveError, Worker};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -69,6 +74,8 @@ pub async fn serve(
         .route("/refunds", get(list_refunds))
         .route("/refunds/{id}", get(show_refund))
         .route("/refunds/{id}/resolve", post(resolve_refund))
+        .route("/refunds/{id}/abandon", post(abandon_refund))
+        .route("/refunds/{id}/release", post(release_refund))
         .route("/callbacks/paynet/{id}/{token}", post(paynet_callback))
         .with_state(AppState { health, worker });
     let _ = axum::serve(listener, app)
@@ -96,8 +103,18 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.worker.store().get(&id) {
-        Ok(Some(record)) => Json(record).into_response(),
+    match state.worker.store().lookup(&id) {
+        Ok(Some(Known::Record(record))) => Json(record).into_response(),
+        // A pruned refund: what is left of it, in the record's shape.
+        Ok(Some(Known::Tombstone(t))) => Json(serde_json::json!({
+            "refund_id": id,
+            "payload_hash": t.payload_hash,
+            "state": { "state": "tombstone", "status": t.status, "event_id": t.event_id,
+                       "performed": t.performed, "provider_transaction_id": t.provider_transaction_id },
+            "attempts": t.attempts,
+            "updated_at": t.pruned_at,
+        }))
+        .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no refund {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -136,6 +153,41 @@ async fn list_refunds(State(state): State<AppState>, Query(q): Query<ListQuery>)
     }
 }
 
+fn decision_error(e: ResolveError) -> Response {
+    let status = match &e {
+        ResolveError::NotFound(_) => StatusCode::NOT_FOUND,
+        ResolveError::WrongState { .. } => StatusCode::CONFLICT,
+        ResolveError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ResolveError::Publish(_) => StatusCode::BAD_GATEWAY,
+        ResolveError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+async fn abandon_refund(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(decision): Json<Decision>,
+) -> Response {
+    match state.worker.abandon(&id, decision).await {
+        Ok(record) => Json(record).into_response(),
+        Err(e) => decision_error(e),
+    }
+}
+
+async fn release_refund(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(decision): Json<Decision>,
+) -> Response {
+    match state.worker.release(&id, decision).await {
+        Ok(released) => {
+            Json(serde_json::json!({ "refund_id": id, "released": released })).into_response()
+        }
+        Err(e) => decision_error(e),
+    }
+}
+
 async fn resolve_refund(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -143,11 +195,7 @@ async fn resolve_refund(
 ) -> Response {
     match state.worker.resolve(&id, resolution).await {
         Ok(record) => Json(record).into_response(),
-        Err(e @ ResolveError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ ResolveError::NotInDoubt { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e @ ResolveError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ ResolveError::Publish(_)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
-        Err(e @ ResolveError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => decision_error(e),
     }
 }
 
@@ -161,7 +209,6 @@ async fn paynet_callback(
             .into_response(),
         Err(e @ CallbackError::NotFound) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ CallbackError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ CallbackError::NotPending(_)) => error(StatusCode::CONFLICT, e.to_string()),
         // Non-2xx makes the provider try again; the record is already final.
         Err(e @ CallbackError::Publish(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e @ CallbackError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

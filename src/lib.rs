@@ -10,6 +10,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod app;
+pub mod background;
 pub mod bench;
 pub mod broker;
 pub mod client;

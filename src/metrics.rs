@@ -98,3 +98,19 @@ pub fn contradiction(provider: &str) {
 pub fn pending_overdue(count: usize) {
     gauge!("refund_worker_pending_overdue").set(count as f64);
 }
+
+/// Finished records turned into tombstones by a pruning pass.
+pub fn pruned(tombstoned: usize) {
+    counter!("refund_worker_store_pruned_total").increment(tombstoned as u64);
+}
+
+/// Tombstones and unconfirmed events, refreshed in the background.
+pub fn store_extra(tombstones: usize, unconfirmed: usize) {
+    gauge!("refund_worker_store_tombstones").set(tombstones as f64);
+    gauge!("refund_worker_outbox_unconfirmed").set(unconfirmed as f64);
+}
+
+/// Events published again by the outbox sweep.
+pub fn outbox_republished(count: usize) {
+    counter!("refund_worker_outbox_republished_total").increment(count as u64);
+}

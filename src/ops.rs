@@ -5,7 +5,7 @@
 
 use crate::config::AmqpSettings;
 use crate::dlq::{human_age, DeadMessage, Dlq, Filter, Report};
-use crate::worker::Resolution;
+use crate::worker::{Decision, Resolution};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use std::io::IsTerminal;
@@ -110,14 +110,38 @@ impl WorkerApi {
         self.decode(response).await
     }
 
-    /// Whether the worker still has this refund in doubt. Unknown (API
-    /// unreachable) counts as in doubt: never replay on a guess.
+    /// Whether the worker still has this refund in doubt. A refund the
+    /// store does not know (never recorded, or its tombstone expired) and
+    /// an unreachable API count as in doubt: never replay on a guess.
     pub async fn still_in_doubt(&self, refund_id: &str) -> bool {
         match self.refund(refund_id).await {
             Ok(Some(record)) => status_of(&record) == "in_doubt",
-            Ok(None) => false,
-            Err(_) => true,
+            Ok(None) | Err(_) => true,
         }
+    }
+
+    /// Records a refund as abandoned (`failed`, `error.kind = abandoned`).
+    pub async fn abandon(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
+        let response = self
+            .http
+            .post(format!("{}/refunds/{refund_id}/abandon", self.base))
+            .json(decision)
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        self.decode(response).await
+    }
+
+    /// Releases a refund's over-refund reservation.
+    pub async fn release(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
+        let response = self
+            .http
+            .post(format!("{}/refunds/{refund_id}/release", self.base))
+            .json(decision)
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        self.decode(response).await
     }
 }
 
@@ -125,6 +149,7 @@ impl WorkerApi {
 pub fn status_of(record: &Value) -> String {
     let state = &record["state"];
     match state["state"].as_str() {
+        Some("tombstone") => state["status"].as_str().unwrap_or("finished").to_string(),
         Some("finished") => state["event"]["status"]
             .as_str()
             .unwrap_or("finished")
@@ -269,29 +294,109 @@ pub async fn dlq_replay(
     Ok(report)
 }
 
+/// What `dlq purge` may remove.
+#[derive(Debug, Clone, Default)]
+pub struct PurgeScope {
+    /// Everything matching no filter (with `yes`).
+    pub all: bool,
+    /// Also refunds that are not decided: each is recorded as abandoned.
+    pub include_refunds: bool,
+    /// Confirms `all` and `include_refunds`.
+    pub yes: bool,
+    /// Who purges (required with `include_refunds`).
+    pub by: Option<String>,
+    /// Why (required with `include_refunds`).
+    pub reason: Option<String>,
+}
+
 /// `dlq purge`.
 pub async fn dlq_purge(
     amqp: &AmqpSettings,
+    api: &WorkerApi,
     filter: &Filter,
-    all: bool,
-    yes: bool,
+    scope: &PurgeScope,
     limit: Option<usize>,
 ) -> Result<Report, OpsError> {
-    if filter.is_empty() && !(all && yes) {
+    if filter.is_empty() && !(scope.all && scope.yes) {
         return Err(OpsError::Refused(
             "purge needs a filter (--reason, --provider, --refund-id, --older-than) or --all --yes"
                 .into(),
         ));
     }
+    let decision = if scope.include_refunds {
+        let (Some(by), Some(reason), true) = (&scope.by, &scope.reason, scope.yes) else {
+            return Err(OpsError::Refused(
+                "--include-refunds abandons the refunds it purges (a `failed` event each): \
+                 it needs --yes, --by and --reason"
+                    .into(),
+            ));
+        };
+        Some(Decision {
+            by: by.clone(),
+            reason: reason.clone(),
+        })
+    } else {
+        None
+    };
     let mut dlq = Dlq::open(amqp).await?;
-    let report = dlq.purge(filter, limit).await;
+    let abandon = decision.as_ref().map(|decision| {
+        async move |m: &DeadMessage| -> Result<(), String> {
+            let Some(id) = &m.refund_id else {
+                return Ok(());
+            };
+            match api.refund(id).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            api.abandon(id, decision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    });
+    let report = dlq.purge(filter, limit, abandon).await;
     dlq.close().await;
     let report = report?;
+    for (id, why) in &report.refused {
+        eprintln!("kept {id}: {why}");
+    }
+    if report.skipped_refunds > 0 {
+        eprintln!(
+            "kept {} refund message(s) (in doubt, not yet sent, misconfigured): they are not decided; \
+             replay them, or purge them with --include-refunds --yes --by --reason to record them as abandoned",
+            report.skipped_refunds
+        );
+    }
     eprintln!(
-        "removed {} of {} message(s) in the dead-letter queue",
-        report.done, report.browsed
+        "removed {} of {} message(s) in the dead-letter queue ({} refund(s) abandoned)",
+        report.done,
+        report.browsed,
+        report.abandoned.len()
     );
     Ok(report)
+}
+
+/// `refunds abandon`.
+pub async fn refunds_abandon(
+    api: &WorkerApi,
+    refund_id: &str,
+    decision: &Decision,
+) -> Result<(), OpsError> {
+    let record = api.abandon(refund_id, decision).await?;
+    println!("{} is now {}", refund_id, status_of(&record));
+    Ok(())
+}
+
+/// `refunds release`.
+pub async fn refunds_release(
+    api: &WorkerApi,
+    refund_id: &str,
+    decision: &Decision,
+) -> Result<(), OpsError> {
+    let answer = api.release(refund_id, decision).await?;
+    println!("released {} for {refund_id}", answer["released"]);
+    Ok(())
 }
 
 /// `refunds show`.

@@ -129,6 +129,14 @@ impl Provider {
         }
     }
 
+    /// Whether the provider may perform `asked` as another operation: a
+    /// CreditGuard `refundDeal` of a transaction not yet transmitted is
+    /// performed as a cancel (`transactionType code="52"`). An operator who
+    /// resolves such a refund as executed must say which happened.
+    pub fn may_perform_otherwise(&self, asked: Operation) -> bool {
+        matches!(self, Provider::CreditGuard(_)) && asked == Operation::Refund
+    }
+
     /// Whether an `Unknown` outcome may be resolved by sending the same
     /// request again (the provider deduplicates it): only CreditGuard with
     /// `dedupe_requests`. Hyp Pay and Paynet have no idempotency key.

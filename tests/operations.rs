@@ -159,7 +159,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
         reason: Some("malformed".into()),
         ..Default::default()
     };
-    let report = dlq.purge(&malformed, None).await.expect("purge");
+    let report = dlq.purge_poison(&malformed, None).await.expect("purge");
     dlq.close().await;
     assert_eq!(report.done, 1);
     wait_depth(&app, "refunds.dead", 0).await;
@@ -197,6 +197,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
         reason: "".into(),
         executed: Some("1".into()),
         not_executed: false,
+        performed: None,
     };
     assert!(api.resolve("rf-doubt-a", &bad).await.is_err());
 
@@ -208,6 +209,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
             &Resolution {
                 executed: Some(txn.clone()),
                 not_executed: false,
+                performed: None,
                 by: "dana".into(),
                 reason: "seen in Hyp back office".into(),
             },
@@ -231,6 +233,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
             &Resolution {
                 executed: Some(txn.clone()),
                 not_executed: false,
+                performed: None,
                 by: "dana".into(),
                 reason: "again".into()
             }
@@ -245,6 +248,7 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
             &Resolution {
                 executed: None,
                 not_executed: true,
+                performed: None,
                 by: "dana".into(),
                 reason: "not in Hyp".into(),
             },

@@ -2,8 +2,9 @@
 //! and the dispatch to the operator commands in the library (`ops.rs`).
 
 use clap::Subcommand;
+use refund_worker::command::Operation;
 use refund_worker::config::Settings;
-use refund_worker::worker::Resolution;
+use refund_worker::worker::{Decision, Resolution};
 use refund_worker::{dlq, ops};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,16 +66,29 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         quiet: bool,
     },
-    /// Remove matching messages (a filter, or --all --yes).
+    /// Remove matching poison messages (a filter, or --all --yes). Refund
+    /// messages (in doubt, not yet sent, misconfigured) are kept unless
+    /// --include-refunds --yes --by --reason: then each refund is recorded
+    /// as abandoned (a `failed` event) before its message goes.
     Purge {
         #[command(flatten)]
         filter: DlqFilter,
         /// Everything in the queue.
         #[arg(long)]
         all: bool,
-        /// Confirms --all.
+        /// Also refunds that are not decided; each is recorded as abandoned.
+        #[arg(long)]
+        include_refunds: bool,
+        /// Confirms --all and --include-refunds.
         #[arg(long)]
         yes: bool,
+        /// Who purges (recorded; required with --include-refunds).
+        #[arg(long)]
+        by: Option<String>,
+        /// Why (recorded; required with --include-refunds). `--reason` is
+        /// the dead-letter reason filter.
+        #[arg(long)]
+        why: Option<String>,
         /// At most this many.
         #[arg(long)]
         limit: Option<usize>,
@@ -111,6 +125,10 @@ pub(crate) enum RefundsCommand {
             required_unless_present = "not_executed"
         )]
         executed: Option<String>,
+        /// What the provider performed: refund or cancel (required where the
+        /// account may perform a refund as a cancel, i.e. CreditGuard).
+        #[arg(long, requires = "executed", value_parser = ["refund", "cancel"])]
+        performed: Option<String>,
         /// The provider did not execute it: allow one new attempt (then replay it).
         #[arg(long)]
         not_executed: bool,
@@ -118,6 +136,31 @@ pub(crate) enum RefundsCommand {
         #[arg(long)]
         by: String,
         /// Why (recorded): ticket, provider's answer.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Give up a refund that is not sent or in doubt: it is recorded as
+    /// `failed` (error.kind abandoned), its reservation released, its event
+    /// published. It will never be sent.
+    Abandon {
+        /// The refund.
+        refund_id: String,
+        /// Who decides (recorded).
+        #[arg(long)]
+        by: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release an over-refund reservation that nothing will settle (the
+    /// refund is unknown, failed or abandoned).
+    Release {
+        /// The refund.
+        refund_id: String,
+        /// Who decides (recorded).
+        #[arg(long)]
+        by: String,
+        /// Why (recorded).
         #[arg(long)]
         reason: String,
     },
@@ -146,10 +189,20 @@ pub(crate) async fn dlq(
         DlqCommand::Purge {
             filter,
             all,
+            include_refunds,
             yes,
+            by,
+            why,
             limit,
         } => {
-            ops::dlq_purge(&amqp, &filter.into_filter(), all, yes, limit).await?;
+            let scope = ops::PurgeScope {
+                all,
+                include_refunds,
+                yes,
+                by,
+                reason: why,
+            };
+            ops::dlq_purge(&amqp, &api, &filter.into_filter(), &scope, limit).await?;
         }
     }
     Ok(())
@@ -167,18 +220,35 @@ pub(crate) async fn refunds(worker_url: &str, command: RefundsCommand) -> anyhow
         RefundsCommand::Resolve {
             refund_id,
             executed,
+            performed,
             not_executed,
             by,
             reason,
         } => {
+            let performed = match performed.as_deref() {
+                Some("cancel") => Some(Operation::Cancel),
+                Some(_) => Some(Operation::Refund),
+                None => None,
+            };
             let resolution = Resolution {
                 executed,
+                performed,
                 not_executed,
                 by,
                 reason,
             };
             ops::refunds_resolve(&api, &refund_id, &resolution).await?
         }
+        RefundsCommand::Abandon {
+            refund_id,
+            by,
+            reason,
+        } => ops::refunds_abandon(&api, &refund_id, &Decision { by, reason }).await?,
+        RefundsCommand::Release {
+            refund_id,
+            by,
+            reason,
+        } => ops::refunds_release(&api, &refund_id, &Decision { by, reason }).await?,
     }
     Ok(())
 }

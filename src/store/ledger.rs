@@ -9,16 +9,14 @@
 //! command gives it, so two commands that name one charge differently (say
 //! CreditGuard `tran_id` and `cg_uid`) are not summed together.
 //!
-//! Updates are compare-and-swap loops on one sled key, so concurrent
-//! refunds of one charge (different `refund_id`s, not serialised by the
-//! per-refund lock) cannot both slip under the limit. They become durable
-//! with the next [`Store::sync`](super::Store::sync), which the pipeline
-//! runs before the provider call.
-//!
-//! This module knows only its own tree; the store sits on top of it and
-//! exposes it (the arrows point one way: `store` → `ledger`).
+//! This module is pure: the arithmetic of one charge's ledger. The store
+//! sits on top of it and applies it inside the same sled transaction as the
+//! refund's record (claim and reservation together, outcome and settlement
+//! together), so concurrent refunds of one charge (different `refund_id`s,
+//! not serialised by the per-refund lock) cannot both slip under the limit,
+//! and a crash can never leave a record and its reservation disagreeing.
+//! The arrows point one way: `store` → `ledger`.
 
-use super::StoreError;
 use crate::command::RefundCommand;
 use crate::event::now_rfc3339;
 use serde::{Deserialize, Serialize};
@@ -81,121 +79,95 @@ pub fn requested_amount(command: &RefundCommand, original_amount: u64) -> u64 {
     }
 }
 
-/// The ledger tree: one [`OriginalLedger`] per original charge.
-#[derive(Debug, Clone)]
-pub struct Ledger {
-    tree: sled::Tree,
+/// What a refund's record change does to its reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerChange {
+    /// Nothing.
+    Keep,
+    /// The reservation now stands for this.
+    Mark(Reservation),
+    /// The refund will not be paid (declined, abandoned): free its amount.
+    Release,
 }
 
-impl Ledger {
-    /// Wraps the store's `originals` tree.
-    pub(super) fn new(tree: sled::Tree) -> Self {
-        Ledger { tree }
+impl OriginalLedger {
+    /// A ledger for a charge seen for the first time.
+    pub fn new(original_amount: u64) -> Self {
+        OriginalLedger {
+            original_amount,
+            ..Default::default()
+        }
     }
 
-    /// The underlying tree (for pruning and transactions).
-    pub(super) fn tree(&self) -> &sled::Tree {
-        &self.tree
-    }
-
-    /// Reserves the command's amount against its original. Idempotent per
-    /// `refund_id`. `Ok(Err(_))` means it would over-refund.
+    /// Reserves the command's amount. Idempotent per `refund_id`: a refund
+    /// already in the ledger keeps its entry. `Err` means it would exceed
+    /// the original.
     pub fn reserve(
-        &self,
+        &mut self,
         command: &RefundCommand,
         original_amount: u64,
-    ) -> Result<Result<(), OverRefund>, StoreError> {
-        let key = ledger_key(command);
-        let requested = requested_amount(command, original_amount);
-        loop {
-            let current = self.tree.get(key.as_bytes())?;
-            let mut ledger: OriginalLedger = match &current {
-                Some(bytes) => decode(&key, bytes)?,
-                None => OriginalLedger {
-                    original_amount,
-                    ..Default::default()
-                },
-            };
-            if ledger.refunds.contains_key(&command.refund_id) {
-                return Ok(Ok(()));
-            }
-            ledger.original_amount = ledger.original_amount.min(original_amount);
-            let reserved = ledger.reserved();
-            if reserved.saturating_add(requested) > ledger.original_amount {
-                return Ok(Err(OverRefund {
-                    original_amount: ledger.original_amount,
-                    reserved,
-                    requested,
-                }));
-            }
-            ledger.refunds.insert(
-                command.refund_id.clone(),
-                (requested, Reservation::InFlight),
-            );
-            ledger.updated_at = now_rfc3339();
-            let new = serde_json::to_vec(&ledger).unwrap_or_default();
-            if self
-                .tree
-                .compare_and_swap(key.as_bytes(), current, Some(new))?
-                .is_ok()
-            {
-                return Ok(Ok(()));
-            }
-        }
-    }
-
-    /// Records how a reserved refund ended: `None` releases it (declined).
-    pub fn settle(
-        &self,
-        command: &RefundCommand,
-        outcome: Option<Reservation>,
-    ) -> Result<(), StoreError> {
-        if command.original_amount.is_none() {
+    ) -> Result<(), OverRefund> {
+        if self.refunds.contains_key(&command.refund_id) {
             return Ok(());
         }
-        let key = ledger_key(command);
-        loop {
-            let Some(current) = self.tree.get(key.as_bytes())? else {
-                return Ok(());
-            };
-            let mut ledger: OriginalLedger = decode(&key, &current)?;
-            match outcome {
-                None => {
-                    ledger.refunds.remove(&command.refund_id);
-                }
-                Some(state) => {
-                    if let Some(entry) = ledger.refunds.get_mut(&command.refund_id) {
-                        entry.1 = state;
-                    }
-                }
-            }
-            ledger.updated_at = now_rfc3339();
-            let new = serde_json::to_vec(&ledger).unwrap_or_default();
-            if self
-                .tree
-                .compare_and_swap(key.as_bytes(), Some(current), Some(new))?
-                .is_ok()
-            {
-                return Ok(());
-            }
+        let requested = requested_amount(command, original_amount);
+        let original_amount = self.original_amount.min(original_amount);
+        let reserved = self.reserved();
+        if reserved.saturating_add(requested) > original_amount {
+            return Err(OverRefund {
+                original_amount,
+                reserved,
+                requested,
+            });
         }
+        self.original_amount = original_amount;
+        self.refunds.insert(
+            command.refund_id.clone(),
+            (requested, Reservation::InFlight),
+        );
+        self.updated_at = now_rfc3339();
+        Ok(())
     }
 
-    /// The ledger of a command's original, if any.
-    pub fn get(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
-        let key = ledger_key(command);
-        match self.tree.get(key.as_bytes())? {
-            Some(bytes) => decode(&key, &bytes).map(Some),
-            None => Ok(None),
+    /// Applies a change to one refund's entry; true if anything changed.
+    pub fn apply(&mut self, refund_id: &str, change: LedgerChange) -> bool {
+        let changed = match change {
+            LedgerChange::Keep => false,
+            LedgerChange::Release => self.refunds.remove(refund_id).is_some(),
+            LedgerChange::Mark(state) => match self.refunds.get_mut(refund_id) {
+                Some(entry) if entry.1 != state => {
+                    entry.1 = state;
+                    true
+                }
+                _ => false,
+            },
+        };
+        if changed {
+            self.updated_at = now_rfc3339();
         }
+        changed
+    }
+
+    /// Whether every reservation is a paid refund (nothing can change any
+    /// more, so the ledger may be pruned with the refunds' tombstones).
+    pub fn settled(&self) -> bool {
+        self.refunds
+            .values()
+            .all(|(_, state)| *state == Reservation::Succeeded)
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain data: serde_json cannot fail on it.
+        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 
-pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<OriginalLedger, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
-        refund_id: format!("ledger {key}"),
-        source,
-    })
+impl OriginalLedger {
+    /// Reads the stored form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
 }
 
 #[cfg(test)]
@@ -212,40 +184,24 @@ mod tests {
         .expect("command")
     }
 
-    #[tokio::test]
-    async fn refuses_what_would_exceed_the_original_and_releases_declines() {
-        let dir = tempfile::tempdir().expect("dir");
-        let db = sled::Config::new().path(dir.path()).open().expect("open");
-        let store = Ledger::new(db.open_tree("originals").expect("tree"));
-        assert_eq!(
-            store.reserve(&refund("a", 6000), 10000).expect("io"),
-            Ok(())
-        );
+    #[test]
+    fn refuses_what_would_exceed_the_original_and_releases_declines() {
+        let mut ledger = OriginalLedger::new(10000);
+        assert_eq!(ledger.reserve(&refund("a", 6000), 10000), Ok(()));
         // Idempotent for the same refund.
-        assert_eq!(
-            store.reserve(&refund("a", 6000), 10000).expect("io"),
-            Ok(())
-        );
-        let over = store
-            .reserve(&refund("b", 5000), 10000)
-            .expect("io")
-            .expect_err("over");
+        assert_eq!(ledger.reserve(&refund("a", 6000), 10000), Ok(()));
+        let over = ledger.reserve(&refund("b", 5000), 10000).expect_err("over");
         assert_eq!((over.reserved, over.requested), (6000, 5000));
-        assert_eq!(
-            store.reserve(&refund("c", 4000), 10000).expect("io"),
-            Ok(())
-        );
+        assert_eq!(ledger.reserve(&refund("c", 4000), 10000), Ok(()));
         // "a" was declined: its 6000 are free again.
-        store.settle(&refund("a", 6000), None).expect("settle");
-        assert_eq!(
-            store.reserve(&refund("b", 5000), 10000).expect("io"),
-            Ok(())
-        );
-        store
-            .settle(&refund("b", 5000), Some(Reservation::Succeeded))
-            .expect("settle");
-        let ledger = store.get(&refund("b", 5000)).expect("io").expect("ledger");
+        assert!(ledger.apply("a", LedgerChange::Release));
+        assert_eq!(ledger.reserve(&refund("b", 5000), 10000), Ok(()));
+        assert!(ledger.apply("b", LedgerChange::Mark(Reservation::Succeeded)));
+        assert!(!ledger.apply("b", LedgerChange::Mark(Reservation::Succeeded)));
         assert_eq!(ledger.reserved(), 9000);
         assert_eq!(ledger.refunds["b"].1, Reservation::Succeeded);
+        assert!(!ledger.settled());
+        assert!(ledger.apply("c", LedgerChange::Release));
+        assert!(ledger.settled());
     }
 }

@@ -12,19 +12,30 @@
 //! group-commit syncer (`syncer.rs`): one disk sync serves every message that
 //! was written meanwhile.
 //!
-//! Module map: `record.rs` (the record and its states), `ledger.rs` (the
-//! over-refund guard, its own tree), `syncer.rs` (group commit). The store
-//! sits on top of both; neither imports it.
+//! Trees: `refunds` (one record per refund), `tombstones` (what is left of
+//! a finished refund after `store.retention`), `originals` (the over-refund
+//! ledger, one entry per original charge) and `outbox` (refunds whose
+//! latest event the broker has not confirmed yet). A record and its ledger
+//! entry and outbox mark change in one sled transaction, so a crash never
+//! leaves them disagreeing.
+//!
+//! Module map: `record.rs` (the record, its states, the tombstone),
+//! `ledger.rs` (the over-refund arithmetic, pure), `prune.rs` (retention),
+//! `syncer.rs` (group commit). The store sits on top of all of them; none
+//! imports it.
 
 pub mod ledger;
+mod prune;
 mod record;
 mod syncer;
 
-pub use record::{HistoryEntry, RefundRecord, RefundState};
+pub use prune::{PruneReport, Retention};
+pub use record::{HistoryEntry, RefundRecord, RefundState, Tombstone};
 pub use syncer::SyncStats;
 
 use crate::command::RefundCommand;
-use ledger::{Ledger, OriginalLedger, OverRefund, Reservation};
+use ledger::{ledger_key, LedgerChange, OriginalLedger, OverRefund};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,23 +64,59 @@ pub enum StoreError {
     SyncerGone,
 }
 
-/// What one pruning pass removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PruneReport {
-    /// Finished refund records.
-    pub records: usize,
-    /// Settled original-charge ledgers.
-    pub ledgers: usize,
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// What the store knows of a refund.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Known {
+    /// Its full record.
+    Record(Box<RefundRecord>),
+    /// Its tombstone: finished, record pruned.
+    Tombstone(Tombstone),
+}
+
+/// What [`Store::claim`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The record is written and the amount reserved (not yet durable).
+    Claimed,
+    /// A record already exists (another copy got there first).
+    Exists(Box<RefundRecord>),
+    /// The reservation would exceed the original amount; nothing written.
+    OverRefund(OverRefund),
+}
+
+/// An unconfirmed event, as the outbox holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The refund.
+    pub refund_id: String,
+    /// The event the broker has not confirmed.
+    pub event_id: String,
+    /// When it was recorded (Unix seconds).
+    pub since: u64,
 }
 
 /// Handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    ledger: Ledger,
     refunds: sled::Tree,
+    tombstones: sled::Tree,
+    originals: sled::Tree,
+    outbox: sled::Tree,
     syncer: mpsc::UnboundedSender<SyncRequest>,
     stats: Arc<SyncStats>,
 }
+
+type Tx = sled::transaction::TransactionalTree;
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 impl Store {
     /// Opens (or creates) the store at `path` and starts its syncer task,
@@ -89,17 +136,18 @@ impl Store {
             // are explicit `sync()` calls.
             .flush_every_ms(Some(1000))
             .open()?;
-        let refunds = db.open_tree("refunds")?;
-        let originals = db.open_tree("originals")?;
         let stats = Arc::new(SyncStats::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_syncer(db.clone(), rx, stats.clone(), linger));
-        Ok(Store {
-            ledger: Ledger::new(originals),
-            refunds,
+        let store = Store {
+            refunds: db.open_tree("refunds")?,
+            tombstones: db.open_tree("tombstones")?,
+            originals: db.open_tree("originals")?,
+            outbox: db.open_tree("outbox")?,
             syncer: tx,
-            stats,
-        })
+            stats: stats.clone(),
+        };
+        tokio::spawn(run_syncer(db, rx, stats, linger));
+        Ok(store)
     }
 
     /// Reads a record.
@@ -110,28 +158,195 @@ impl Store {
         }
     }
 
-    /// Inserts `record` only if no record exists for its `refund_id`.
-    /// Returns the existing record when there is one (the claim failed).
-    pub fn claim(&self, record: &RefundRecord) -> Result<Option<RefundRecord>, StoreError> {
-        let bytes = encode(record);
-        match self.refunds.compare_and_swap(
-            record.refund_id.as_bytes(),
-            None as Option<&[u8]>,
-            Some(bytes),
-        )? {
-            Ok(()) => Ok(None),
-            Err(cas) => match cas.current {
-                Some(existing) => decode(&record.refund_id, &existing).map(Some),
-                None => Ok(None),
-            },
+    /// Reads a tombstone.
+    pub fn tombstone(&self, refund_id: &str) -> Result<Option<Tombstone>, StoreError> {
+        match self.tombstones.get(refund_id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode(refund_id, &bytes).map(Some),
         }
     }
 
-    /// Writes a record (not yet durable: call [`Store::sync`]).
+    /// The record, else the tombstone. The pruner writes a tombstone before
+    /// it removes the record, so reading in this order never misses both.
+    pub fn lookup(&self, refund_id: &str) -> Result<Option<Known>, StoreError> {
+        if let Some(record) = self.get(refund_id)? {
+            return Ok(Some(Known::Record(Box::new(record))));
+        }
+        Ok(self.tombstone(refund_id)?.map(Known::Tombstone))
+    }
+
+    /// Claims a refund seen for the first time: inserts `record` and, when
+    /// the command carries `original_amount`, reserves its amount in the
+    /// ledger, both in one transaction. Not yet durable: call
+    /// [`Store::sync`] before the provider call.
+    pub fn claim(&self, record: &RefundRecord) -> Result<Claim, StoreError> {
+        let key = record.refund_id.as_bytes();
+        let bytes = encode(record);
+        let ledger = record
+            .command
+            .original_amount
+            .map(|original| (ledger_key(&record.command), original));
+        let Some(ledger) = ledger else {
+            // No reservation: one compare-and-swap is the whole claim.
+            return match self
+                .refunds
+                .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))?
+            {
+                Ok(()) => Ok(Claim::Claimed),
+                Err(cas) => match cas.current {
+                    Some(existing) => Ok(Claim::Exists(Box::new(decode(
+                        &record.refund_id,
+                        &existing,
+                    )?))),
+                    None => Ok(Claim::Claimed),
+                },
+            };
+        };
+        let claim = (&self.refunds, &self.originals).transaction(|(refunds, originals)| {
+            if let Some(existing) = refunds.get(key)? {
+                let existing = decode(&record.refund_id, &existing).map_err(abort)?;
+                return Ok(Claim::Exists(Box::new(existing)));
+            }
+            let (ledger_key, original) = &ledger;
+            let mut entry = read_ledger(originals, ledger_key)?
+                .unwrap_or_else(|| OriginalLedger::new(*original));
+            if let Err(over) = entry.reserve(&record.command, *original) {
+                return Ok(Claim::OverRefund(over));
+            }
+            originals.insert(ledger_key.as_bytes(), entry.encode())?;
+            refunds.insert(key, bytes.as_slice())?;
+            Ok(Claim::Claimed)
+        })?;
+        Ok(claim)
+    }
+
+    /// Writes a record, leaving its ledger entry as it is; not yet durable.
+    /// The hot path's `Attempting` and `NotSent` writes take the short way
+    /// (they publish nothing; any older unconfirmed event is superseded).
     pub fn put(&self, record: &RefundRecord) -> Result<(), StoreError> {
+        if record.state.event().is_some() {
+            return self.commit(record, LedgerChange::Keep);
+        }
+        let key = record.refund_id.as_bytes();
+        self.refunds.insert(key, encode(record))?;
+        if self.outbox.contains_key(key)? {
+            self.outbox.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites a record whose state did not change (a history note): its
+    /// ledger entry and outbox mark stay as they are.
+    pub fn annotate(&self, record: &RefundRecord) -> Result<(), StoreError> {
         self.refunds
             .insert(record.refund_id.as_bytes(), encode(record))?;
         Ok(())
+    }
+
+    /// Writes a record, applies `change` to its ledger entry and marks its
+    /// event (if its state has one) as not yet confirmed by the broker, in
+    /// one transaction; not yet durable.
+    pub fn commit(&self, record: &RefundRecord, change: LedgerChange) -> Result<(), StoreError> {
+        let key = record.refund_id.as_bytes();
+        let bytes = encode(record);
+        let outbox = record
+            .state
+            .event()
+            .map(|event| outbox_value(&event.event_id, unix_now()));
+        let ledger = match (change, record.command.original_amount) {
+            (LedgerChange::Keep, _) | (_, None) => None,
+            (change, Some(_)) => Some((ledger_key(&record.command), change)),
+        };
+        (&self.refunds, &self.originals, &self.outbox).transaction(
+            |(refunds, originals, unconfirmed)| {
+                refunds.insert(key, bytes.as_slice())?;
+                if let Some((ledger_key, change)) = &ledger {
+                    if let Some(mut entry) = read_ledger(originals, ledger_key)? {
+                        if entry.apply(&record.refund_id, *change) {
+                            originals.insert(ledger_key.as_bytes(), entry.encode())?;
+                        }
+                    }
+                }
+                match &outbox {
+                    Some(value) => {
+                        unconfirmed.insert(key, value.as_bytes())?;
+                    }
+                    None => {
+                        unconfirmed.remove(key)?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The broker confirmed `event_id`: take the refund off the outbox,
+    /// unless a newer event replaced it meanwhile. Not synced: if this is
+    /// lost in a crash, the event is published once more (same id).
+    pub fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
+        let key = refund_id.as_bytes();
+        if let Some(current) = self.outbox.get(key)? {
+            if parse_outbox(refund_id, &current).is_some_and(|e| e.event_id == event_id) {
+                // Only if unchanged since we read it.
+                let _ = self
+                    .outbox
+                    .compare_and_swap(key, Some(current), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Events recorded at least `min_age` ago and not confirmed since.
+    /// Blocking: walks the outbox (small: only unconfirmed events).
+    pub fn unconfirmed(&self, min_age: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+        let now = unix_now();
+        let mut out = Vec::new();
+        for item in self.outbox.iter() {
+            let (key, value) = item?;
+            let refund_id = String::from_utf8_lossy(&key).to_string();
+            if let Some(entry) = parse_outbox(&refund_id, &value) {
+                if now.saturating_sub(entry.since) >= min_age.as_secs() {
+                    out.push(entry);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tombstones kept (walks the tree: not for the hot path).
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Events not confirmed yet.
+    pub fn unconfirmed_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Removes a refund's reservation from every ledger that holds one (an
+    /// operator's release). Returns the amounts released. The caller checks
+    /// that the refund cannot be paid any more.
+    pub fn release(&self, refund_id: &str) -> Result<Vec<u64>, StoreError> {
+        let mut released = Vec::new();
+        for item in self.originals.iter() {
+            let (key, value) = item?;
+            let Ok(mut ledger) = OriginalLedger::decode(&value) else {
+                continue;
+            };
+            let Some((amount, _)) = ledger.refunds.get(refund_id).copied() else {
+                continue;
+            };
+            ledger.apply(refund_id, LedgerChange::Release);
+            if self
+                .originals
+                .compare_and_swap(&key, Some(value), Some(ledger.encode()))?
+                .is_ok()
+            {
+                released.push(amount);
+            }
+        }
+        Ok(released)
     }
 
     /// Waits until every write made before this call is on disk. Many
@@ -148,48 +363,13 @@ impl Store {
         })
     }
 
-    /// Deletes finished records and settled ledgers last changed before
-    /// `cutoff`. Records that are in doubt, attempting or not yet sent are
-    /// kept whatever their age: deleting them could let a replay pay again.
-    /// Blocking (it walks the trees): call it from the blocking pool.
-    pub fn prune(&self, cutoff: OffsetDateTime) -> Result<PruneReport, StoreError> {
-        let older = |at: &str| OffsetDateTime::parse(at, &Rfc3339).is_ok_and(|t| t < cutoff);
-        let mut report = PruneReport::default();
-        for item in self.refunds.iter() {
+    /// Iterates over all tombstones (for operators; not on the hot path).
+    pub fn tombstones(&self) -> impl Iterator<Item = Result<(String, Tombstone), StoreError>> + '_ {
+        self.tombstones.iter().map(|item| {
             let (key, value) = item?;
             let refund_id = String::from_utf8_lossy(&key).to_string();
-            let record = decode(&refund_id, &value)?;
-            if matches!(record.state, RefundState::Finished { .. }) && older(&record.updated_at) {
-                // Only if unchanged since we read it.
-                if self
-                    .refunds
-                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
-                    .is_ok()
-                {
-                    report.records += 1;
-                }
-            }
-        }
-        let originals = self.ledger.tree();
-        for item in originals.iter() {
-            let (key, value) = item?;
-            let Ok(ledger) = serde_json::from_slice::<OriginalLedger>(&value) else {
-                continue;
-            };
-            let settled = ledger
-                .refunds
-                .values()
-                .all(|(_, state)| *state == Reservation::Succeeded);
-            if settled
-                && older(&ledger.updated_at)
-                && originals
-                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
-                    .is_ok()
-            {
-                report.ledgers += 1;
-            }
-        }
-        Ok(report)
+            decode(&refund_id, &value).map(|t| (refund_id, t))
+        })
     }
 
     /// Counts of all records, in-doubt ones, and unfinished ones
@@ -239,28 +419,15 @@ impl Store {
         self.refunds.is_empty()
     }
 
-    /// Reserves the command's amount against its original (see
-    /// [`Ledger::reserve`]). `Ok(Err(_))` means it would over-refund.
-    pub fn reserve(
-        &self,
-        command: &RefundCommand,
-        original_amount: u64,
-    ) -> Result<Result<(), OverRefund>, StoreError> {
-        self.ledger.reserve(command, original_amount)
-    }
-
-    /// Records how a reserved refund ended: `None` releases it.
-    pub fn settle(
-        &self,
-        command: &RefundCommand,
-        outcome: Option<Reservation>,
-    ) -> Result<(), StoreError> {
-        self.ledger.settle(command, outcome)
-    }
-
     /// The ledger of a command's original charge, if any.
     pub fn ledger(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
-        self.ledger.get(command)
+        let key = ledger_key(command);
+        match self.originals.get(key.as_bytes())? {
+            Some(bytes) => OriginalLedger::decode(&bytes)
+                .map(Some)
+                .map_err(|source| corrupt_ledger(&key, source)),
+            None => Ok(None),
+        }
     }
 
     /// Syncer counters.
@@ -290,21 +457,63 @@ impl Store {
     }
 }
 
-fn encode(record: &RefundRecord) -> Vec<u8> {
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Serialising plain data with serde_json cannot fail.
-    serde_json::to_vec(record).unwrap_or_default()
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn decode(refund_id: &str, bytes: &[u8]) -> Result<RefundRecord, StoreError> {
+fn decode<T: serde::de::DeserializeOwned>(refund_id: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         refund_id: refund_id.to_string(),
         source,
     })
 }
 
+fn corrupt_ledger(key: &str, source: serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        refund_id: format!("ledger {key}"),
+        source,
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn read_ledger(originals: &Tx, key: &str) -> TxResult<Option<OriginalLedger>> {
+    match originals.get(key.as_bytes())? {
+        Some(bytes) => OriginalLedger::decode(&bytes)
+            .map(Some)
+            .map_err(|source| abort(corrupt_ledger(key, source))),
+        None => Ok(None),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn outbox_value(event_id: &str, since: u64) -> String {
+    format!("{event_id} {since}")
+}
+
+fn parse_outbox(refund_id: &str, bytes: &[u8]) -> Option<OutboxEntry> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (event_id, since) = text.split_once(' ')?;
+    Some(OutboxEntry {
+        refund_id: refund_id.to_string(),
+        event_id: event_id.to_string(),
+        since: since.parse().ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{OutcomeEvent, Status};
     use std::sync::atomic::Ordering;
 
     fn command(id: &str) -> RefundCommand {
@@ -315,15 +524,27 @@ mod tests {
         .expect("command")
     }
 
+    fn refund_of_original(id: &str, minor: u64) -> RefundCommand {
+        RefundCommand::parse(
+            format!(
+                r#"{{"refund_id":"{id}","provider":"p","transaction":{{"id":"9"}},"amount":{{"minor":{minor},"currency":"ILS"}},"original_amount":10000}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("command")
+    }
+
     #[tokio::test]
     async fn claim_is_first_writer_wins_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
             let record = RefundRecord::attempting(&command("r1"));
-            assert!(store.claim(&record).expect("claim").is_none());
-            let again = store.claim(&record).expect("claim").expect("existing");
-            assert_eq!(again.state.name(), "attempting");
+            assert_eq!(store.claim(&record).expect("claim"), Claim::Claimed);
+            match store.claim(&record).expect("claim") {
+                Claim::Exists(again) => assert_eq!(again.state.name(), "attempting"),
+                other => panic!("{other:?}"),
+            }
             store.close().await.expect("close");
         }
         let store = Store::open(dir.path()).expect("reopen");
@@ -333,44 +554,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pruning_removes_old_finished_records_only() {
+    async fn claim_reserves_and_the_outcome_settles_in_the_same_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let old = "2020-01-01T00:00:00Z".to_string();
-        let event = |id: &str| {
-            crate::event::OutcomeEvent::new(
-                id,
-                crate::event::Status::Succeeded,
-                &Default::default(),
-                1,
-            )
-        };
-        let mut finished_old = RefundRecord::attempting(&command("old-done"));
-        finished_old.state = RefundState::Finished {
-            event: event("old-done"),
-        };
-        finished_old.updated_at = old.clone();
-        let mut doubt_old = RefundRecord::attempting(&command("old-doubt"));
-        doubt_old.state = RefundState::InDoubt {
-            event: event("old-doubt"),
-        };
-        doubt_old.updated_at = old.clone();
-        let mut attempting_old = RefundRecord::attempting(&command("old-attempting"));
-        attempting_old.updated_at = old;
-        let mut finished_new = RefundRecord::attempting(&command("new-done"));
-        finished_new.state = RefundState::Finished {
-            event: event("new-done"),
-        };
-        for r in [&finished_old, &doubt_old, &attempting_old, &finished_new] {
-            store.put(r).expect("put");
+        let a = RefundRecord::attempting(&refund_of_original("a", 6000));
+        assert_eq!(store.claim(&a).expect("claim"), Claim::Claimed);
+        let b = RefundRecord::attempting(&refund_of_original("b", 5000));
+        match store.claim(&b).expect("claim") {
+            Claim::OverRefund(over) => assert_eq!(over.reserved, 6000),
+            other => panic!("{other:?}"),
         }
-        let cutoff = OffsetDateTime::now_utc() - time::Duration::days(30);
-        let report = store.prune(cutoff).expect("prune");
-        assert_eq!(report.records, 1);
-        assert!(store.get("old-done").expect("get").is_none());
-        for kept in ["old-doubt", "old-attempting", "new-done"] {
-            assert!(store.get(kept).expect("get").is_some(), "{kept} kept");
-        }
+        // Refused: no record was written for b.
+        assert!(store.get("b").expect("get").is_none());
+        // a is declined: the record and the release land together.
+        let mut declined = a.clone();
+        let event = OutcomeEvent::new("a", Status::Failed, &Default::default(), 1);
+        declined.state = RefundState::Finished { event };
+        store
+            .commit(&declined, LedgerChange::Release)
+            .expect("commit");
+        let ledger = store
+            .ledger(&declined.command)
+            .expect("io")
+            .expect("ledger");
+        assert_eq!(ledger.reserved(), 0);
+        assert_eq!(store.claim(&b).expect("claim"), Claim::Claimed);
+        // Releasing by id (operator) finds b's reservation.
+        assert_eq!(store.release("b").expect("release"), vec![5000]);
+        assert!(store.release("b").expect("release").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_outbox_holds_each_refund_s_latest_event_until_confirmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut record = RefundRecord::attempting(&command("r1"));
+        assert_eq!(store.claim(&record).expect("claim"), Claim::Claimed);
+        assert_eq!(store.unconfirmed_len(), 0);
+        let pending = OutcomeEvent::new("r1", Status::Pending, &Default::default(), 1);
+        record.state = RefundState::Pending {
+            event: pending.clone(),
+            since: crate::event::now_rfc3339(),
+        };
+        store.commit(&record, LedgerChange::Keep).expect("commit");
+        let done = OutcomeEvent::new("r1", Status::Succeeded, &Default::default(), 1);
+        record.state = RefundState::Finished {
+            event: done.clone(),
+        };
+        store.commit(&record, LedgerChange::Keep).expect("commit");
+        // A late confirm of the older event does not clear the newer one.
+        store.mark_published("r1", &pending.event_id).expect("mark");
+        let waiting = store.unconfirmed(Duration::ZERO).expect("outbox");
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].event_id, done.event_id);
+        assert!(store
+            .unconfirmed(Duration::from_secs(3600))
+            .expect("outbox")
+            .is_empty());
+        store.mark_published("r1", &done.event_id).expect("mark");
+        assert_eq!(store.unconfirmed_len(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 //! The record of one refund: its lifecycle state, the command that
-//! claimed it and its history. Plain data; the store decides where it lives.
+//! claimed it and its history; and the tombstone a finished record becomes
+//! after `store.retention`. Plain data; the store decides where it lives.
 
-use crate::command::RefundCommand;
-use crate::event::{now_rfc3339, OutcomeEvent};
+use crate::command::{Operation, RefundCommand};
+use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use serde::{Deserialize, Serialize};
 
 /// Where a refund is in its life.
@@ -51,6 +52,17 @@ impl RefundState {
             RefundState::InDoubt { .. } => "in_doubt",
         }
     }
+
+    /// The event this state publishes, if any (`pending`, the final one,
+    /// `in_doubt`): what the outbox re-publishes until it is confirmed.
+    pub fn event(&self) -> Option<&OutcomeEvent> {
+        match self {
+            RefundState::Pending { event, .. }
+            | RefundState::Finished { event }
+            | RefundState::InDoubt { event } => Some(event),
+            RefundState::Attempting { .. } | RefundState::NotSent { .. } => None,
+        }
+    }
 }
 
 /// One line of a refund's history, for operators.
@@ -78,6 +90,10 @@ pub struct RefundRecord {
     /// Unguessable per-refund token of the provider callback URL (Paynet).
     #[serde(default)]
     pub callback_token: String,
+    /// How many times the refund went in doubt; each episode has its own
+    /// `in_doubt` event id, so consumers that dedupe see every episode.
+    #[serde(default)]
+    pub in_doubt_episodes: u32,
     /// First seen.
     pub created_at: String,
     /// Last change.
@@ -97,6 +113,7 @@ impl RefundRecord {
             state: RefundState::Attempting { since: now.clone() },
             attempts: 1,
             callback_token: random_token(),
+            in_doubt_episodes: 0,
             created_at: now.clone(),
             updated_at: now.clone(),
             history: vec![HistoryEntry {
@@ -115,6 +132,97 @@ impl RefundRecord {
             at: now,
             note: note.into(),
         });
+    }
+}
+
+/// What is left of a finished refund after `store.retention`: enough to
+/// recognise every later copy of its command and answer it with the
+/// recorded outcome, so it never reaches a provider again. Kept for
+/// `store.tombstone_retention`. Field names are short: there is one per
+/// finished refund.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// Hash of the command that claimed the refund.
+    #[serde(rename = "h")]
+    pub payload_hash: String,
+    /// The final event's id.
+    #[serde(rename = "e")]
+    pub event_id: String,
+    /// The final status.
+    #[serde(rename = "s")]
+    pub status: Status,
+    /// What the provider performed.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub performed: Option<Operation>,
+    /// The provider's transaction id.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub provider_transaction_id: Option<String>,
+    /// The provider's code.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub provider_code: Option<String>,
+    /// The provider's message.
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub provider_message: Option<String>,
+    /// The worker's error kind (declined, abandoned).
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    /// Provider calls made.
+    #[serde(rename = "a")]
+    pub attempts: u32,
+    /// When the outcome was decided (RFC 3339).
+    #[serde(rename = "o")]
+    pub occurred_at: String,
+    /// When the record became this tombstone (RFC 3339).
+    #[serde(rename = "d")]
+    pub pruned_at: String,
+}
+
+impl Tombstone {
+    /// The tombstone of a finished record; `None` for any other state.
+    pub fn of(record: &RefundRecord) -> Option<Self> {
+        let RefundState::Finished { event } = &record.state else {
+            return None;
+        };
+        Some(Tombstone {
+            payload_hash: record.payload_hash.clone(),
+            event_id: event.event_id.clone(),
+            status: event.status,
+            performed: event.performed,
+            provider_transaction_id: event.provider_transaction_id.clone(),
+            provider_code: event.provider_code.clone(),
+            provider_message: event.provider_message.clone(),
+            error_kind: event.error.as_ref().map(|e| e.kind.clone()),
+            attempts: event.attempts,
+            occurred_at: event.occurred_at.clone(),
+            pruned_at: now_rfc3339(),
+        })
+    }
+
+    /// The recorded outcome again, for a copy of the same command: the echo
+    /// fields come from that copy (same payload hash, so the same values).
+    pub fn event(&self, command: &RefundCommand) -> OutcomeEvent {
+        let mut event = OutcomeEvent::new(
+            &command.refund_id,
+            self.status,
+            &command.echo(),
+            self.attempts,
+        );
+        event.event_id = self.event_id.clone();
+        event.performed = self.performed;
+        event.provider_transaction_id = self.provider_transaction_id.clone();
+        event.provider_code = self.provider_code.clone();
+        event.provider_message = self.provider_message.clone();
+        event.occurred_at = self.occurred_at.clone();
+        if let Some(kind) = &self.error_kind {
+            event = event.with_error(
+                kind,
+                format!(
+                    "recorded outcome of a refund finished at {} (details pruned)",
+                    self.occurred_at
+                ),
+            );
+        }
+        event
     }
 }
 

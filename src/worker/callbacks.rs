@@ -2,11 +2,16 @@
 //! accepted to the refund's `succeedUrl`. The callback is not signed, so it
 //! must carry the refund's unguessable token; it moves the refund to its
 //! final state once and never publishes a second, different final event.
+//!
+//! A verified callback is the provider's own answer, so it also settles a
+//! refund whose request timed out or whose worker crashed mid-call
+//! (`attempting`, `in_doubt`): exactly the doubt an operator would
+//! otherwise have to resolve by hand.
 
 use super::Worker;
 use crate::event::{OutcomeEvent, Status};
 use crate::metrics;
-use crate::store::ledger::Reservation;
+use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundState, StoreError};
 use tracing::{error, info, warn};
 
@@ -15,6 +20,9 @@ use tracing::{error, info, warn};
 pub enum CallbackOutcome {
     /// The pending refund got its final outcome (event published).
     Finalised(Status),
+    /// A refund in doubt (or cut off mid-attempt, or recorded as not sent)
+    /// was settled by the provider's answer (event published).
+    Settled(Status),
     /// The same final answer again: recorded, nothing new published.
     Repeated,
     /// A different answer after a final one: recorded and logged for a
@@ -31,9 +39,6 @@ pub enum CallbackError {
     /// The body is not a Paynet callback.
     #[error("{0}")]
     Invalid(String),
-    /// The refund is not waiting for a callback.
-    #[error("refund {0} is not waiting for a provider callback")]
-    NotPending(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,73 +80,109 @@ impl Worker {
             "callback: code {} status {:?} xact_id {:?} message {:?}",
             callback.code, callback.status, callback.xact_id, callback.message
         );
-        match record.state.clone() {
-            RefundState::Pending { .. } => {
-                let mut event =
-                    OutcomeEvent::new(refund_id, status, &record.command.echo(), record.attempts);
-                event.performed = callback.approved.then_some(record.command.operation);
-                event.provider_transaction_id =
-                    Some(callback.xact_id.clone()).filter(|x| !x.is_empty());
-                event.provider_code = Some(callback.code.clone());
-                event.provider_message = Some(callback.message.clone());
-                if !callback.approved {
-                    event = event.with_error(
-                        "declined",
-                        format!("provider disapproved: {}", callback.message),
-                    );
-                }
-                record.transition(
-                    RefundState::Finished {
-                        event: event.clone(),
-                    },
-                    note,
-                );
-                self.store.put(&record)?;
-                let reservation = callback.approved.then_some(Reservation::Succeeded);
-                self.store.settle(&record.command, reservation)?;
-                self.store.sync().await?;
-                metrics::outcome(&record.command.provider, status.as_str());
-                info!(
-                    refund_id,
-                    provider = record.command.provider.as_str(),
-                    status = status.as_str(),
-                    attempts = record.attempts,
-                    "refund outcome"
-                );
-                self.publish_outside_delivery(&event)
-                    .await
-                    .map_err(CallbackError::Publish)?;
-                Ok(CallbackOutcome::Finalised(status))
-            }
-            RefundState::Finished { event } if event.status == status => {
-                record.transition(record.state.clone(), format!("repeated {note}"));
-                self.store.put(&record)?;
-                // Publishing again is harmless (same event_id) and covers a
-                // first publication that failed.
-                let _ = self.publish_outside_delivery(&event).await;
-                Ok(CallbackOutcome::Repeated)
-            }
+        let settles = match &record.state {
+            RefundState::Pending { .. } => None,
+            RefundState::Attempting { .. } | RefundState::InDoubt { .. } => Some(false),
+            RefundState::NotSent { .. } => Some(true),
             RefundState::Finished { event } => {
-                error!(
-                    refund_id,
-                    recorded = event.status.as_str(),
-                    received = status.as_str(),
-                    "contradictory provider callback: recorded, no new event; a person must reconcile it"
-                );
-                metrics::contradiction(&record.command.provider);
-                record.transition(
-                    record.state.clone(),
-                    format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
-                );
-                self.store.put(&record)?;
-                self.store.sync().await?;
-                Ok(CallbackOutcome::Contradicted)
+                let event = event.clone();
+                return self.after_final(record, event, status, note).await;
             }
-            other => Err(CallbackError::NotPending(format!(
-                "{refund_id} ({})",
-                other.name()
-            ))),
+        };
+        let mut event =
+            OutcomeEvent::new(refund_id, status, &record.command.echo(), record.attempts);
+        event.performed = callback.approved.then_some(record.command.operation);
+        event.provider_transaction_id = Some(callback.xact_id.clone()).filter(|x| !x.is_empty());
+        event.provider_code = Some(callback.code.clone());
+        event.provider_message = Some(callback.message.clone());
+        if !callback.approved {
+            event = event.with_error(
+                "declined",
+                format!("provider disapproved: {}", callback.message),
+            );
         }
+        let was = record.state.name();
+        let note = match settles {
+            None => note,
+            Some(false) => format!("{was} settled by the provider's {note}"),
+            Some(true) => format!(
+                "the provider answered for a refund recorded as not sent \
+                 (an operator's resolution or a lost answer); its answer is recorded: {note}"
+            ),
+        };
+        match settles {
+            Some(false) => info!(refund_id, was, "a provider callback settles the refund"),
+            Some(true) => {
+                error!(refund_id, "provider callback for a refund recorded as not sent: recording the provider's answer; check that it was not sent twice");
+                metrics::contradiction(&record.command.provider);
+            }
+            None => {}
+        }
+        record.transition(
+            RefundState::Finished {
+                event: event.clone(),
+            },
+            note,
+        );
+        let change = if callback.approved {
+            LedgerChange::Mark(Reservation::Succeeded)
+        } else {
+            LedgerChange::Release
+        };
+        self.store.commit(&record, change)?;
+        self.store.sync().await?;
+        metrics::outcome(&record.command.provider, status.as_str());
+        info!(
+            refund_id,
+            provider = record.command.provider.as_str(),
+            status = status.as_str(),
+            attempts = record.attempts,
+            "refund outcome"
+        );
+        self.publish_outside_delivery(&event)
+            .await
+            .map_err(CallbackError::Publish)?;
+        Ok(match settles {
+            None => CallbackOutcome::Finalised(status),
+            Some(_) => CallbackOutcome::Settled(status),
+        })
+    }
+
+    /// A callback for a refund already final: a repeat is noted and its
+    /// event published again (503 if that fails, so the provider retries);
+    /// a contradiction is recorded and alarmed, never published.
+    async fn after_final(
+        &self,
+        mut record: crate::store::RefundRecord,
+        event: OutcomeEvent,
+        status: Status,
+        note: String,
+    ) -> Result<CallbackOutcome, CallbackError> {
+        let refund_id = record.refund_id.clone();
+        if event.status == status {
+            record.transition(record.state.clone(), format!("repeated {note}"));
+            self.store.annotate(&record)?;
+            self.store.sync().await?;
+            // Covers a first publication that failed; same event_id.
+            self.publish_outside_delivery(&event)
+                .await
+                .map_err(CallbackError::Publish)?;
+            return Ok(CallbackOutcome::Repeated);
+        }
+        error!(
+            refund_id,
+            recorded = event.status.as_str(),
+            received = status.as_str(),
+            "contradictory provider callback: recorded, no new event; a person must reconcile it"
+        );
+        metrics::contradiction(&record.command.provider);
+        record.transition(
+            record.state.clone(),
+            format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
+        );
+        self.store.annotate(&record)?;
+        self.store.sync().await?;
+        Ok(CallbackOutcome::Contradicted)
     }
 }
 

@@ -1,14 +1,18 @@
-//! Stage 2, claim: under the per-refund lock, the stored record decides
-//! what this delivery is. A refund never seen is checked against today's
-//! configuration (known account, provider rules), reserves its amount in
-//! the over-refund ledger and is claimed (`Attempting`, synced) before any
-//! provider call. A refund seen before takes the path its record names.
+//! Stage 2, claim: under the per-refund lock, the store decides first what
+//! this delivery is. A refund seen before (a record, or the tombstone of a
+//! pruned one) takes the path its record names whatever today's
+//! configuration says, so a renamed account or a changed rule never turns a
+//! decided refund into `rejected`. Only a refund never seen is checked
+//! against today's configuration (known account, provider rules), and is
+//! then claimed (`Attempting`, with its over-refund reservation, in one
+//! write, synced) before any provider call.
 
 use super::{PipelineError, Worker};
-use crate::broker::publisher::Publisher;
+use crate::broker::publisher::{DeadLetter, Publisher};
 use crate::command::RefundCommand;
+use crate::event::now_rfc3339;
 use crate::providers::Provider;
-use crate::store::{RefundRecord, RefundState, StoreError};
+use crate::store::{Claim, Known, RefundRecord, RefundState, StoreError};
 use lapin::message::Delivery;
 use tracing::{debug, info, warn};
 
@@ -20,6 +24,50 @@ impl Worker {
         &'p self,
         publisher: &Publisher,
         delivery: &Delivery,
+        command: &RefundCommand,
+    ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
+        match self.store.lookup(&command.refund_id)? {
+            None => self.claim_new(publisher, command).await,
+            Some(Known::Tombstone(tombstone)) => {
+                if tombstone.payload_hash != command.payload_hash() {
+                    let message = format!(
+                        "refund_id {} was already used for a different command (finished {}); \
+                         the original refund is not affected",
+                        command.refund_id, tombstone.occurred_at
+                    );
+                    self.reject_command(publisher, command, "conflicting_payload", message)
+                        .await?;
+                    return Ok(None);
+                }
+                info!(
+                    status = tombstone.status.as_str(),
+                    "duplicate of a pruned refund: re-publishing its recorded outcome"
+                );
+                let event = tombstone.event(command);
+                publisher.publish_event(&event).await?;
+                Ok(None)
+            }
+            Some(Known::Record(existing)) => {
+                if existing.payload_hash != command.payload_hash() {
+                    let message = format!(
+                        "refund_id {} was already used for a different command (first seen {}); \
+                         the original refund is not affected",
+                        command.refund_id, existing.created_at
+                    );
+                    self.reject_command(publisher, command, "conflicting_payload", message)
+                        .await?;
+                    return Ok(None);
+                }
+                self.continue_known(publisher, delivery, *existing).await
+            }
+        }
+    }
+
+    /// A refund never seen: today's configuration decides whether it is
+    /// valid; then the record and the reservation are written together.
+    async fn claim_new<'p>(
+        &'p self,
+        publisher: &Publisher,
         command: &RefundCommand,
     ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
         let Some(provider) = self.providers.get(&command.provider) else {
@@ -37,56 +85,85 @@ impl Worker {
                 .await?;
             return Ok(None);
         }
-        if let Some(original) = command.original_amount {
-            if self.store.get(&command.refund_id)?.is_none() {
-                if let Err(over) = self.store.reserve(command, original)? {
-                    let message = format!(
-                        "refunding {} would exceed original_amount {}: {} already refunded or in flight",
-                        over.requested, over.original_amount, over.reserved
-                    );
-                    self.reject_command(publisher, command, "over_refund", message)
-                        .await?;
-                    return Ok(None);
-                }
+        let mut fresh = RefundRecord::attempting(command);
+        match self.store.claim(&fresh)? {
+            Claim::Claimed => {
+                self.sync_before_call(&mut fresh).await?;
+                debug!("claimed");
+                Ok(Some((provider, fresh)))
             }
+            Claim::OverRefund(over) => {
+                let message = format!(
+                    "refunding {} would exceed original_amount {}: {} already refunded or in flight",
+                    over.requested, over.original_amount, over.reserved
+                );
+                self.reject_command(publisher, command, "over_refund", message)
+                    .await?;
+                Ok(None)
+            }
+            // We hold the lock and looked just now: only a store shared with
+            // another process could get here. The record decides.
+            Claim::Exists(_) => Err(PipelineError::Store(StoreError::Sled(sled::Error::Io(
+                std::io::Error::other("the refund was claimed concurrently; retrying"),
+            )))),
         }
-        let fresh = RefundRecord::attempting(command);
-        let Some(existing) = self.store.claim(&fresh)? else {
-            self.store.sync().await?;
-            debug!("claimed");
-            return Ok(Some((provider, fresh)));
-        };
-        if existing.payload_hash != fresh.payload_hash {
-            let message = format!(
-                "refund_id {} was already used for a different command (first seen {}); \
-                 the original refund is not affected",
-                command.refund_id, existing.created_at
-            );
-            self.reject_command(publisher, command, "conflicting_payload", message)
-                .await?;
-            return Ok(None);
-        }
+    }
+
+    /// A refund seen before, same command: its record decides.
+    async fn continue_known<'p>(
+        &'p self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        existing: RefundRecord,
+    ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
         match existing.state.clone() {
             RefundState::Finished { event } => {
                 info!(
                     status = event.status.as_str(),
                     "duplicate: re-publishing the recorded outcome"
                 );
+                self.store.sync().await?;
                 self.publish_recorded(publisher, &event).await?;
                 Ok(None)
             }
             RefundState::Pending { event, .. } => {
                 info!("duplicate of a pending refund: re-publishing `pending`, not executing");
+                self.store.sync().await?;
                 self.publish_recorded(publisher, &event).await?;
                 Ok(None)
             }
             RefundState::InDoubt { event } => {
                 warn!("refund is in doubt: not executing it again until an operator resolves it");
+                self.store.sync().await?;
                 self.publish_recorded(publisher, &event).await?;
                 self.park_in_doubt(publisher, delivery, &event).await?;
                 Ok(None)
             }
             RefundState::NotSent { .. } => {
+                let Some(provider) = self.providers.get(&existing.command.provider) else {
+                    // Nothing was sent; the account is gone from the
+                    // configuration. Not a rejection (the refund is valid
+                    // and may have been announced): it waits for the fix.
+                    let reason = format!(
+                        "provider account {:?} is no longer configured; nothing was sent. \
+                         Restore the account, then replay",
+                        existing.command.provider
+                    );
+                    warn!(%reason, "cannot attempt a refund of a removed account");
+                    let now = now_rfc3339();
+                    let info = DeadLetter {
+                        kind: "provider_misconfigured".into(),
+                        error: reason,
+                        attempts: existing.attempts,
+                        first_failure_at: now.clone(),
+                        last_failure_at: now,
+                        refund_id: Some(existing.refund_id.clone()),
+                        provider: Some(existing.command.provider.clone()),
+                        delayed_rounds: None,
+                    };
+                    self.dead_letter(publisher, delivery, &info).await?;
+                    return Ok(None);
+                };
                 let mut record = existing;
                 self.begin_attempt(&mut record).await?;
                 Ok(Some((provider, record)))
@@ -100,13 +177,16 @@ impl Worker {
                      the provider may have executed it",
                     record.attempts
                 );
-                if provider.repeats_are_safe() {
-                    warn!(%reason, "repeating the request: the provider deduplicates it");
-                    self.begin_attempt(&mut record).await?;
-                    Ok(Some((provider, record)))
-                } else {
-                    self.in_doubt(publisher, delivery, record, reason).await?;
-                    Ok(None)
+                match self.providers.get(&record.command.provider) {
+                    Some(provider) if provider.repeats_are_safe() => {
+                        warn!(%reason, "repeating the request: the provider deduplicates it");
+                        self.begin_attempt(&mut record).await?;
+                        Ok(Some((provider, record)))
+                    }
+                    _ => {
+                        self.in_doubt(publisher, delivery, record, reason).await?;
+                        Ok(None)
+                    }
                 }
             }
         }
@@ -118,11 +198,29 @@ impl Worker {
         let note = format!("attempt {} started", record.attempts);
         record.transition(
             RefundState::Attempting {
-                since: crate::event::now_rfc3339(),
+                since: now_rfc3339(),
             },
             note,
         );
         self.store.put(record)?;
-        self.store.sync().await
+        self.sync_before_call(record).await
+    }
+
+    /// Makes `Attempting` durable. If that fails the request is not sent,
+    /// and the record says so (`NotSent`), so that a later look at it does
+    /// not take the failed sync for an attempt whose outcome is unknown.
+    async fn sync_before_call(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
+        if let Err(e) = self.store.sync().await {
+            let reason = format!("the attempt could not be made durable ({e}); nothing was sent");
+            record.transition(
+                RefundState::NotSent {
+                    reason: reason.clone(),
+                },
+                reason,
+            );
+            let _ = self.store.put(record);
+            return Err(e);
+        }
+        Ok(())
     }
 }

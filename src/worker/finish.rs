@@ -8,7 +8,7 @@ use crate::broker::publisher::Publisher;
 use crate::command::{Echo, RefundCommand};
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::metrics;
-use crate::store::ledger::Reservation;
+use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use std::time::Instant;
 use tracing::{info, warn};
@@ -29,12 +29,11 @@ impl Worker {
             },
             note,
         );
-        self.store.put(record)?;
-        let reservation = match event.status {
-            Status::Succeeded => Some(Reservation::Succeeded),
-            _ => None,
+        let change = match event.status {
+            Status::Succeeded => LedgerChange::Mark(Reservation::Succeeded),
+            _ => LedgerChange::Release,
         };
-        self.store.settle(&record.command, reservation)?;
+        self.store.commit(record, change)?;
         self.store.sync().await?;
         metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
@@ -73,16 +72,18 @@ impl Worker {
         self.publish_recorded(publisher, &event).await
     }
 
-    /// Publishes an event that is already durable in the record. Whether the
-    /// broker confirmed it is not written back: a redelivery re-publishes
-    /// it with the same `event_id`, which consumers deduplicate, and one
-    /// record write less per message matters on the hot path.
+    /// Publishes an event that is already durable in the record, then takes
+    /// it off the outbox (not synced: losing that mark in a crash only means
+    /// one more publication with the same `event_id`, which consumers
+    /// deduplicate).
     pub(super) async fn publish_recorded(
         &self,
         publisher: &Publisher,
         event: &OutcomeEvent,
     ) -> Result<(), PipelineError> {
         publisher.publish_event(event).await?;
+        self.store
+            .mark_published(&event.refund_id, &event.event_id)?;
         Ok(())
     }
 
@@ -129,12 +130,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Publishes an event that does not answer a delivery: on the session's
-    /// channel when there is one, else on a connection of its own.
+    /// Publishes a recorded event that does not answer a delivery (operator
+    /// decisions, callbacks, the outbox sweep) and takes it off the outbox
+    /// once confirmed. On failure it stays there for the next sweep.
     pub(super) async fn publish_outside_delivery(
         &self,
         event: &OutcomeEvent,
     ) -> Result<(), String> {
+        self.publish_side(event).await?;
+        self.store
+            .mark_published(&event.refund_id, &event.event_id)
+            .map_err(|e| e.to_string())
+    }
+
+    /// On the session's channel when there is one, else on a connection of
+    /// its own.
+    async fn publish_side(&self, event: &OutcomeEvent) -> Result<(), String> {
         let current = self.side.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(publisher) = current {
             if publisher.publish_event(event).await.is_ok() {

@@ -16,6 +16,7 @@
 //!          ─▶ park     delay queues, dead letters, in doubt
 //! resolve    an operator settles an in-doubt refund, releases or abandons one
 //! callbacks  Paynet posts the final answer of a pending (or doubtful) refund
+//! outbox     events recorded but not confirmed are published again
 //! ```
 //!
 //! Every decision comes from the stored record, so a redelivery, a restart
@@ -29,11 +30,13 @@ mod callbacks;
 mod claim;
 mod finish;
 mod intake;
+mod outbox;
 mod park;
 mod resolve;
 
 pub use callbacks::{CallbackError, CallbackOutcome};
-pub use resolve::{record_status, Resolution, ResolveError};
+pub use outbox::SweepReport;
+pub use resolve::{record_status, Decision, Resolution, ResolveError};
 
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::config::Settings;

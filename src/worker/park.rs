@@ -11,7 +11,7 @@ use crate::broker::topology::delay_queues;
 use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE};
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::metrics;
-use crate::store::ledger::Reservation;
+use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use lapin::message::Delivery;
 use tracing::{error, warn};
@@ -112,12 +112,14 @@ impl Worker {
         reason: String,
     ) -> Result<(), PipelineError> {
         error!(%reason, "outcome unknown: the refund is in doubt and will not be sent again");
+        record.in_doubt_episodes += 1;
         let event = OutcomeEvent::new(
             &record.refund_id,
             Status::InDoubt,
             &record.command.echo(),
             record.attempts,
         )
+        .episode(record.in_doubt_episodes)
         .with_error("outcome_unknown", reason.clone());
         record.transition(
             RefundState::InDoubt {
@@ -126,9 +128,8 @@ impl Worker {
             format!("in doubt: {reason}"),
         );
         metrics::outcome(&record.command.provider, "in_doubt");
-        self.store.put(&record)?;
         self.store
-            .settle(&record.command, Some(Reservation::InDoubt))?;
+            .commit(&record, LedgerChange::Mark(Reservation::InDoubt))?;
         self.store.sync().await?;
         self.publish_recorded(publisher, &event).await?;
         self.park_in_doubt(publisher, delivery, &event).await
@@ -185,7 +186,7 @@ impl Worker {
         self.dead_letter(publisher, delivery, &info).await
     }
 
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         publisher: &Publisher,
         delivery: &Delivery,

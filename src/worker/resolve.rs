@@ -1,13 +1,17 @@
 //! Operator decisions over stored refunds, through the worker's HTTP API
 //! (the worker holds the store's lock): settling an in-doubt refund after
-//! checking with the provider. Every decision is noted in the refund's
-//! history with who and why, and logged.
+//! checking with the provider, abandoning a refund that will not be sent
+//! (what `dlq purge --include-refunds` does), and releasing a reservation
+//! that nothing will ever settle. Every decision needs who and why; it is
+//! noted in the refund's history and logged. A decision that cannot be
+//! applied safely says why and changes nothing.
 
 use super::Worker;
+use crate::command::Operation;
 use crate::event::{OutcomeEvent, Status};
 use crate::metrics;
-use crate::store::ledger::Reservation;
-use crate::store::{RefundRecord, RefundState, StoreError};
+use crate::store::ledger::{LedgerChange, Reservation};
+use crate::store::{Known, RefundRecord, RefundState, StoreError};
 use tracing::warn;
 
 /// How an operator settled an in-doubt refund after checking with the
@@ -17,6 +21,11 @@ pub struct Resolution {
     /// The provider executed it: its transaction id.
     #[serde(default)]
     pub executed: Option<String>,
+    /// What the provider performed, when it may have performed something
+    /// else than asked (a CreditGuard refund of a transaction not yet
+    /// transmitted is performed as a cancel). Required then.
+    #[serde(default)]
+    pub performed: Option<Operation>,
     /// The provider did not execute it: allow one new attempt (via replay).
     #[serde(default)]
     pub not_executed: bool,
@@ -26,19 +35,30 @@ pub struct Resolution {
     pub reason: String,
 }
 
-/// Why a resolution was refused.
+/// Who and why, for decisions that need nothing else.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    /// Who decided.
+    pub by: String,
+    /// Why (ticket, conversation).
+    pub reason: String,
+}
+
+/// Why an operator decision was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     /// No record for that refund.
     #[error("no refund {0} in the store")]
     NotFound(String),
-    /// Only in-doubt refunds can be resolved.
-    #[error("refund {refund_id} is {state}, not in doubt: nothing to resolve")]
-    NotInDoubt {
+    /// The refund is not in a state this decision applies to.
+    #[error("refund {refund_id} is {state}: {why}")]
+    WrongState {
         /// The refund.
         refund_id: String,
         /// Its state.
         state: String,
+        /// What to do instead.
+        why: String,
     },
     /// The request itself is wrong.
     #[error("{0}")]
@@ -47,25 +67,37 @@ pub enum ResolveError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Recorded, but the event could not be published yet.
-    #[error("resolution recorded, but the succeeded event was not published ({0}); replaying the refund's dead-lettered message publishes it")]
+    #[error("decision recorded, but its event was not published yet ({0}); the outbox publishes it when the broker is back")]
     Publish(String),
+}
+
+fn who(by: &str, reason: &str) -> Result<String, ResolveError> {
+    if by.trim().is_empty() || reason.trim().is_empty() {
+        return Err(ResolveError::Invalid(
+            "who (by) and why (reason) are required".into(),
+        ));
+    }
+    Ok(format!("by {}: {}", by.trim(), reason.trim()))
+}
+
+fn wrong_state(record: &RefundRecord, why: &str) -> ResolveError {
+    ResolveError::WrongState {
+        refund_id: record.refund_id.clone(),
+        state: record_status(record).to_string(),
+        why: why.to_string(),
+    }
 }
 
 impl Worker {
     /// Settles an in-doubt refund. `executed` records and publishes the
     /// final `succeeded` event; `not_executed` makes the refund eligible for
     /// one new attempt, which a replay of its dead-lettered message starts.
-    /// Both are noted in the refund's history with who and why.
     pub async fn resolve(
         &self,
         refund_id: &str,
         resolution: Resolution,
     ) -> Result<RefundRecord, ResolveError> {
-        if resolution.by.trim().is_empty() || resolution.reason.trim().is_empty() {
-            return Err(ResolveError::Invalid(
-                "who (by) and why (reason) are required".into(),
-            ));
-        }
+        let who = who(&resolution.by, &resolution.reason)?;
         let executed = match (&resolution.executed, resolution.not_executed) {
             (Some(txn), false) if !txn.trim().is_empty() => Some(txn.trim().to_string()),
             (None, true) => None,
@@ -81,55 +113,170 @@ impl Worker {
             .get(refund_id)?
             .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
         if !matches!(record.state, RefundState::InDoubt { .. }) {
-            return Err(ResolveError::NotInDoubt {
-                refund_id: refund_id.to_string(),
-                state: record_status(&record).to_string(),
-            });
+            return Err(wrong_state(
+                &record,
+                "only a refund in doubt can be resolved",
+            ));
         }
-        let who = format!("by {}: {}", resolution.by.trim(), resolution.reason.trim());
-        match executed {
-            Some(txn) => {
-                let mut event = OutcomeEvent::new(
-                    refund_id,
-                    Status::Succeeded,
-                    &record.command.echo(),
-                    record.attempts,
-                );
-                event.performed = Some(record.command.operation);
-                event.provider_transaction_id = Some(txn.clone());
-                event.provider_message = Some(format!("resolved as executed {who}"));
-                record.transition(
-                    RefundState::Finished {
-                        event: event.clone(),
-                    },
-                    format!("resolved as executed (provider transaction {txn}) {who}"),
-                );
-                self.store.put(&record)?;
-                self.store
-                    .settle(&record.command, Some(Reservation::Succeeded))?;
-                self.store.sync().await?;
-                metrics::outcome(&record.command.provider, "succeeded");
-                warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
-                self.publish_outside_delivery(&event)
-                    .await
-                    .map_err(ResolveError::Publish)?;
+        let Some(txn) = executed else {
+            let note = format!("resolved as not executed {who}; one new attempt allowed");
+            record.transition(
+                RefundState::NotSent {
+                    reason: note.clone(),
+                },
+                note,
+            );
+            self.store
+                .commit(&record, LedgerChange::Mark(Reservation::InFlight))?;
+            self.store.sync().await?;
+            warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
+            return Ok(record);
+        };
+        let asked = record.command.operation;
+        let may_differ = self
+            .providers
+            .get(&record.command.provider)
+            .is_none_or(|p| p.may_perform_otherwise(asked));
+        let performed = match (resolution.performed, may_differ) {
+            (Some(performed), _) => performed,
+            (None, false) => asked,
+            (None, true) => {
+                return Err(ResolveError::Invalid(format!(
+                    "this provider account may have performed the {} as another operation: \
+                     say which with performed = refund | cancel (the provider's console tells)",
+                    asked.as_str()
+                )))
             }
-            None => {
-                let note = format!("resolved as not executed {who}; one new attempt allowed");
-                record.transition(
-                    RefundState::NotSent {
-                        reason: note.clone(),
-                    },
-                    note.clone(),
-                );
-                self.store.put(&record)?;
-                self.store
-                    .settle(&record.command, Some(Reservation::InFlight))?;
-                self.store.sync().await?;
-                warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
-            }
-        }
+        };
+        let mut event = OutcomeEvent::new(
+            refund_id,
+            Status::Succeeded,
+            &record.command.echo(),
+            record.attempts,
+        );
+        event.performed = Some(performed);
+        event.provider_transaction_id = Some(txn.clone());
+        record.transition(
+            RefundState::Finished {
+                event: event.clone(),
+            },
+            format!(
+                "resolved as executed ({} performed, provider transaction {txn}) {who}",
+                performed.as_str()
+            ),
+        );
+        self.store
+            .commit(&record, LedgerChange::Mark(Reservation::Succeeded))?;
+        self.store.sync().await?;
+        metrics::outcome(&record.command.provider, "succeeded");
+        warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
+        self.publish_outside_delivery(&event)
+            .await
+            .map_err(ResolveError::Publish)?;
         Ok(record)
+    }
+
+    /// Gives a refund up for good: it will not be sent. Allowed for refunds
+    /// that are not sent or in doubt (an operator decided the doubt away);
+    /// records `failed` with `error.kind = abandoned`, releases its
+    /// reservation and publishes the event, so accounting is told. A
+    /// refund already decided is left as it is (`Ok` with its record).
+    pub async fn abandon(
+        &self,
+        refund_id: &str,
+        decision: Decision,
+    ) -> Result<RefundRecord, ResolveError> {
+        let who = who(&decision.by, &decision.reason)?;
+        let _guard = self.locks.lock(refund_id).await;
+        let mut record = self
+            .store
+            .get(refund_id)?
+            .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
+        match &record.state {
+            RefundState::NotSent { .. } | RefundState::InDoubt { .. } => {}
+            RefundState::Finished { .. } => return Ok(record),
+            RefundState::Pending { .. } => {
+                return Err(wrong_state(
+                    &record,
+                    "the provider accepted it and will answer; it cannot be abandoned",
+                ))
+            }
+            RefundState::Attempting { .. } => {
+                return Err(wrong_state(
+                    &record,
+                    "an attempt is under way or was cut off; let the worker decide it first",
+                ))
+            }
+        }
+        let was = record.state.name();
+        let event = OutcomeEvent::new(
+            refund_id,
+            Status::Failed,
+            &record.command.echo(),
+            record.attempts,
+        )
+        .with_error("abandoned", format!("abandoned while {was} {who}"));
+        record.transition(
+            RefundState::Finished {
+                event: event.clone(),
+            },
+            format!("abandoned while {was} {who}; its reservation is released"),
+        );
+        self.store.commit(&record, LedgerChange::Release)?;
+        self.store.sync().await?;
+        metrics::outcome(&record.command.provider, "failed");
+        warn!(refund_id, %who, was, "refund abandoned: it will not be sent");
+        self.publish_outside_delivery(&event)
+            .await
+            .map_err(ResolveError::Publish)?;
+        Ok(record)
+    }
+
+    /// Releases a refund's over-refund reservation that nothing else will
+    /// ever settle (for example one left by a version before reservations
+    /// and records were written together). Refused while the refund may
+    /// still be paid or was paid. Returns the amounts released.
+    pub async fn release(
+        &self,
+        refund_id: &str,
+        decision: Decision,
+    ) -> Result<Vec<u64>, ResolveError> {
+        let who = who(&decision.by, &decision.reason)?;
+        let _guard = self.locks.lock(refund_id).await;
+        let mut record = match self.store.lookup(refund_id)? {
+            Some(Known::Record(record)) => Some(*record),
+            Some(Known::Tombstone(t)) if t.status == Status::Succeeded => {
+                return Err(ResolveError::WrongState {
+                    refund_id: refund_id.to_string(),
+                    state: "succeeded".into(),
+                    why: "it was paid: its reservation stands".into(),
+                })
+            }
+            Some(Known::Tombstone(_)) | None => None,
+        };
+        if let Some(record) = &record {
+            let allowed = match &record.state {
+                RefundState::Finished { event } => event.status != Status::Succeeded,
+                _ => false,
+            };
+            if !allowed {
+                return Err(wrong_state(
+                    record,
+                    "it may still be paid or was paid; resolve or abandon it instead",
+                ));
+            }
+        }
+        let released = self.store.release(refund_id)?;
+        if let Some(record) = &mut record {
+            record.transition(
+                record.state.clone(),
+                format!("reservation of {released:?} released {who}"),
+            );
+            self.store.annotate(record)?;
+        }
+        self.store.sync().await?;
+        warn!(refund_id, ?released, %who, "over-refund reservation released by an operator");
+        Ok(released)
     }
 }
 

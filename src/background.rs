@@ -1,0 +1,106 @@
+//! The service's background work, each on its own task and off the
+//! delivery path: retention (records become tombstones), the outbox sweep
+//! (events recorded but not confirmed are published again) and the store
+//! gauges (with the overdue-pending report).
+
+use crate::config::Settings;
+use crate::shutdown::Shutdown;
+use crate::store::{Retention, Store};
+use crate::worker::Worker;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Runs a pruning pass every `every`, on the blocking pool, so processing
+/// never waits for it. A pass that fails is logged and tried again later.
+pub async fn prune_periodically(
+    store: Store,
+    retention: Retention,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let store = store.clone();
+        let now = time::OffsetDateTime::now_utc();
+        match tokio::task::spawn_blocking(move || store.prune(now, retention)).await {
+            Ok(Ok(report)) => {
+                crate::metrics::pruned(report.tombstoned);
+                for key in &report.unreadable {
+                    warn!(
+                        key = key.as_str(),
+                        "pruning skipped an unreadable entry; inspect it"
+                    );
+                }
+                if report.tombstoned + report.tombstones_expired + report.ledgers > 0 {
+                    info!(
+                        tombstoned = report.tombstoned,
+                        tombstones_expired = report.tombstones_expired,
+                        ledgers = report.ledgers,
+                        unreadable = report.unreadable.len(),
+                        "pruned the store"
+                    );
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "pruning failed"),
+            Err(e) => warn!(error = %e, "pruning task failed"),
+        }
+    }
+}
+
+/// Publishes unconfirmed events: everything soon after start (a previous
+/// process may have stopped between an outcome and its confirm), then
+/// every `every` what has waited at least that long.
+pub async fn sweep_outbox_periodically(worker: Worker, every: Duration, mut shutdown: Shutdown) {
+    let mut min_age = Duration::ZERO;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = every;
+        match worker.sweep_outbox(min_age).await {
+            Ok(report) if report.failed == 0 => min_age = every,
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "outbox sweep failed"),
+        }
+    }
+}
+
+/// Refreshes the store gauges every few seconds, off the async runtime,
+/// and reports refunds pending for longer than their account allows (each
+/// once, when it becomes overdue).
+pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut shutdown: Shutdown) {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        let counting = store.clone();
+        let limits = settings.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let counts = counting.counts()?;
+            let overdue = counting.pending_overdue(|p| limits.pending_alert_after(p))?;
+            crate::metrics::store_extra(counting.tombstone_count(), counting.unconfirmed_len());
+            Ok::<_, crate::store::StoreError>((counts, overdue))
+        })
+        .await;
+        if let Ok(Ok(((all, in_doubt, unfinished), overdue))) = scan {
+            crate::metrics::store_counts(all, in_doubt, unfinished);
+            crate::metrics::pending_overdue(overdue.len());
+            let new: Vec<&String> = overdue
+                .iter()
+                .filter(|id| !reported.contains(*id))
+                .collect();
+            if !new.is_empty() {
+                warn!(refund_ids = ?new, "refunds pending longer than pending_alert_after_secs: check them with the provider");
+            }
+            reported = overdue.into_iter().collect();
+        }
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
