@@ -4,6 +4,7 @@
 //! at start-up and names the offending key, so a bad deployment fails before
 //! it touches a message.
 
+pub use crate::duration::parse as parse_duration;
 pub use crate::providers::creditguard::CreditGuardAccount;
 pub use crate::providers::hyp_pay::HypPayAccount;
 pub use crate::providers::paynet::PaynetAccount;
@@ -98,7 +99,7 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// Finished records older than this become tombstones (`30d`, `12h`,
     /// `10s`). Default 30 days.
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "crate::duration::optional")]
     pub retention: Option<Duration>,
     /// The older form of `retention`, in days; used when `retention` is
     /// not set.
@@ -106,17 +107,17 @@ pub struct StoreSettings {
     pub retention_days: Option<u32>,
     /// Tombstones (and settled over-refund ledgers) are kept this long after
     /// the record was pruned. Default 400 days.
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "crate::duration::optional")]
     pub tombstone_retention: Option<Duration>,
     /// How often the pruning pass runs (`1h`, `10s`). Default 1 hour.
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "crate::duration::optional")]
     pub prune_interval: Option<Duration>,
     /// The older form of `prune_interval`, in seconds.
     #[serde(default)]
     pub prune_interval_secs: Option<u64>,
     /// How often events the broker has not confirmed are published again
     /// (the outbox sweep). Default 10 seconds.
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "crate::duration::optional")]
     pub outbox_sweep_interval: Option<Duration>,
     /// Group commit: how long the syncer waits for more writers after the
     /// first one of a batch (microseconds; 0 flushes at once).
@@ -149,51 +150,6 @@ impl StoreSettings {
     pub fn outbox_sweep_every(&self) -> Duration {
         self.outbox_sweep_interval
             .unwrap_or(Duration::from_secs(10))
-    }
-}
-
-/// Parses a duration: a number with a unit (`500ms`, `10s`, `15m`, `2h`,
-/// `30d`) or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s, 15m, 2h, 30d"))?;
-    let unit_secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    n.checked_mul(unit_secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
-
-/// Accepts `"30d"`-style strings and plain seconds.
-fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Option::<Raw>::deserialize(d)? {
-        None => Ok(None),
-        Some(Raw::Seconds(n)) => Ok(Some(Duration::from_secs(n))),
-        Some(Raw::Text(t)) => parse_duration(&t)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
     }
 }
 

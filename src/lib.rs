@@ -17,6 +17,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod dlq;
+pub mod duration;
 pub mod event;
 pub mod http;
 pub mod local_broker;

@@ -226,3 +226,72 @@ mod tests {
         assert!(store.lookup("old-done").expect("lookup").is_none());
     }
 }
+
+/// The figures in the README ("Retention"): `cargo test --release --lib --
+/// --ignored tombstones_of_a_million --nocapture` (set `TOMBSTONES_N` for
+/// another count). Not a timed test: it prints sizes.
+#[cfg(test)]
+mod size {
+    use super::*;
+    use crate::command::Operation;
+    use crate::event::Status;
+    use sha2::Digest;
+
+    fn dir_size(path: &std::path::Path) -> u64 {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => dir_size(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    #[ignore = "writes a large store; run by hand for the README figures"]
+    async fn tombstones_of_a_million() {
+        let n: u64 = std::env::var("TOMBSTONES_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut encoded = 0;
+        for i in 0..n {
+            let refund_id = format!("rf-2026-{i:09}");
+            let tombstone = Tombstone {
+                payload_hash: crate::command::hex(&sha2::Sha256::digest(refund_id.as_bytes())),
+                event_id: crate::event::event_id(&refund_id, Status::Succeeded),
+                status: Status::Succeeded,
+                performed: Some(Operation::Refund),
+                provider_transaction_id: Some(format!("{}", 400_000_000 + i)),
+                provider_code: Some("000".into()),
+                provider_message: Some("Permitted transaction".into()),
+                error_kind: None,
+                attempts: 1,
+                occurred_at: "2026-11-22T10:15:00Z".into(),
+                pruned_at: "2026-12-22T10:15:00Z".into(),
+            };
+            let bytes = encode(&tombstone);
+            encoded = bytes.len();
+            store
+                .tombstones
+                .insert(refund_id.as_bytes(), bytes)
+                .expect("insert");
+        }
+        store.sync().await.expect("sync");
+        store.close().await.expect("close");
+        drop(store);
+        let size = dir_size(dir.path());
+        println!(
+            "{n} tombstones: {encoded} bytes encoded each (plus its key), store {:.1} MiB on disk, {:.0} bytes per refund",
+            size as f64 / (1024.0 * 1024.0),
+            size as f64 / n as f64
+        );
+    }
+}
