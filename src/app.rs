@@ -13,7 +13,7 @@ use crate::background;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::config::Settings;
-use crate::http::{self, Health};
+use crate::http::{self, Health, Listeners};
 use crate::providers::Providers;
 use crate::secret::redact_url;
 use crate::shutdown::Shutdown;
@@ -44,14 +44,17 @@ pub enum AppError {
         /// Why.
         source: crate::store::StoreError,
     },
-    /// The HTTP listener could not bind.
-    #[error("binding http.addr {addr}: {source}")]
+    /// An HTTP listener could not bind.
+    #[error("binding {addr} (http.addr / http.callback_addr): {source}")]
     Bind {
         /// The configured address.
         addr: String,
         /// Why.
         source: std::io::Error,
     },
+    /// The broker's TLS certificate is not trusted.
+    #[error("the broker's TLS certificate is not trusted ({0}); give its CA in amqp.tls_ca_path (PEM) or fix amqp.url")]
+    UntrustedBroker(String),
     /// The HTTP client could not be built.
     #[error("building the provider HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -62,30 +65,50 @@ pub enum AppError {
 pub struct App {
     settings: Arc<Settings>,
     worker: Worker,
-    listener: TcpListener,
+    listener: Listeners,
     health: Arc<Health>,
 }
 
 impl App {
     /// Opens the store, builds the providers and binds the HTTP listener.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        if settings.amqp.url.expose().starts_with("amqps://") {
+            // A certificate we do not trust is a configuration error: stop
+            // here instead of retrying forever. An unreachable broker is
+            // not: the session loop waits for it.
+            match broker::connect_with(&settings.amqp, "refund-worker-probe").await {
+                Ok(connection) => {
+                    let _ = connection.close(200, "probe".into()).await;
+                }
+                Err(e) if broker::is_untrusted_certificate(&e) => {
+                    return Err(AppError::UntrustedBroker(e.to_string()));
+                }
+                Err(_) => {}
+            }
+        }
         let linger = Duration::from_micros(settings.store.group_commit_linger_us);
         let store =
             Store::open_with(&settings.store.path, linger).map_err(|source| AppError::Store {
                 path: settings.store.path.display().to_string(),
                 source,
             })?;
-        let listener = TcpListener::bind(&settings.http.addr)
-            .await
-            .map_err(|source| AppError::Bind {
-                addr: settings.http.addr.clone(),
-                source,
-            })?;
-        // Callback URLs need the real port when http.addr asked for port 0.
-        let public_url = match (&settings.http.public_url, listener.local_addr()) {
+        let bind = |addr: String| async move {
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|source| AppError::Bind { addr, source })
+        };
+        let private = bind(settings.http.addr.clone()).await?;
+        let callbacks = match &settings.http.callback_addr {
+            Some(addr) => Some(bind(addr.clone()).await?),
+            None => None,
+        };
+        // Callback URLs need the real port when the address asked for port 0.
+        let callback_listener = callbacks.as_ref().unwrap_or(&private);
+        let public_url = match (&settings.http.public_url, callback_listener.local_addr()) {
             (None, Ok(bound)) => format!("http://{bound}"),
             _ => settings.public_url(),
         };
+        let listener = Listeners { private, callbacks };
         let providers = Providers::new(&settings.providers, &settings.provider_http, &public_url)?;
         let settings = Arc::new(settings);
         Ok(App {
@@ -96,9 +119,14 @@ impl App {
         })
     }
 
-    /// The bound HTTP address.
+    /// The bound private HTTP address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.listener.private.local_addr().ok()
+    }
+
+    /// The bound callback address, when callbacks have their own listener.
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.listener.callbacks.as_ref()?.local_addr().ok()
     }
 
     /// Runs until `shutdown` fires, then stops taking deliveries, lets the
@@ -187,7 +215,7 @@ async fn session(
     mut shutdown: Shutdown,
 ) -> Result<SessionEnd, lapin::Error> {
     let amqp = &settings.amqp;
-    let connection = broker::connect(&amqp.url, "refund-worker").await?;
+    let connection = broker::connect_with(amqp, "refund-worker").await?;
     let setup = connection.create_channel().await?;
     topology::declare(&setup, settings).await?;
     let _ = setup.close(200, "topology declared".into()).await;

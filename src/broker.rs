@@ -5,6 +5,7 @@
 pub mod publisher;
 pub mod topology;
 
+use crate::config::AmqpSettings;
 use crate::secret::Secret;
 use lapin::{Connection, ConnectionProperties};
 
@@ -34,4 +35,35 @@ pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
 pub async fn connect(url: &Secret, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url.expose(), properties).await
+}
+
+/// Opens a connection with the broker settings: for `amqps://` URLs the
+/// certificate must be signed by a public CA or by one in
+/// `amqp.tls_ca_path`.
+pub async fn connect_with(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
+    let Some(ca_path) = &amqp.tls_ca_path else {
+        return connect(&amqp.url, name).await;
+    };
+    // Validated at start-up; read again so a rotated CA file is picked up
+    // at the next reconnect.
+    let pem = std::fs::read_to_string(ca_path).map_err(lapin::Error::from)?;
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    };
+    Connection::connect_with_config(
+        amqp.url.expose(),
+        properties,
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await
+}
+
+/// Whether a connection error says the broker's TLS certificate is not
+/// trusted (a configuration error, not an outage: start-up stops on it).
+pub fn is_untrusted_certificate(error: &lapin::Error) -> bool {
+    let text = format!("{error:?} {error}").to_ascii_lowercase();
+    text.contains("certificate") || text.contains("unknownissuer")
 }

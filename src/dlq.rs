@@ -14,7 +14,6 @@ use crate::broker::{
     HEADER_REFUND_ID,
 };
 use crate::config::AmqpSettings;
-use crate::secret::Secret;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -153,11 +152,7 @@ pub struct Dlq {
 impl Dlq {
     /// Connects and takes every message (up to [`MAX_BROWSE`]) unacked.
     pub async fn open(amqp: &AmqpSettings) -> Result<Self, DlqError> {
-        Self::open_url(&amqp.url, amqp).await
-    }
-
-    async fn open_url(url: &Secret, amqp: &AmqpSettings) -> Result<Self, DlqError> {
-        let connection = crate::broker::connect(url, "refund-worker-dlq").await?;
+        let connection = crate::broker::connect_with(amqp, "refund-worker-dlq").await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -23,11 +23,24 @@ pub enum NodeError {
     Failed(String),
 }
 
+/// PEM files for a TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the certificate.
+    pub ca: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
 /// A running private node.
 #[derive(Debug)]
 pub struct LocalBroker {
     /// AMQP port.
     pub port: u16,
+    /// AMQPS port, when started with TLS.
+    pub tls_port: Option<u16>,
     /// Erlang node name.
     pub node: String,
     /// Data, logs and the CLI's HOME.
@@ -37,8 +50,14 @@ pub struct LocalBroker {
 
 impl LocalBroker {
     /// Starts a node and waits until it accepts connections.
-    #[allow(clippy::zombie_processes)] // the node outlives this call; the watchdog stops it
     pub fn start() -> Result<LocalBroker, NodeError> {
+        Self::start_with(None)
+    }
+
+    /// As [`LocalBroker::start`], with an AMQPS listener too when `tls` is
+    /// given (on another free port; see `tls_port`).
+    #[allow(clippy::zombie_processes)] // the node outlives this call; the watchdog stops it
+    pub fn start_with(tls: Option<&TlsFiles>) -> Result<LocalBroker, NodeError> {
         if !Path::new(SERVER).exists() {
             return Err(NodeError::NotInstalled);
         }
@@ -52,6 +71,24 @@ impl LocalBroker {
         std::fs::create_dir_all(dir.join("log")).map_err(|e| fail("node dir", e))?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")
             .map_err(|e| fail("plugins file", e))?;
+        let mut tls_port = None;
+        let mut conf = String::new();
+        if let Some(tls) = tls {
+            let p = free_port_pair()?;
+            tls_port = Some(p);
+            conf = format!(
+                "listeners.ssl.default = {p}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                tls.ca.display(),
+                tls.cert.display(),
+                tls.key.display()
+            );
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).map_err(|e| fail("config file", e))?;
         let log =
             std::fs::File::create(dir.join("server.out")).map_err(|e| fail("server log", e))?;
         let log2 = log.try_clone().map_err(|e| fail("server log", e))?;
@@ -63,6 +100,7 @@ impl LocalBroker {
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -70,6 +108,7 @@ impl LocalBroker {
             .map_err(|e| fail("starting rabbitmq-server", e))?;
         let broker = LocalBroker {
             port,
+            tls_port,
             node,
             dir,
             vhosts: AtomicU32::new(0),

@@ -7,10 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cli::ops::{DlqCommand, RefundsCommand};
 use refund_worker::client;
-use refund_worker::config::LogFormat;
+use refund_worker::config::{ConfigError, LogFormat};
 use refund_worker::sandbox::{SandboxConfig, Seed};
 use refund_worker::secret::Secret;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -114,6 +115,10 @@ enum Command {
     },
     /// Inspect and resolve refunds through the running worker's HTTP API.
     Refunds {
+        /// A TOML file layered over config/default.toml (for
+        /// http.operator_token; REFUND_WORKER__HTTP__OPERATOR_TOKEN works too).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
         /// The running worker's HTTP address.
         #[arg(
             long,
@@ -165,8 +170,26 @@ enum Command {
 
 const DEFAULT_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is one line on stderr (never a backtrace,
+/// whatever `RUST_BACKTRACE` says) and exit status 2 for a configuration
+/// error, 1 for anything else.
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let line = format!("{error:#}").replace('\n', " ");
+            eprintln!("refund-worker: {line}");
+            if error.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -230,9 +253,10 @@ fn main() -> anyhow::Result<()> {
                 command,
             } => cli::ops::dlq(config, &worker_url, command).await,
             Command::Refunds {
+                config,
                 worker_url,
                 command,
-            } => cli::ops::refunds(&worker_url, command).await,
+            } => cli::ops::refunds(config, &worker_url, command).await,
             Command::Bench {
                 n,
                 prefetch,

@@ -114,3 +114,14 @@ pub fn store_extra(tombstones: usize, unconfirmed: usize) {
 pub fn outbox_republished(count: usize) {
     counter!("refund_worker_outbox_republished_total").increment(count as u64);
 }
+
+/// A provider callback refused (`not_found`, `invalid`, `too_large`,
+/// `timeout`).
+pub fn callback_rejected(reason: &'static str) {
+    counter!("refund_worker_callbacks_rejected_total", "reason" => reason).increment(1);
+}
+
+/// An operator API request refused (`unauthorized`, `off`).
+pub fn operator_refused(reason: &'static str) {
+    counter!("refund_worker_operator_refused_total", "reason" => reason).increment(1);
+}

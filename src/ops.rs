@@ -5,6 +5,7 @@
 
 use crate::config::AmqpSettings;
 use crate::dlq::{human_age, DeadMessage, Dlq, Filter, Report};
+use crate::secret::Secret;
 use crate::worker::{Decision, Resolution};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -34,6 +35,7 @@ pub enum OpsError {
 pub struct WorkerApi {
     base: String,
     http: reqwest::Client,
+    token: Option<Secret>,
 }
 
 impl WorkerApi {
@@ -42,6 +44,28 @@ impl WorkerApi {
         WorkerApi {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` (`http.operator_token`).
+    pub fn with_token(mut self, token: Option<Secret>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.http.get(format!("{}{path}", self.base)))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.http.post(format!("{}{path}", self.base)))
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
         }
     }
 
@@ -69,8 +93,7 @@ impl WorkerApi {
     /// The stored record of a refund, `None` if unknown.
     pub async fn refund(&self, refund_id: &str) -> Result<Option<Value>, OpsError> {
         let response = self
-            .http
-            .get(format!("{}/refunds/{refund_id}", self.base))
+            .get(&format!("/refunds/{refund_id}"))
             .send()
             .await
             .map_err(|e| self.err(e))?;
@@ -82,10 +105,7 @@ impl WorkerApi {
 
     /// Records with this status.
     pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<Value>, OpsError> {
-        let mut request = self
-            .http
-            .get(format!("{}/refunds", self.base))
-            .query(&[("limit", limit.to_string())]);
+        let mut request = self.get("/refunds").query(&[("limit", limit.to_string())]);
         if let Some(status) = status {
             request = request.query(&[("status", status)]);
         }
@@ -101,8 +121,7 @@ impl WorkerApi {
         resolution: &Resolution,
     ) -> Result<Value, OpsError> {
         let response = self
-            .http
-            .post(format!("{}/refunds/{refund_id}/resolve", self.base))
+            .post(&format!("/refunds/{refund_id}/resolve"))
             .json(resolution)
             .send()
             .await
@@ -123,8 +142,7 @@ impl WorkerApi {
     /// Records a refund as abandoned (`failed`, `error.kind = abandoned`).
     pub async fn abandon(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
         let response = self
-            .http
-            .post(format!("{}/refunds/{refund_id}/abandon", self.base))
+            .post(&format!("/refunds/{refund_id}/abandon"))
             .json(decision)
             .send()
             .await
@@ -135,8 +153,7 @@ impl WorkerApi {
     /// Releases a refund's over-refund reservation.
     pub async fn release(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
         let response = self
-            .http
-            .post(format!("{}/refunds/{refund_id}/release", self.base))
+            .post(&format!("/refunds/{refund_id}/release"))
             .json(decision)
             .send()
             .await

@@ -76,7 +76,7 @@ async fn wait_depth(app: &TestApp, queue: &str, want: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
     let mut app = start_impatient().await;
-    let api = WorkerApi::new(&format!("http://{}", app.http_addr));
+    let api = app.api();
     for (id, original) in [
         ("rf-out-1", "12290620"),
         ("rf-out-2", "12290621"),
@@ -168,7 +168,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
     let mut app = TestApp::start().await;
-    let api = WorkerApi::new(&format!("http://{}", app.http_addr));
+    let api = app.api();
     // A: executed, then an HTML page. B: an HTML page without executing.
     app.sandbox
         .add_fault(fault(FaultKind::HtmlAfter, "12290620"));

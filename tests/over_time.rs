@@ -29,7 +29,7 @@ fn fault(kind: FaultKind, original: &str) -> Fault {
 }
 
 fn api(app: &TestApp) -> WorkerApi {
-    WorkerApi::new(&format!("http://{}", app.http_addr))
+    app.api()
 }
 
 async fn replay_all(app: &TestApp, api: &WorkerApi) -> Report {

@@ -165,12 +165,7 @@ async fn creditguard_with_dedupe_retries_an_unknown_outcome_safely() {
 }
 
 async fn callback_token(app: &TestApp, refund_id: &str) -> String {
-    let record: Value = reqwest::get(format!("http://{}/refunds/{refund_id}", app.http_addr))
-        .await
-        .expect("api")
-        .json()
-        .await
-        .expect("json");
+    let record = app.record(refund_id).await;
     record["callback_token"]
         .as_str()
         .expect("token")
@@ -222,15 +217,7 @@ async fn paynet_is_pending_then_final_and_callbacks_are_verified() {
         .await
         .expect("post");
     assert!(contra.status().is_success());
-    let record: Value = reqwest::get(format!(
-        "http://{}/refunds/rf-example-paynet-refund-1",
-        app.http_addr
-    ))
-    .await
-    .expect("api")
-    .json()
-    .await
-    .expect("json");
+    let record = app.record("rf-example-paynet-refund-1").await;
     assert!(
         record["history"].to_string().contains("CONTRADICTS"),
         "{record}"

@@ -171,8 +171,9 @@ pub(crate) async fn dlq(
     worker_url: &str,
     command: DlqCommand,
 ) -> anyhow::Result<()> {
-    let amqp = Settings::load_amqp(config.as_deref())?;
-    let api = ops::WorkerApi::new(worker_url);
+    let tools = Settings::load_tools(config.as_deref())?;
+    let amqp = tools.amqp;
+    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
     match command {
         DlqCommand::List { filter, json } => {
             ops::dlq_list(&amqp, &filter.into_filter(), json).await?
@@ -208,8 +209,13 @@ pub(crate) async fn dlq(
     Ok(())
 }
 
-pub(crate) async fn refunds(worker_url: &str, command: RefundsCommand) -> anyhow::Result<()> {
-    let api = ops::WorkerApi::new(worker_url);
+pub(crate) async fn refunds(
+    config: Option<PathBuf>,
+    worker_url: &str,
+    command: RefundsCommand,
+) -> anyhow::Result<()> {
+    let tools = Settings::load_tools(config.as_deref())?;
+    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
     match command {
         RefundsCommand::Show { refund_id } => ops::refunds_show(&api, &refund_id).await?,
         RefundsCommand::List {

@@ -72,7 +72,7 @@ pub struct CreditGuardAccount {
     /// The terminal deduplicates requests (mayBeDuplicate + requestId,
     /// enabled by CreditGuard on request). Then a request whose answer was
     /// lost is repeated safely instead of ending in doubt.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::lenient_bool")]
     pub dedupe_requests: bool,
 }
 

@@ -87,7 +87,10 @@ pub struct PaynetAccount {
     pub secret_key: Secret,
     /// A refund still `pending` after this long is reported (a warning
     /// naming it, and the `refund_worker_pending_overdue` gauge).
-    #[serde(default = "default_pending_alert")]
+    #[serde(
+        default = "default_pending_alert",
+        deserialize_with = "crate::config::lenient_u64"
+    )]
     pub pending_alert_after_secs: u64,
 }
 

@@ -257,14 +257,29 @@ impl Store {
             (LedgerChange::Keep, _) | (_, None) => None,
             (change, Some(_)) => Some((ledger_key(&record.command), change)),
         };
+        let Some(ledger) = ledger else {
+            // No ledger entry to keep in step: two plain writes, the outbox
+            // mark first. sled recovers a prefix of its log, so a crash
+            // can leave a mark without its record (the sweep drops it: the
+            // record has no event), never a record without its mark.
+            match &outbox {
+                Some(value) => {
+                    self.outbox.insert(key, value.as_bytes())?;
+                }
+                None => {
+                    self.outbox.remove(key)?;
+                }
+            }
+            self.refunds.insert(key, bytes)?;
+            return Ok(());
+        };
         (&self.refunds, &self.originals, &self.outbox).transaction(
             |(refunds, originals, unconfirmed)| {
                 refunds.insert(key, bytes.as_slice())?;
-                if let Some((ledger_key, change)) = &ledger {
-                    if let Some(mut entry) = read_ledger(originals, ledger_key)? {
-                        if entry.apply(&record.refund_id, *change) {
-                            originals.insert(ledger_key.as_bytes(), entry.encode())?;
-                        }
+                let (ledger_key, change) = &ledger;
+                if let Some(mut entry) = read_ledger(originals, ledger_key)? {
+                    if entry.apply(&record.refund_id, *change) {
+                        originals.insert(ledger_key.as_bytes(), entry.encode())?;
                     }
                 }
                 match &outbox {

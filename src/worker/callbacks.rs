@@ -11,6 +11,7 @@
 use super::Worker;
 use crate::event::{OutcomeEvent, Status};
 use crate::metrics;
+use crate::secret::constant_time_eq;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundState, StoreError};
 use tracing::{error, info, warn};
@@ -184,9 +185,4 @@ impl Worker {
         self.store.sync().await?;
         Ok(CallbackOutcome::Contradicted)
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -152,7 +152,7 @@ impl Worker {
                 return Ok(());
             }
         }
-        let connection = crate::broker::connect(&self.settings.amqp.url, "refund-worker-side")
+        let connection = crate::broker::connect_with(&self.settings.amqp, "refund-worker-side")
             .await
             .map_err(|e| e.to_string())?;
         let result = async {

@@ -2,7 +2,7 @@
 //! started on first use and shared by the binary's tests; each test gets
 //! its own vhost so tests run in parallel without seeing each other's queues.
 
-use refund_worker::local_broker::LocalBroker;
+use refund_worker::local_broker::{LocalBroker, TlsFiles};
 use std::sync::OnceLock;
 
 pub struct RabbitNode(LocalBroker);
@@ -13,6 +13,23 @@ impl RabbitNode {
     /// The node of this test binary, started on first use.
     pub fn shared() -> &'static RabbitNode {
         NODE.get_or_init(|| RabbitNode(LocalBroker::start().expect("private RabbitMQ node")))
+    }
+
+    /// The node of this test binary with an AMQPS listener too, using
+    /// `tls` (the first caller's files win).
+    pub fn shared_tls(tls: &TlsFiles) -> &'static RabbitNode {
+        NODE.get_or_init(|| {
+            RabbitNode(LocalBroker::start_with(Some(tls)).expect("private RabbitMQ node"))
+        })
+    }
+
+    /// The AMQPS URL of a vhost's counterpart to `amqp_url`.
+    pub fn tls_url(&self, amqp_url: &str) -> String {
+        let tls_port = self.0.tls_port.expect("node started with TLS");
+        amqp_url
+            .replace("amqp://", "amqps://")
+            .replace("127.0.0.1", "localhost")
+            .replace(&format!(":{}/", self.0.port), &format!(":{tls_port}/"))
     }
 
     /// A fresh vhost; returns its AMQP URL.

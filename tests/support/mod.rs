@@ -26,6 +26,9 @@ pub const HYP_CANCEL: &str = include_str!("../../examples/hyp-pay-cancel.json");
 pub const HYP_DECLINE: &str = include_str!("../../examples/hyp-pay-decline.json");
 pub const INVALID: &str = include_str!("../../examples/invalid-command.json");
 
+/// The operator token every test worker is configured with.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -33,6 +36,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct TestApp {
     pub amqp_url: String,
     pub http_addr: std::net::SocketAddr,
+    /// The callback listener, when `http.callback_addr` is set.
+    pub callback_addr: Option<std::net::SocketAddr>,
     pub sandbox: Sandbox,
     pub sandbox_url: String,
     pub store_dir: tempfile::TempDir,
@@ -74,6 +79,7 @@ pub fn settings_layer(amqp_url: &str, store: &std::path::Path, sandbox_url: &str
         path = "{store}"
         [http]
         addr = "127.0.0.1:0"
+        operator_token = "{OPERATOR_TOKEN}"
         [retry]
         max_attempts = 3
         initial_delay_ms = 20
@@ -207,6 +213,7 @@ impl TestApp {
         let mut app = TestApp {
             amqp_url,
             http_addr: "127.0.0.1:0".parse().expect("addr"),
+            callback_addr: None,
             sandbox,
             sandbox_url,
             store_dir,
@@ -225,6 +232,7 @@ impl TestApp {
     pub async fn spawn_worker(&mut self) {
         let app = App::build(self.settings.clone()).await.expect("app");
         self.http_addr = app.http_addr().expect("http addr");
+        self.callback_addr = app.callback_addr();
         let (trigger, listener) = shutdown::channel();
         self.trigger = Some(trigger);
         self.task = Some(tokio::spawn(app.run(listener)));
@@ -347,6 +355,21 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The operator API client, with the token.
+    pub fn api(&self) -> refund_worker::ops::WorkerApi {
+        refund_worker::ops::WorkerApi::new(&format!("http://{}", self.http_addr))
+            .with_token(Some(refund_worker::secret::Secret::new(OPERATOR_TOKEN)))
+    }
+
+    /// A refund's record (or tombstone) through the operator API.
+    pub async fn record(&self, refund_id: &str) -> Value {
+        self.api()
+            .refund(refund_id)
+            .await
+            .expect("operator API")
+            .expect("refund known")
     }
 
     /// Messages waiting in a queue.

@@ -5,11 +5,18 @@
 //! it touches a message.
 
 pub use crate::duration::parse as parse_duration;
+
+mod lenient;
+mod load;
+
 pub use crate::providers::creditguard::CreditGuardAccount;
 pub use crate::providers::hyp_pay::HypPayAccount;
 pub use crate::providers::paynet::PaynetAccount;
 use crate::secret::Secret;
 use crate::store::Retention;
+pub(crate) use lenient::{bool as lenient_bool, u64 as lenient_u64};
+pub use load::env_var;
+use load::Layers;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,12 +24,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The defaults shipped in the repository.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// Environment variable prefix (`REFUND_WORKER__AMQP__URL`).
 pub const ENV_PREFIX: &str = "REFUND_WORKER";
 
-/// A configuration problem, naming the key.
+/// A configuration problem, naming the key (and, once located, where its
+/// value came from).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The layers could not be read or deserialised.
@@ -36,6 +44,22 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A `…_FILE` variable could not supply its value.
+    #[error("configuration: {var}: {problem}")]
+    SecretFile {
+        /// The variable.
+        var: String,
+        /// What went wrong.
+        problem: String,
+    },
+    /// An error with the layer its value came from.
+    #[error("{error} (set by {origin})")]
+    Located {
+        /// The error.
+        error: Box<ConfigError>,
+        /// `environment variable REFUND_WORKER__…`, `file …`, or the defaults.
+        origin: String,
+    },
 }
 
 pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -43,6 +67,15 @@ pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Con
         key: key.into(),
         problem: problem.into(),
     }
+}
+
+/// What the operator commands (`dlq`, `refunds`) read.
+#[derive(Debug, Clone)]
+pub struct ToolSettings {
+    /// Broker.
+    pub amqp: AmqpSettings,
+    /// The worker's listener and operator token.
+    pub http: HttpSettings,
 }
 
 /// All settings of one worker process.
@@ -90,6 +123,10 @@ pub struct AmqpSettings {
     pub max_body_bytes: usize,
     /// How long to wait for a publisher confirm.
     pub confirm_timeout_ms: u64,
+    /// PEM file of the CA (or CAs) that signed the broker's certificate,
+    /// for `amqps://` URLs whose certificate is not signed by a public CA.
+    #[serde(default)]
+    pub tls_ca_path: Option<PathBuf>,
 }
 
 /// Store settings.
@@ -156,11 +193,38 @@ impl StoreSettings {
 /// HTTP listener settings.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HttpSettings {
-    /// Listen address.
+    /// The private listener: health, readiness, metrics, operator API (and
+    /// provider callbacks when `callback_addr` is not set).
     pub addr: String,
-    /// Base URL providers can reach; defaults to `http://<addr>`.
+    /// The public listener for provider callbacks only. Unset: callbacks
+    /// are served on `addr`.
+    #[serde(default)]
+    pub callback_addr: Option<String>,
+    /// Base URL providers can reach the callback listener at; defaults to
+    /// `http://<bound callback listener>`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Bearer token every `/refunds` request must carry. Unset: the
+    /// operator API is off (403), never open.
+    #[serde(default)]
+    pub operator_token: Option<Secret>,
+    /// Largest callback body accepted.
+    #[serde(default = "default_callback_body", deserialize_with = "lenient::u64")]
+    pub callback_max_body_bytes: u64,
+    /// Longest a callback request may take (reading, store, publish).
+    #[serde(
+        default = "default_callback_timeout",
+        deserialize_with = "lenient::u64"
+    )]
+    pub callback_timeout_ms: u64,
+}
+
+fn default_callback_body() -> u64 {
+    16 * 1024
+}
+
+fn default_callback_timeout() -> u64 {
+    10_000
 }
 
 /// In-process retry policy for not-sent requests.
@@ -261,25 +325,18 @@ impl Settings {
         Self::load_from(file, None)
     }
 
-    /// Only the `amqp` section, for operator tools that talk to the broker
-    /// and need no provider account.
-    pub fn load_amqp(file: Option<&Path>) -> Result<AmqpSettings, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).required(true));
-        }
-        let amqp: AmqpSettings = builder
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__"),
-            )
-            .build()?
-            .get("amqp")?;
-        Ok(amqp)
+    /// Only the `amqp` and `http` sections, for operator tools that talk to
+    /// the broker and the worker's API and need no provider account.
+    pub fn load_tools(file: Option<&Path>) -> Result<ToolSettings, ConfigError> {
+        let layers = Layers::new(file, None)?;
+        let loaded = (|| {
+            let config = layers.builder().build()?;
+            Ok::<_, ConfigError>(ToolSettings {
+                amqp: config.get("amqp")?,
+                http: config.get("http")?,
+            })
+        })();
+        loaded.map_err(|e| layers.locate(e))
     }
 
     /// As [`Settings::load`], with the environment given as a map (tests).
@@ -287,24 +344,13 @@ impl Settings {
         file: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).required(true));
-        }
-        let settings: Settings = builder
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .source(env),
-            )
-            .build()?
-            .try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+        let layers = Layers::new(file, env)?;
+        let loaded = (|| {
+            let settings: Settings = layers.builder().build()?.try_deserialize()?;
+            settings.validate()?;
+            Ok::<_, ConfigError>(settings)
+        })();
+        loaded.map_err(|e| layers.locate(e))
     }
 
     /// Checks values that deserialise fine but cannot work.
@@ -326,6 +372,14 @@ impl Settings {
         ] {
             if name.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if let Some(path) = &self.amqp.tls_ca_path {
+            if let Err(e) = std::fs::read_to_string(path) {
+                return Err(invalid(
+                    "amqp.tls_ca_path",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
             }
         }
         if self.amqp.max_body_bytes == 0 {
@@ -364,6 +418,28 @@ impl Settings {
             ));
         }
         self.http_addr()?;
+        if let Some(addr) = &self.http.callback_addr {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| invalid("http.callback_addr", format!("not a socket address: {e}")))?;
+        }
+        if self
+            .operator_token()
+            .is_some_and(|t| t.expose().trim().len() < 16)
+        {
+            return Err(invalid(
+                "http.operator_token",
+                "must be at least 16 characters (generate one: openssl rand -hex 32)",
+            ));
+        }
+        if self.http.callback_max_body_bytes == 0 {
+            return Err(invalid(
+                "http.callback_max_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.http.callback_timeout_ms == 0 {
+            return Err(invalid("http.callback_timeout_ms", "must be at least 1"));
+        }
         if let Some(public) = &self.http.public_url {
             if !(public.starts_with("http://") || public.starts_with("https://")) {
                 return Err(invalid("http.public_url", "must be an http(s) URL"));
@@ -422,8 +498,19 @@ impl Settings {
     pub fn public_url(&self) -> String {
         match &self.http.public_url {
             Some(url) => url.trim_end_matches('/').to_string(),
-            None => format!("http://{}", self.http.addr),
+            None => format!(
+                "http://{}",
+                self.http
+                    .callback_addr
+                    .as_deref()
+                    .unwrap_or(&self.http.addr)
+            ),
         }
+    }
+
+    /// The operator token, if one is configured (an empty value is none).
+    pub fn operator_token(&self) -> Option<&Secret> {
+        self.http.operator_token.as_ref().filter(|t| !t.is_empty())
     }
 
     /// Per-attempt confirm timeout.
@@ -561,6 +648,120 @@ mod tests {
         assert!(err.contains("store.tombstone_retention"), "{err}");
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("5w").is_err());
+    }
+
+    #[test]
+    fn every_non_string_key_can_be_set_from_the_environment() {
+        let env: std::collections::HashMap<String, String> = [
+            ("REFUND_WORKER__AMQP__PREFETCH", "7"),
+            ("REFUND_WORKER__AMQP__MAX_BODY_BYTES", "1234"),
+            ("REFUND_WORKER__AMQP__CONFIRM_TIMEOUT_MS", "4321"),
+            ("REFUND_WORKER__STORE__RETENTION_DAYS", "9"),
+            ("REFUND_WORKER__STORE__PRUNE_INTERVAL_SECS", "11"),
+            ("REFUND_WORKER__STORE__TOMBSTONE_RETENTION", "20d"),
+            ("REFUND_WORKER__STORE__OUTBOX_SWEEP_INTERVAL", "3s"),
+            ("REFUND_WORKER__STORE__GROUP_COMMIT_LINGER_US", "250"),
+            ("REFUND_WORKER__HTTP__CALLBACK_MAX_BODY_BYTES", "2048"),
+            ("REFUND_WORKER__HTTP__CALLBACK_TIMEOUT_MS", "1500"),
+            ("REFUND_WORKER__RETRY__MAX_ATTEMPTS", "5"),
+            ("REFUND_WORKER__RETRY__INITIAL_DELAY_MS", "10"),
+            ("REFUND_WORKER__RETRY__MAX_DELAY_MS", "20"),
+            ("REFUND_WORKER__RETRY__DEADLINE_MS", "30"),
+            ("REFUND_WORKER__RETRY__DELAYED_MS", "100,200"),
+            ("REFUND_WORKER__PROVIDER_HTTP__TIMEOUT_MS", "40"),
+            ("REFUND_WORKER__PROVIDER_HTTP__CONNECT_TIMEOUT_MS", "50"),
+            ("REFUND_WORKER__PROVIDERS__CG__KIND", "creditguard"),
+            (
+                "REFUND_WORKER__PROVIDERS__CG__BASE_URL",
+                "https://cg.example/xpo/Relay",
+            ),
+            ("REFUND_WORKER__PROVIDERS__CG__USER", "u"),
+            ("REFUND_WORKER__PROVIDERS__CG__PASSWORD", "p"),
+            (
+                "REFUND_WORKER__PROVIDERS__CG__TERMINAL_NUMBER",
+                "0882819014",
+            ),
+            ("REFUND_WORKER__PROVIDERS__CG__DEDUPE_REQUESTS", "true"),
+            ("REFUND_WORKER__PROVIDERS__PN__KIND", "paynet"),
+            ("REFUND_WORKER__PROVIDERS__PN__SECRET_KEY", "k"),
+            (
+                "REFUND_WORKER__PROVIDERS__PN__PENDING_ALERT_AFTER_SECS",
+                "600",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(None, Some(env)).expect("valid");
+        assert_eq!(s.amqp.prefetch, 7);
+        assert_eq!(s.amqp.max_body_bytes, 1234);
+        assert_eq!(s.amqp.confirm_timeout_ms, 4321);
+        assert_eq!(s.store.retention().records, DAY * 9);
+        assert_eq!(s.store.prune_every(), Duration::from_secs(11));
+        assert_eq!(s.store.retention().tombstones, DAY * 20);
+        assert_eq!(s.store.outbox_sweep_every(), Duration::from_secs(3));
+        assert_eq!(s.store.group_commit_linger_us, 250);
+        assert_eq!(s.http.callback_max_body_bytes, 2048);
+        assert_eq!(s.http.callback_timeout_ms, 1500);
+        assert_eq!(s.retry.max_attempts, 5);
+        assert_eq!(
+            (
+                s.retry.initial_delay_ms,
+                s.retry.max_delay_ms,
+                s.retry.deadline_ms
+            ),
+            (10, 20, 30)
+        );
+        assert_eq!(s.retry.delayed_ms, vec![100, 200]);
+        assert_eq!(
+            (
+                s.provider_http.timeout_ms,
+                s.provider_http.connect_timeout_ms
+            ),
+            (40, 50)
+        );
+        match &s.providers["cg"] {
+            ProviderAccount::Creditguard(a) => {
+                assert!(a.dedupe_requests);
+                assert_eq!(a.terminal_number, "0882819014");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &s.providers["pn"] {
+            ProviderAccount::Paynet(a) => assert_eq!(a.pending_alert_after_secs, 600),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_say_where_the_value_came_from() {
+        let env = [
+            ("REFUND_WORKER__AMQP__PREFETCH", "0"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let err = Settings::load_from(None, Some(env))
+            .expect_err("invalid")
+            .to_string();
+        assert!(err.contains("`amqp.prefetch`"), "{err}");
+        assert!(
+            err.contains("environment variable REFUND_WORKER__AMQP__PREFETCH"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, format!("{HYP}\n[amqp]\nprefetch = \"many\"\n")).expect("write");
+        let err = Settings::load_from(Some(&file), Some(Default::default()))
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            err.contains("amqp.prefetch") && err.contains("worker.toml"),
+            "{err}"
+        );
     }
 
     #[test]

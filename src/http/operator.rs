@@ -1,10 +1,10 @@
-//! The worker's HTTP listener: `/healthz` (the process is alive), `/readyz`
-//! (broker connected and consumer running; the store is open for as long as
-//! the process runs), `/metrics` (Prometheus), and the operator API over the
-//! store (the store is locked by the running worker, so operator tools go
-//! through it):
+//! The operator API over the store (the running worker holds the store's
+//! lock, so operator tools go through it). Every request needs
+//! `Authorization: Bearer <http.operator_token>`, compared in constant time;
+//! without a configured token the API is off (403), never open. A refused
+//! request is logged once, without the token.
 //!
-//! * `GET /refunds/{id}`: the record with its history.
+//! * `GET /refunds/{id}`: the record with its history (or its tombstone).
 //! * `GET /refunds?status=in_doubt&limit=100`: records by status.
 //! * `POST /refunds/{id}/resolve`: settle an in-doubt refund
 //!   (`{"executed": "<txn>", "performed": "refund"}` or
@@ -13,93 +13,65 @@
 //!   (`failed`, `error.kind = abandoned`; `by`, `reason`).
 //! * `POST /refunds/{id}/release`: release an over-refund reservation that
 //!   nothing will settle (`by`, `reason`).
-//!
-//! Bind it to a private address: the resolve endpoint changes refunds.
 
-use crate::shutdown::Shutdown;
-use crate::store::Known;
-use crate::store::RefundRecord;
-use crate::worker::{record_status, CallbackError, Decision, Resolution, ResolveError, Worker};
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use super::{error, AppState};
+use crate::secret::constant_time_eq;
+use crate::store::{Known, RefundRecord};
+use crate::worker::{record_status, Decision, Resolution, ResolveError};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::net::TcpListener;
+use tracing::warn;
 
-/// Readiness flags, set by the broker session.
-#[derive(Debug, Default)]
-pub struct Health {
-    broker: AtomicBool,
-    consuming: AtomicBool,
-}
-
-impl Health {
-    /// Broker connection up or down.
-    pub fn set_broker(&self, up: bool) {
-        self.broker.store(up, Ordering::Relaxed);
-    }
-    /// Consumer running or not.
-    pub fn set_consuming(&self, up: bool) {
-        self.consuming.store(up, Ordering::Relaxed);
-    }
-    /// Whether the worker is taking deliveries.
-    pub fn ready(&self) -> bool {
-        self.broker.load(Ordering::Relaxed) && self.consuming.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Clone)]
-struct AppState {
-    health: Arc<Health>,
-    worker: Worker,
-}
-
-/// Serves until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    health: Arc<Health>,
-    worker: Worker,
-    mut shutdown: Shutdown,
-) {
-    crate::metrics::install();
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { crate::metrics::render() }))
+/// The `/refunds` routes, behind the token check.
+pub(super) fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
         .route("/refunds", get(list_refunds))
         .route("/refunds/{id}", get(show_refund))
         .route("/refunds/{id}/resolve", post(resolve_refund))
         .route("/refunds/{id}/abandon", post(abandon_refund))
         .route("/refunds/{id}/release", post(release_refund))
-        .route("/callbacks/paynet/{id}/{token}", post(paynet_callback))
-        .with_state(AppState { health, worker });
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.triggered().await })
-        .await;
+        .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let health = &state.health;
-    let body = serde_json::json!({
-        "broker_connected": health.broker.load(Ordering::Relaxed),
-        "consuming": health.consuming.load(Ordering::Relaxed),
-        "store_open": true,
-    });
-    let status = if health.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let Some(expected) = &state.operator_token else {
+        warn!(%path, "operator request refused: the operator API is off (no http.operator_token)");
+        crate::metrics::operator_refused("off");
+        return error(
+            StatusCode::FORBIDDEN,
+            "the operator API is off: set http.operator_token",
+        );
     };
-    (status, Json(body))
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.expose().as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            warn!(%path, "operator request refused: missing or wrong bearer token");
+            crate::metrics::operator_refused("unauthorized");
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <http.operator_token>)",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
 }
 
 async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
@@ -196,21 +168,5 @@ async fn resolve_refund(
     match state.worker.resolve(&id, resolution).await {
         Ok(record) => Json(record).into_response(),
         Err(e) => decision_error(e),
-    }
-}
-
-async fn paynet_callback(
-    State(state): State<AppState>,
-    Path((id, token)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    match state.worker.paynet_callback(&id, &token, &body).await {
-        Ok(outcome) => Json(serde_json::json!({ "ok": true, "outcome": format!("{outcome:?}") }))
-            .into_response(),
-        Err(e @ CallbackError::NotFound) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ CallbackError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        // Non-2xx makes the provider try again; the record is already final.
-        Err(e @ CallbackError::Publish(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e @ CallbackError::Store(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
