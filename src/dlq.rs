@@ -362,6 +362,12 @@ fn as_text(value: &AMQPValue) -> String {
     }
 }
 
+/// How an operator sees a dead-lettered message with these properties
+/// (the header reader behind `dlq list/show`; fuzzed in `fuzzing.rs`).
+pub fn describe_message(raw: Vec<u8>, properties: BasicProperties) -> DeadMessage {
+    describe(0, raw, properties)
+}
+
 fn describe(delivery_tag: u64, raw: Vec<u8>, properties: BasicProperties) -> DeadMessage {
     let headers: std::collections::BTreeMap<String, String> = properties
         .headers()

@@ -19,6 +19,7 @@ pub mod config;
 pub mod dlq;
 pub mod duration;
 pub mod event;
+pub mod fuzzing;
 pub mod http;
 pub mod local_broker;
 pub mod locks;
