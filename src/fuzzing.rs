@@ -12,8 +12,11 @@ use crate::command::{Operation, ParseError, RefundCommand};
 use crate::providers::{creditguard, hyp_pay, paynet, ProviderOutcome};
 use lapin::BasicProperties;
 
+/// One decoder under test.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, for the property run and `fuzz/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("command", command),
     ("hyp_pay_answer", hyp_pay_answer),
     ("creditguard_answer", creditguard_answer),
