@@ -52,6 +52,9 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another worker consumes the commands queue.
+    #[error("another worker is consuming the queue {0}: one worker per queue in single-node mode (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. Running several replicas of one deployment needs a cluster mode this version does not have yet")]
+    AnotherWorker(String),
     /// The broker's TLS certificate is not trusted.
     #[error("the broker's TLS certificate is not trusted ({0}); give its CA in amqp.tls_ca_path (PEM) or fix amqp.url")]
     UntrustedBroker(String),
@@ -72,7 +75,7 @@ pub struct App {
 impl App {
     /// Opens the store, builds the providers and binds the HTTP listener.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        if settings.amqp.url.expose().starts_with("amqps://") {
+        if broker::urls(&settings.amqp.url).any(|u| u.starts_with("amqps://")) {
             // A certificate we do not trust is a configuration error: stop
             // here instead of retrying forever. An unreachable broker is
             // not: the session loop waits for it.
@@ -131,7 +134,9 @@ impl App {
 
     /// Runs until `shutdown` fires, then stops taking deliveries, lets the
     /// in-flight ones finish (up to a deadline), syncs the store and returns.
-    pub async fn run(self, shutdown: Shutdown) {
+    /// Returns an error only when start-up finds another worker consuming
+    /// the commands queue (see [`AppError::AnotherWorker`]).
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), AppError> {
         let App {
             settings,
             worker,
@@ -168,14 +173,33 @@ impl App {
             .with_jitter();
         let mut reconnect = backoff.build();
         info!(amqp = %redact_url(settings.amqp.url.expose()), "starting");
+        let mut consumed = false;
+        let mut refusals = 0;
+        let mut fatal = None;
         loop {
             let mut stop = shutdown.clone();
             match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Lost(reason)) => {
                     // The session had connected: start the backoff afresh.
+                    consumed = true;
                     warn!(%reason, "broker session lost; reconnecting");
                     reconnect = backoff.build();
+                }
+                Ok(SessionEnd::Refused(reason)) if !consumed => {
+                    // Our own previous connection may linger for a moment
+                    // after a restart; a second worker does not go away.
+                    refusals += 1;
+                    warn!(%reason, refusals, "the commands queue is in exclusive use");
+                    if refusals >= START_REFUSALS {
+                        let queue = settings.amqp.commands_queue.clone();
+                        error!(%queue, "another worker consumes the commands queue; stopping");
+                        fatal = Some(AppError::AnotherWorker(queue));
+                        break;
+                    }
+                }
+                Ok(SessionEnd::Refused(reason)) => {
+                    warn!(%reason, "the commands queue is in exclusive use; retrying")
                 }
                 Err(e) => warn!(error = %e, "broker unreachable; retrying"),
             }
@@ -193,17 +217,29 @@ impl App {
         if let Err(e) = worker.store().close().await {
             error!(error = %e, "final store flush failed");
         }
+        if let Some(fatal) = fatal {
+            for task in [&http_task, &pruner, &sweeper, &store_metrics] {
+                task.abort();
+            }
+            return Err(fatal);
+        }
         let _ = http_task.await;
         let _ = pruner.await;
         let _ = sweeper.await;
         let _ = store_metrics.await;
         info!("stopped");
+        Ok(())
     }
 }
+
+/// Refusals of the exclusive consumer at start-up before giving up.
+const START_REFUSALS: u32 = 5;
 
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// The commands queue has another (exclusive) consumer.
+    Refused(String),
 }
 
 /// One broker connection's life: declare, consume, hand out deliveries.
@@ -225,14 +261,28 @@ async fn session(
         .basic_qos(amqp.prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("refund-worker-{}", std::process::id());
-    let mut consumer = channel
+    // Exclusive: each worker's store is the only record of its refunds, so
+    // a second worker on the same queue would pay a duplicate again. The
+    // broker refuses the second consumer, and start-up stops on it.
+    let consumed = channel
         .basic_consume(
             amqp.commands_queue.as_str().into(),
             tag.as_str().into(),
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
-        .await?;
+        .await;
+    let mut consumer = match consumed {
+        Ok(consumer) => consumer,
+        Err(e) if e.to_string().contains("exclusive") => {
+            let _ = connection.close(200, "queue in exclusive use".into()).await;
+            return Ok(SessionEnd::Refused(e.to_string()));
+        }
+        Err(e) => return Err(e),
+    };
     worker.set_side_publisher(Some(publisher.clone()));
     health.set_broker(true);
     health.set_consuming(true);

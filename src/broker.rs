@@ -31,34 +31,68 @@ pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-refund-original-routing-key";
 /// Delayed-retry rounds this command has been through (integer).
 pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
 
-/// Opens a connection named after this process (visible in the management UI).
-pub async fn connect(url: &Secret, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), properties).await
+/// The URLs of `amqp.url`: one, or several separated by commas (one per
+/// node of a cluster), tried in the order given.
+pub fn urls(url: &Secret) -> impl Iterator<Item = &str> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
 }
 
-/// Opens a connection with the broker settings: for `amqps://` URLs the
+/// Opens a connection named after this process (visible in the management
+/// UI) to the first URL of `url` that answers.
+pub async fn connect(url: &Secret, name: &str) -> Result<Connection, lapin::Error> {
+    connect_first(url, name, None).await
+}
+
+/// As [`connect`], with the broker settings: for `amqps://` URLs the
 /// certificate must be signed by a public CA or by one in
 /// `amqp.tls_ca_path`.
 pub async fn connect_with(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
-    let Some(ca_path) = &amqp.tls_ca_path else {
-        return connect(&amqp.url, name).await;
-    };
     // Validated at start-up; read again so a rotated CA file is picked up
     // at the next reconnect.
-    let pem = std::fs::read_to_string(ca_path).map_err(lapin::Error::from)?;
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = lapin::tcp::OwnedTLSConfig {
-        identity: None,
-        cert_chain: Some(pem),
+    let pem = match &amqp.tls_ca_path {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(lapin::Error::from)?),
+        None => None,
     };
-    Connection::connect_with_config(
-        amqp.url.expose(),
-        properties,
-        tls,
-        lapin::runtime::default_runtime()?,
-    )
-    .await
+    connect_first(&amqp.url, name, pem).await
+}
+
+async fn connect_first(
+    url: &Secret,
+    name: &str,
+    ca_pem: Option<String>,
+) -> Result<Connection, lapin::Error> {
+    let mut last = None;
+    for candidate in urls(url) {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connected = match &ca_pem {
+            None => Connection::connect(candidate, properties).await,
+            Some(pem) => {
+                let tls = lapin::tcp::OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(pem.clone()),
+                };
+                Connection::connect_with_config(
+                    candidate,
+                    properties,
+                    tls,
+                    lapin::runtime::default_runtime()?,
+                )
+                .await
+            }
+        };
+        match connected {
+            Ok(connection) => return Ok(connection),
+            Err(e) => {
+                tracing::debug!(url = %crate::secret::redact_url(candidate), error = %e, "broker node did not answer; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| lapin::Error::from(std::io::Error::other("amqp.url names no broker"))))
 }
 
 /// Whether a connection error says the broker's TLS certificate is not

@@ -52,7 +52,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Removes the user-info part of a URL (`amqp://user:pass@host/` →
 /// `amqp://***@host/`) so it can be logged.
+/// Several comma-separated URLs are redacted one by one.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***{}", &url[..scheme_end], &url[at..])
@@ -64,6 +72,14 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_url_of_a_list_is_redacted() {
+        assert_eq!(
+            redact_url("amqp://u:p@n1:5672/%2f, amqps://u:p@n2:5671/%2f"),
+            "amqp://***@n1:5672/%2f,amqps://***@n2:5671/%2f"
+        );
+    }
 
     #[test]
     fn debug_and_display_are_redacted() {

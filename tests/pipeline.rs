@@ -390,3 +390,38 @@ async fn refunds_beyond_the_original_amount_are_rejected() {
     assert_eq!(app.next_event().await.0, "refund.succeeded");
     assert_eq!(app.sandbox.journal().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_on_the_same_queue_is_refused_at_start() {
+    let mut app = TestApp::start().await;
+    let mut second = app.settings.clone();
+    second.store.path = app.store_dir.path().join("second-store");
+    let built = refund_worker::app::App::build(second).await.expect("build");
+    let (_trigger, listener) = refund_worker::shutdown::channel();
+    let err = tokio::time::timeout(Duration::from_secs(60), built.run(listener))
+        .await
+        .expect("the second worker stops by itself")
+        .expect_err("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("another worker") && message.contains("refunds.commands"),
+        "{message}"
+    );
+    // The first one is unaffected.
+    app.publish(HYP_REFUND).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_urls_are_tried_in_order_until_one_answers() {
+    let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
+        let list = format!(
+            "amqp://guest:guest@127.0.0.1:9/nowhere, {}",
+            s.amqp.url.expose()
+        );
+        s.amqp.url = refund_worker::secret::Secret::new(list);
+    })
+    .await;
+    app.publish(HYP_REFUND).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+}

@@ -26,7 +26,7 @@ pub(crate) async fn run(
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
-    app.run(listener).await;
+    app.run(listener).await?;
     Ok(())
 }
 

@@ -355,9 +355,17 @@ impl Settings {
 
     /// Checks values that deserialise fine but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.amqp.url.expose();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        let urls: Vec<&str> = crate::broker::urls(&self.amqp.url).collect();
+        if urls.is_empty() {
+            return Err(invalid("amqp.url", "missing"));
+        }
+        for url in urls {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(invalid(
+                    "amqp.url",
+                    "each URL (comma-separated, one per node) must start with amqp:// or amqps://",
+                ));
+            }
         }
         if self.amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));

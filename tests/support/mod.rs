@@ -235,7 +235,9 @@ impl TestApp {
         self.callback_addr = app.callback_addr();
         let (trigger, listener) = shutdown::channel();
         self.trigger = Some(trigger);
-        self.task = Some(tokio::spawn(app.run(listener)));
+        self.task = Some(tokio::spawn(async move {
+            app.run(listener).await.expect("the worker runs");
+        }));
         self.wait_ready().await;
     }
 
