@@ -112,7 +112,11 @@ impl App {
             _ => settings.public_url(),
         };
         let listener = Listeners { private, callbacks };
-        let providers = Providers::new(&settings.providers, &settings.provider_http, &public_url)?;
+        let timeouts = crate::providers::HttpTimeouts {
+            request: Duration::from_millis(settings.provider_http.timeout_ms),
+            connect: Duration::from_millis(settings.provider_http.connect_timeout_ms),
+        };
+        let providers = Providers::new(&settings.providers, timeouts, &public_url)?;
         let settings = Arc::new(settings);
         Ok(App {
             worker: Worker::new(settings.clone(), store, providers),

@@ -33,12 +33,7 @@ pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
 
 /// The URLs of `amqp.url`: one, or several separated by commas (one per
 /// node of a cluster), tried in the order given.
-pub fn urls(url: &Secret) -> impl Iterator<Item = &str> {
-    url.expose()
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-}
+pub use crate::secret::url_list as urls;
 
 /// Opens a connection named after this process (visible in the management
 /// UI) to the first URL of `url` that answers.

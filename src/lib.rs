@@ -21,6 +21,7 @@ pub mod duration;
 pub mod event;
 pub mod fuzzing;
 pub mod http;
+pub mod lenient;
 pub mod local_broker;
 pub mod locks;
 pub mod metrics;

@@ -9,7 +9,6 @@ pub mod hyp_pay;
 pub mod paynet;
 
 use crate::command::{Operation, RefundCommand};
-use crate::config::{ProviderAccount, ProviderHttpSettings};
 use crate::store::RefundRecord;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -81,6 +80,75 @@ impl ProviderOutcome {
 }
 
 /// One configured provider account, ready to execute commands.
+/// One provider account, selected by a command's `provider` field
+/// (`[providers.<name>]` in the configuration, with its `kind`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProviderAccount {
+    /// Hyp Pay terminal.
+    HypPay(hyp_pay::HypPayAccount),
+    /// CreditGuard terminal.
+    Creditguard(creditguard::CreditGuardAccount),
+    /// Paynet account.
+    Paynet(paynet::PaynetAccount),
+}
+
+impl ProviderAccount {
+    /// The `kind` string of the account.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderAccount::HypPay(_) => "hyp_pay",
+            ProviderAccount::Creditguard(_) => "creditguard",
+            ProviderAccount::Paynet(_) => "paynet",
+        }
+    }
+
+    /// Checks the account's settings; the configuration names the key.
+    pub fn validate(&self) -> Result<(), AccountError> {
+        match self {
+            ProviderAccount::HypPay(a) => a.validate(),
+            ProviderAccount::Creditguard(a) => a.validate(),
+            ProviderAccount::Paynet(a) => a.validate(),
+        }
+    }
+}
+
+/// A provider account setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountError {
+    /// The field of the account (`base_url`, `pass_p`, ...).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl AccountError {
+    fn new(field: &'static str, problem: impl Into<String>) -> Self {
+        AccountError {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// An http(s) URL.
+fn check_url(field: &'static str, url: &str) -> Result<(), AccountError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
+        Ok(_) => Err(AccountError::new(field, "must be an http(s) URL")),
+        Err(e) => Err(AccountError::new(field, format!("not a URL: {e}"))),
+    }
+}
+
+/// Timeouts of the provider HTTP client.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    /// Whole request.
+    pub request: Duration,
+    /// Connecting.
+    pub connect: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub enum Provider {
     /// Hyp Pay.
@@ -158,12 +226,12 @@ impl Providers {
     /// Builds every account with one shared HTTP client.
     pub fn new(
         accounts: &BTreeMap<String, ProviderAccount>,
-        settings: &ProviderHttpSettings,
+        timeouts: HttpTimeouts,
         public_url: &str,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .timeout(timeouts.request)
+            .connect_timeout(timeouts.connect)
             .user_agent(concat!("refund-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let by_name = accounts

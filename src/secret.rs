@@ -44,6 +44,15 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// The URLs of a secret that holds one URL or several separated by commas
+/// (`amqp.url`: one per node of a cluster), in the order given.
+pub fn url_list(url: &Secret) -> impl Iterator<Item = &str> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+}
+
 /// Compares secrets (tokens) without an early exit on the first differing
 /// byte, so the time an answer takes says nothing about how much matched.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -6,15 +6,14 @@
 
 pub use crate::duration::parse as parse_duration;
 
-mod lenient;
 mod load;
 
 pub use crate::providers::creditguard::CreditGuardAccount;
 pub use crate::providers::hyp_pay::HypPayAccount;
 pub use crate::providers::paynet::PaynetAccount;
+pub use crate::providers::ProviderAccount;
 use crate::secret::Secret;
 use crate::store::Retention;
-pub(crate) use lenient::{bool as lenient_bool, u64 as lenient_u64};
 pub use load::env_var;
 use load::Layers;
 use serde::Deserialize;
@@ -62,7 +61,7 @@ pub enum ConfigError {
     },
 }
 
-pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         problem: problem.into(),
@@ -209,12 +208,15 @@ pub struct HttpSettings {
     #[serde(default)]
     pub operator_token: Option<Secret>,
     /// Largest callback body accepted.
-    #[serde(default = "default_callback_body", deserialize_with = "lenient::u64")]
+    #[serde(
+        default = "default_callback_body",
+        deserialize_with = "crate::lenient::u64"
+    )]
     pub callback_max_body_bytes: u64,
     /// Longest a callback request may take (reading, store, publish).
     #[serde(
         default = "default_callback_timeout",
-        deserialize_with = "lenient::u64"
+        deserialize_with = "crate::lenient::u64"
     )]
     pub callback_timeout_ms: u64,
 }
@@ -275,29 +277,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// One provider account, selected by a command's `provider` field.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ProviderAccount {
-    /// Hyp Pay terminal.
-    HypPay(HypPayAccount),
-    /// CreditGuard terminal.
-    Creditguard(CreditGuardAccount),
-    /// Paynet account.
-    Paynet(PaynetAccount),
-}
-
-impl ProviderAccount {
-    /// The `kind` string of the account.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderAccount::HypPay(_) => "hyp_pay",
-            ProviderAccount::Creditguard(_) => "creditguard",
-            ProviderAccount::Paynet(_) => "paynet",
-        }
-    }
-}
-
 /// Accepts `[1, 2]` or `"1,2"`: lists cannot be typed in one environment
 /// variable, and the config crate's list parsing would also turn terminal
 /// numbers such as `0010131918` into integers.
@@ -355,7 +334,7 @@ impl Settings {
 
     /// Checks values that deserialise fine but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let urls: Vec<&str> = crate::broker::urls(&self.amqp.url).collect();
+        let urls: Vec<&str> = crate::secret::url_list(&self.amqp.url).collect();
         if urls.is_empty() {
             return Err(invalid("amqp.url", "missing"));
         }
@@ -475,12 +454,9 @@ impl Settings {
             ));
         }
         for (name, account) in &self.providers {
-            let key = |field: &str| format!("providers.{name}.{field}");
-            match account {
-                ProviderAccount::HypPay(a) => a.validate(key)?,
-                ProviderAccount::Creditguard(a) => a.validate(key)?,
-                ProviderAccount::Paynet(a) => a.validate(key)?,
-            }
+            account
+                .validate()
+                .map_err(|e| invalid(format!("providers.{name}.{}", e.field), e.problem))?;
         }
         Ok(())
     }
@@ -524,14 +500,6 @@ impl Settings {
     /// Per-attempt confirm timeout.
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.amqp.confirm_timeout_ms)
-    }
-}
-
-pub(crate) fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
-        Ok(_) => Err(invalid(key, "must be an http(s) URL")),
-        Err(e) => Err(invalid(key, format!("not a URL: {e}"))),
     }
 }
 

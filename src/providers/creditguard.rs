@@ -6,9 +6,9 @@
 
 pub mod wire;
 
+use super::{check_url, AccountError};
 use super::{post_form, ProviderOutcome};
 use crate::command::RefundCommand;
-use crate::config::{check_url, invalid, ConfigError};
 use crate::secret::Secret;
 use serde::Deserialize;
 
@@ -72,21 +72,20 @@ pub struct CreditGuardAccount {
     /// The terminal deduplicates requests (mayBeDuplicate + requestId,
     /// enabled by CreditGuard on request). Then a request whose answer was
     /// lost is repeated safely instead of ending in doubt.
-    #[serde(default, deserialize_with = "crate::config::lenient_bool")]
+    #[serde(default, deserialize_with = "crate::lenient::bool")]
     pub dedupe_requests: bool,
 }
 
 impl CreditGuardAccount {
-    /// Checks the account's settings; `key` names a field of it
-    /// (`providers.<name>.<field>`).
-    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
-        check_url(&key("base_url"), &self.base_url)?;
+    /// Checks the account's settings.
+    pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        check_url("base_url", &self.base_url)?;
         if self.user.trim().is_empty() {
-            return Err(invalid(key("user"), "missing"));
+            return Err(AccountError::new("user", "missing"));
         }
         if self.password.is_empty() {
-            return Err(invalid(
-                key("password"),
+            return Err(AccountError::new(
+                "password",
                 "missing (set it in the environment or an uncommitted config file)",
             ));
         }
@@ -96,8 +95,8 @@ impl CreditGuardAccount {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric())
         {
-            return Err(invalid(
-                key("terminal_number"),
+            return Err(AccountError::new(
+                "terminal_number",
                 "must be the terminal number",
             ));
         }

@@ -5,9 +5,9 @@
 
 pub mod wire;
 
+use super::{check_url, AccountError};
 use super::{post_form, ProviderOutcome};
 use crate::command::{Operation, RefundCommand};
-use crate::config::{check_url, invalid, ConfigError};
 use crate::secret::Secret;
 use serde::Deserialize;
 
@@ -72,19 +72,18 @@ fn default_hyp_pay_url() -> String {
 }
 
 impl HypPayAccount {
-    /// Checks the account's settings; `key` names a field of it
-    /// (`providers.<name>.<field>`).
-    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
-        check_url(&key("base_url"), &self.base_url)?;
+    /// Checks the account's settings.
+    pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        check_url("base_url", &self.base_url)?;
         if self.masof.len() != 10 || !self.masof.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(invalid(
-                key("masof"),
+            return Err(AccountError::new(
+                "masof",
                 "must be the 10-digit terminal number",
             ));
         }
         if self.pass_p.is_empty() {
-            return Err(invalid(
-                key("pass_p"),
+            return Err(AccountError::new(
+                "pass_p",
                 "missing (set it in the environment or an uncommitted config file)",
             ));
         }

@@ -6,9 +6,9 @@
 
 pub mod wire;
 
+use super::{check_url, AccountError};
 use super::{classify_send_error, ProviderOutcome};
 use crate::command::RefundCommand;
-use crate::config::{check_url, invalid, ConfigError};
 use crate::secret::Secret;
 use serde::Deserialize;
 
@@ -89,7 +89,7 @@ pub struct PaynetAccount {
     /// naming it, and the `refund_worker_pending_overdue` gauge).
     #[serde(
         default = "default_pending_alert",
-        deserialize_with = "crate::config::lenient_u64"
+        deserialize_with = "crate::lenient::u64"
     )]
     pub pending_alert_after_secs: u64,
 }
@@ -103,13 +103,12 @@ fn default_paynet_url() -> String {
 }
 
 impl PaynetAccount {
-    /// Checks the account's settings; `key` names a field of it
-    /// (`providers.<name>.<field>`).
-    pub(crate) fn validate(&self, key: impl Fn(&str) -> String) -> Result<(), ConfigError> {
-        check_url(&key("base_url"), &self.base_url)?;
+    /// Checks the account's settings.
+    pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        check_url("base_url", &self.base_url)?;
         if self.secret_key.is_empty() {
-            return Err(invalid(
-                key("secret_key"),
+            return Err(AccountError::new(
+                "secret_key",
                 "missing (set it in the environment or an uncommitted config file)",
             ));
         }

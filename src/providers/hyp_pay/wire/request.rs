@@ -1,8 +1,8 @@
 //! Our command → the provider's request.
 
 use crate::command::{Operation, RefundCommand};
-use crate::config::HypPayAccount;
 use crate::money;
+use crate::providers::hyp_pay::HypPayAccount;
 
 /// Refund action.
 pub const ACTION_REFUND: &str = "zikoyAPI";

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::command::{Operation, RefundCommand};
-use crate::config::HypPayAccount;
+use crate::providers::hyp_pay::HypPayAccount;
 use crate::providers::ProviderOutcome;
 use crate::secret::Secret;
 

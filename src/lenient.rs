@@ -15,7 +15,7 @@ enum Raw<T> {
 }
 
 /// A boolean, or `true`/`false`/`1`/`0`/`yes`/`no` as text.
-pub(crate) fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     match Raw::<bool>::deserialize(d)? {
         Raw::Typed(b) => Ok(b),
         Raw::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
@@ -29,7 +29,7 @@ pub(crate) fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 }
 
 /// An unsigned integer, or its decimal text.
-pub(crate) fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match Raw::<u64>::deserialize(d)? {
         Raw::Typed(n) => Ok(n),
         Raw::Text(t) => t
