@@ -4,8 +4,8 @@
 
 mod support;
 
-use refund_worker::dlq::{Dlq, Filter, Report};
-use refund_worker::ops::{status_of, WorkerApi};
+use refund_worker::dlq::{Dlq, Filter};
+use refund_worker::ops::status_of;
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::worker::Resolution;
 use std::time::Duration;
@@ -30,29 +30,6 @@ fn refund_on(refund_id: &str, original: &str, minor: u64) -> String {
     .to_string()
 }
 
-/// Browses, replays and closes (what `refund-worker dlq replay` does).
-async fn replay(
-    app: &TestApp,
-    api: &WorkerApi,
-    filter: &Filter,
-    limit: Option<usize>,
-    dry_run: bool,
-) -> Report {
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            filter,
-            limit,
-            dry_run,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
-    report
-}
-
 /// One attempt, no delay rounds: a 503 goes straight to the dead letters.
 async fn start_impatient() -> TestApp {
     TestApp::start_with(SandboxConfig::default(), |s| {
@@ -60,17 +37,6 @@ async fn start_impatient() -> TestApp {
         s.retry.delayed_ms = vec![];
     })
     .await
-}
-
-async fn wait_depth(app: &TestApp, queue: &str, want: u32) {
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    while app.queue_depth(queue).await != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} never reached {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +53,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
         app.publish(&refund_on(id, original, 100)).await;
     }
     app.publish_raw(b"not json", Some("application/json")).await;
-    wait_depth(&app, "refunds.dead", 4).await;
+    app.wait_depth("refunds.dead", 4).await;
 
     let outage = Filter {
         reason: Some("provider_unavailable".into()),
@@ -112,20 +78,20 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
         assert_eq!(dlq.messages().iter().filter(|m| old.matches(m)).count(), 0);
         dlq.close().await;
     }
-    wait_depth(&app, "refunds.dead", 4).await;
+    app.wait_depth("refunds.dead", 4).await;
 
     // Dry run: nothing moves.
-    let report = replay(&app, &api, &outage, None, true).await;
+    let report = app.replay(&outage, None, true).await;
     assert_eq!((report.matched, report.done), (3, 3));
-    wait_depth(&app, "refunds.dead", 4).await;
+    app.wait_depth("refunds.dead", 4).await;
     assert!(app.sandbox.journal().is_empty());
 
     // Limit 1: one comes back and succeeds.
-    let report = replay(&app, &api, &outage, Some(1), false).await;
+    let report = app.replay(&outage, Some(1), false).await;
     assert_eq!(report.done, 1);
     let (key, _) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
-    wait_depth(&app, "refunds.dead", 3).await;
+    app.wait_depth("refunds.dead", 3).await;
 
     // An interrupted replay (connection dropped without closing) loses
     // nothing: what was not confirmed and removed is back in the queue.
@@ -144,13 +110,13 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
     drop(dlq);
     let (key, _) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
-    wait_depth(&app, "refunds.dead", 2).await;
+    app.wait_depth("refunds.dead", 2).await;
 
     // The rest, by refund id; the poison message stays.
-    let report = replay(&app, &api, &outage, None, false).await;
+    let report = app.replay(&outage, None, false).await;
     assert_eq!(report.done, 1);
     assert_eq!(app.next_event().await.0, "refund.succeeded");
-    wait_depth(&app, "refunds.dead", 1).await;
+    app.wait_depth("refunds.dead", 1).await;
     assert_eq!(app.sandbox.journal().len(), 3);
 
     // Purge by reason removes the poison message.
@@ -162,7 +128,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
     let report = dlq.purge_poison(&malformed, None).await.expect("purge");
     dlq.close().await;
     assert_eq!(report.done, 1);
-    wait_depth(&app, "refunds.dead", 0).await;
+    app.wait_depth("refunds.dead", 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,17 +145,17 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
     for _ in 0..2 {
         assert_eq!(app.next_event().await.0, "refund.in_doubt");
     }
-    wait_depth(&app, "refunds.dead", 2).await;
+    app.wait_depth("refunds.dead", 2).await;
     assert_eq!(app.sandbox.journal().len(), 1);
     let listed = api.list(Some("in_doubt"), 10).await.expect("list");
     assert_eq!(listed.len(), 2);
 
     // Replay refuses both.
     let everything = Filter::default();
-    let report = replay(&app, &api, &everything, None, false).await;
+    let report = app.replay(&everything, None, false).await;
     assert_eq!(report.done, 0);
     assert_eq!(report.skipped_in_doubt.len(), 2);
-    wait_depth(&app, "refunds.dead", 2).await;
+    app.wait_depth("refunds.dead", 2).await;
 
     // Resolution needs who and why, and exactly one verdict.
     let bad = Resolution {
@@ -256,14 +222,14 @@ async fn in_doubt_refunds_are_not_replayed_until_resolved_either_way() {
         .await
         .expect("resolve not executed");
     assert_eq!(status_of(&resolved), "not_sent");
-    let report = replay(&app, &api, &everything, None, false).await;
+    let report = app.replay(&everything, None, false).await;
     assert_eq!(report.done, 2, "both resolved: both replayed");
     let mut keys = [app.next_event().await, app.next_event().await];
     keys.sort_by(|a, b| a.1["refund_id"].as_str().cmp(&b.1["refund_id"].as_str()));
     assert_eq!(keys[0].0, "refund.succeeded"); // A: the recorded resolution, re-published
     assert_eq!(keys[1].0, "refund.succeeded"); // B: executed now
     assert_eq!(keys[1].1["attempts"], 2);
-    wait_depth(&app, "refunds.dead", 0).await;
+    app.wait_depth("refunds.dead", 0).await;
     // A executed once (before the HTML page), B once (after resolution).
     let journal = app.sandbox.journal();
     assert_eq!(journal.len(), 2);

@@ -6,7 +6,7 @@
 mod support;
 
 use refund_worker::command::RefundCommand;
-use refund_worker::dlq::{Dlq, Filter, Report};
+use refund_worker::dlq::Filter;
 use refund_worker::event::{OutcomeEvent, Status};
 use refund_worker::ops::{dlq_purge, status_of, PurgeScope, WorkerApi};
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
@@ -30,33 +30,6 @@ fn fault(kind: FaultKind, original: &str) -> Fault {
 
 fn api(app: &TestApp) -> WorkerApi {
     app.api()
-}
-
-async fn replay_all(app: &TestApp, api: &WorkerApi) -> Report {
-    let mut dlq = Dlq::open(&app.settings.amqp).await.expect("browse");
-    let report = dlq
-        .replay(
-            &Filter::default(),
-            None,
-            false,
-            async |id: &str| api.still_in_doubt(id).await,
-            |_| {},
-        )
-        .await
-        .expect("replay");
-    dlq.close().await;
-    report
-}
-
-async fn wait_depth(app: &TestApp, queue: &str, want: u32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.queue_depth(queue).await != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} never reached {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the worker reports `refund_id` as a tombstone.
@@ -109,7 +82,7 @@ async fn a_pruned_refund_stays_decided_for_late_duplicates_and_replays() {
     .to_string();
     app.publish(&doubtful).await;
     assert_eq!(app.next_event().await.0, "refund.in_doubt");
-    wait_depth(&app, "refunds.dead", 1).await;
+    app.wait_depth("refunds.dead", 1).await;
     let txn = app.sandbox.journal()[1].new_id.clone();
     api.resolve(
         "rf-pruned-doubt",
@@ -151,12 +124,12 @@ async fn a_pruned_refund_stays_decided_for_late_duplicates_and_replays() {
     );
     assert_eq!(again["order_id"], paid["order_id"]);
     // B's parked message replayed after pruning: the recorded outcome.
-    let report = replay_all(&app, &api).await;
+    let report = app.replay(&Filter::default(), None, false).await;
     assert_eq!(report.done, 1, "{report:?}");
     let (key, replayed) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
     assert_eq!(replayed["event_id"], resolved["event_id"]);
-    wait_depth(&app, "refunds.dead", 0).await;
+    app.wait_depth("refunds.dead", 0).await;
     // Another command under a tombstoned id is refused, nothing executed.
     let other = with_refund_id(&doubtful, "rf-example-hyp-refund-1");
     app.publish(&other).await;
@@ -230,8 +203,8 @@ async fn a_paynet_callback_settles_a_refund_in_doubt() {
         "{record}"
     );
     // The parked in-doubt message is now safe to replay: it re-publishes.
-    wait_depth(&app, "refunds.dead", 1).await;
-    let report = replay_all(&app, &api).await;
+    app.wait_depth("refunds.dead", 1).await;
+    let report = app.replay(&Filter::default(), None, false).await;
     assert_eq!(report.done, 1, "{report:?}");
     let (key, replayed) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
@@ -298,7 +271,7 @@ async fn purge_keeps_undecided_refunds_unless_told_and_then_abandons_them() {
         .add_fault(fault(FaultKind::Unavailable, "12290622"));
     app.publish(&on_original("rf-unsent")).await;
     app.publish_raw(b"not json", Some("application/json")).await;
-    wait_depth(&app, "refunds.dead", 2).await;
+    app.wait_depth("refunds.dead", 2).await;
     // The reservation holds: a second full refund is over the original.
     app.publish(&on_original("rf-second")).await;
     let (key, over) = app.next_event().await;
@@ -320,7 +293,7 @@ async fn purge_keeps_undecided_refunds_unless_told_and_then_abandons_them() {
     .await
     .expect("purge");
     assert_eq!((report.done, report.skipped_refunds), (1, 1), "{report:?}");
-    wait_depth(&app, "refunds.dead", 1).await;
+    app.wait_depth("refunds.dead", 1).await;
     // Including refunds needs --yes, --by and --reason.
     let careless = PurgeScope {
         include_refunds: true,
@@ -342,7 +315,7 @@ async fn purge_keeps_undecided_refunds_unless_told_and_then_abandons_them() {
         .await
         .expect("purge");
     assert_eq!(report.abandoned, vec!["rf-unsent".to_string()]);
-    wait_depth(&app, "refunds.dead", 0).await;
+    app.wait_depth("refunds.dead", 0).await;
     let (key, abandoned) = app.next_event().await;
     assert_eq!(key, "refund.failed");
     assert_eq!(abandoned["refund_id"], "rf-unsent");
@@ -392,14 +365,14 @@ async fn every_in_doubt_episode_has_its_own_event_id() {
     api.resolve("rf-example-hyp-refund-1", &not_executed)
         .await
         .expect("resolve");
-    assert_eq!(replay_all(&app, &api).await.done, 1);
+    assert_eq!(app.replay(&Filter::default(), None, false).await.done, 1);
     let (key, second) = app.next_event().await;
     assert_eq!(key, "refund.in_doubt");
     assert_ne!(first["event_id"], second["event_id"]);
     api.resolve("rf-example-hyp-refund-1", &not_executed)
         .await
         .expect("resolve");
-    assert_eq!(replay_all(&app, &api).await.done, 1);
+    assert_eq!(app.replay(&Filter::default(), None, false).await.done, 1);
     let (key, paid) = app.next_event().await;
     assert_eq!(key, "refund.succeeded");
     assert_eq!(paid["attempts"], 3);

@@ -374,6 +374,45 @@ impl TestApp {
             .expect("refund known")
     }
 
+    /// Browses the dead-letter queue, replays what `filter` matches (in-doubt
+    /// refunds only once resolved, as `refund-worker dlq replay` does) and
+    /// closes it.
+    pub async fn replay(
+        &self,
+        filter: &refund_worker::dlq::Filter,
+        limit: Option<usize>,
+        dry_run: bool,
+    ) -> refund_worker::dlq::Report {
+        let api = self.api();
+        let mut dlq = refund_worker::dlq::Dlq::open(&self.settings.amqp)
+            .await
+            .expect("browse");
+        let report = dlq
+            .replay(
+                filter,
+                limit,
+                dry_run,
+                async |id: &str| api.still_in_doubt(id).await,
+                |_| {},
+            )
+            .await
+            .expect("replay");
+        dlq.close().await;
+        report
+    }
+
+    /// Waits until `queue` holds `want` messages.
+    pub async fn wait_depth(&self, queue: &str, want: u32) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.queue_depth(queue).await != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} never reached {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Messages waiting in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         self.channel
