@@ -23,6 +23,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod lenient;
 pub mod local_broker;
+pub mod local_cluster;
 pub mod locks;
 pub mod metrics;
 pub mod money;

@@ -56,8 +56,20 @@ impl LocalBroker {
 
     /// As [`LocalBroker::start`], with an AMQPS listener too when `tls` is
     /// given (on another free port; see `tls_port`).
-    #[allow(clippy::zombie_processes)] // the node outlives this call; the watchdog stops it
     pub fn start_with(tls: Option<&TlsFiles>) -> Result<LocalBroker, NodeError> {
+        let broker = Self::prepare(tls, None)?;
+        broker.spawn_server()?;
+        broker.watchdog()?;
+        broker.wait_ready()?;
+        Ok(broker)
+    }
+
+    /// Lays out a node (ports, name, directories, configuration, cookie)
+    /// without starting it.
+    pub(crate) fn prepare(
+        tls: Option<&TlsFiles>,
+        cookie: Option<&str>,
+    ) -> Result<LocalBroker, NodeError> {
         if !Path::new(SERVER).exists() {
             return Err(NodeError::NotInstalled);
         }
@@ -71,6 +83,18 @@ impl LocalBroker {
         std::fs::create_dir_all(dir.join("log")).map_err(|e| fail("node dir", e))?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")
             .map_err(|e| fail("plugins file", e))?;
+        if let Some(cookie) = cookie {
+            // Nodes of one cluster share the Erlang cookie; the CLI reads it
+            // from the same HOME.
+            let path = dir.join(".erlang.cookie");
+            std::fs::write(&path, cookie).map_err(|e| fail("cookie", e))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+                    .map_err(|e| fail("cookie", e))?;
+            }
+        }
         let mut tls_port = None;
         let mut conf = String::new();
         if let Some(tls) = tls {
@@ -89,13 +113,32 @@ impl LocalBroker {
             );
         }
         std::fs::write(dir.join("rabbitmq.conf"), conf).map_err(|e| fail("config file", e))?;
-        let log =
-            std::fs::File::create(dir.join("server.out")).map_err(|e| fail("server log", e))?;
+        Ok(LocalBroker {
+            port,
+            tls_port,
+            node,
+            dir,
+            vhosts: AtomicU32::new(0),
+        })
+    }
+
+    /// Starts the server process in a session of its own (so a crash can be
+    /// simulated by killing it), appending to `server.out`.
+    #[allow(clippy::zombie_processes)] // the node outlives this call; the watchdog stops it
+    pub(crate) fn spawn_server(&self) -> Result<(), NodeError> {
+        let fail = |what: &str, e: std::io::Error| NodeError::Failed(format!("{what}: {e}"));
+        let dir = &self.dir;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.out"))
+            .map_err(|e| fail("server log", e))?;
         let log2 = log.try_clone().map_err(|e| fail("server log", e))?;
-        Command::new(SERVER)
-            .env("HOME", &dir)
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
+        Command::new("setsid")
+            .arg(SERVER)
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
@@ -105,29 +148,48 @@ impl LocalBroker {
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| fail("starting rabbitmq-server", e))?;
-        let broker = LocalBroker {
-            port,
-            tls_port,
-            node,
-            dir,
-            vhosts: AtomicU32::new(0),
-        };
-        broker.watchdog()?;
-        let pid = broker.dir.join("pid");
-        if !broker.ctl(&["wait", &pid.to_string_lossy(), "--timeout", "90"]) {
+            .map(|_| ())
+            .map_err(|e| fail("starting rabbitmq-server", e))
+    }
+
+    /// Waits until the node runs (up to 90 s).
+    pub(crate) fn wait_ready(&self) -> Result<(), NodeError> {
+        let pid = self.dir.join("pid");
+        if !self.ctl(&["wait", &pid.to_string_lossy(), "--timeout", "90"]) {
             return Err(NodeError::Failed(format!(
                 "node {} did not start; see {}",
-                broker.node,
-                broker.dir.display()
+                self.node,
+                self.dir.display()
             )));
         }
-        Ok(broker)
+        Ok(())
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL (a crash: no clean shutdown).
+    pub fn kill(&self) -> Result<(), NodeError> {
+        let pid = std::fs::read_to_string(self.dir.join("pid"))
+            .map_err(|e| NodeError::Failed(format!("reading the pid file: {e}")))?;
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .map_err(|e| NodeError::Failed(format!("kill: {e}")))?;
+        if !status.success() {
+            return Err(NodeError::Failed(format!("kill -9 {}", pid.trim())));
+        }
+        // The pid file stays behind; `wait` after a restart must not see it.
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        Ok(())
+    }
+
+    /// Starts a killed or stopped node again with its data, and waits.
+    pub fn restart(&self) -> Result<(), NodeError> {
+        self.spawn_server()?;
+        self.wait_ready()
     }
 
     /// Stops the node when this process is gone.
     #[allow(clippy::zombie_processes)] // detached on purpose
-    fn watchdog(&self) -> Result<(), NodeError> {
+    pub(crate) fn watchdog(&self) -> Result<(), NodeError> {
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              HOME='{home}' {CTL} -n '{node}' stop >/dev/null 2>&1; rm -rf '{home}'",
@@ -158,6 +220,23 @@ impl LocalBroker {
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
+    }
+
+    /// Runs rabbitmqctl against this node; its standard output on success.
+    pub fn ctl_output(&self, args: &[&str]) -> Option<String> {
+        let output = Command::new(CTL)
+            .env("HOME", &self.dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// A fresh vhost with full permissions for guest; returns its AMQP URL.

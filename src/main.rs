@@ -154,6 +154,13 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Start a private RabbitMQ cluster on this machine (for trying and
+    /// testing several replicas); prints its amqp.url and runs until Ctrl-C.
+    LocalCluster {
+        /// Nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// Print outcome events as they are published (one line each).
     Events {
         /// Broker URL.
@@ -242,6 +249,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("published {} command(s) to {exchange}", bodies.len());
                 Ok(())
             }
+            Command::LocalCluster { nodes } => cli::run::local_cluster(nodes).await,
             Command::Events {
                 amqp_url,
                 exchange,
