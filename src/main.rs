@@ -185,13 +185,14 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let line = format!("{error:#}").replace('\n', " ");
-            eprintln!("refund-worker: {line}");
-            if error.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            // A configuration error's text already holds its cause; other
+            // errors print their chain of context.
+            let (line, code) = match error.downcast_ref::<ConfigError>() {
+                Some(config) => (config.to_string(), 2),
+                None => (format!("{error:#}"), 1),
+            };
+            eprintln!("refund-worker: {}", line.replace('\n', " "));
+            ExitCode::from(code)
         }
     }
 }

@@ -333,6 +333,10 @@ fn a_configuration_error_is_one_line_naming_key_and_origin_with_status_2() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("maybe"), "{stderr}");
+    assert!(
+        stderr.contains("REFUND_WORKER__PROVIDERS__CG__DEDUPE_REQUESTS"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

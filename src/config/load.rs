@@ -100,18 +100,50 @@ impl Layers {
     /// Adds where the offending value came from to an error that names a
     /// key.
     pub(super) fn locate(&self, error: ConfigError) -> ConfigError {
-        let key = match &error {
-            ConfigError::Invalid { key, .. } => Some(key.clone()),
-            ConfigError::Load(e) => key_in(&e.to_string()),
-            _ => None,
+        let (key, message) = match &error {
+            ConfigError::Invalid { key, .. } => (key.clone(), String::new()),
+            ConfigError::Load(e) => {
+                let message = e.to_string();
+                match key_in(&message) {
+                    Some(key) => (key, message),
+                    None => return error,
+                }
+            }
+            _ => return error,
         };
-        match key {
-            Some(key) => ConfigError::Located {
-                origin: self.origin(&key),
-                error: Box::new(error),
-            },
-            None => error,
+        ConfigError::Located {
+            origin: self.origin_in(&key, &message),
+            error: Box::new(error),
         }
+    }
+
+    /// As [`Layers::origin`]; when the error names a whole table (a provider
+    /// account is read as one value, so its errors name
+    /// `providers.<name>`), the variable under it whose value the message
+    /// quotes is the one to fix.
+    fn origin_in(&self, key: &str, message: &str) -> String {
+        let table = format!("{}__", env_var(key));
+        let mut under: Vec<&String> = self
+            .env
+            .keys()
+            .filter(|name| name.starts_with(&table))
+            .collect();
+        under.sort();
+        if let Some(var) = under
+            .iter()
+            .find(|name| message.contains(&format!("{:?}", self.env[name.as_str()])))
+        {
+            return format!("environment variable {var}");
+        }
+        if !self.env.contains_key(&env_var(key)) && !under.is_empty() {
+            let names: Vec<&str> = under.iter().map(|s| s.as_str()).collect();
+            return format!(
+                "{} or one of the environment variables {}",
+                self.origin(key),
+                names.join(", ")
+            );
+        }
+        self.origin(key)
     }
 }
 
