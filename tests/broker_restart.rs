@@ -63,8 +63,6 @@ async fn the_worker_survives_a_broker_restart() {
 /// executed each once, and the commands queue is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
-    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
     use refund_worker::sandbox::{SandboxConfig, Seed};
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -78,33 +76,7 @@ async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
     };
     let mut app = TestApp::start_with(config, |s| s.amqp.prefetch = 32).await;
     // A durable event queue survives the restart (the exclusive one does not).
-    let declare = |app: &TestApp| {
-        let channel = app.channel.clone();
-        async move {
-            channel
-                .queue_declare(
-                    "test.events".into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .expect("declare");
-            channel
-                .queue_bind(
-                    "test.events".into(),
-                    "refunds.events".into(),
-                    "#".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .expect("bind");
-        }
-    };
-    declare(&app).await;
+    app.capture_events("test.events").await;
     for i in 0..N {
         let body = serde_json::json!({
             "refund_id": format!("rf-restart-{i}"),
@@ -129,21 +101,14 @@ async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
     let mut outcomes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while outcomes.len() < N && tokio::time::Instant::now() < deadline {
-        match app
-            .channel
-            .basic_get("test.events".into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            Ok(Some(message)) => {
-                let v: serde_json::Value =
-                    serde_json::from_slice(&message.delivery.data).expect("json");
+        match app.captured("test.events").await {
+            Some(v) => {
                 outcomes
                     .entry(v["refund_id"].as_str().unwrap_or_default().to_string())
                     .or_default()
                     .insert(v["status"].as_str().unwrap_or_default().to_string());
             }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(_) => app.reconnect_test_client().await,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
     assert_eq!(outcomes.len(), N, "every refund has an outcome");
@@ -160,4 +125,92 @@ async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
     );
     assert_eq!(originals.len(), N);
     assert_eq!(app.queue_depth("refunds.commands").await, 0);
+}
+
+/// The broker is down when Paynet calls back: a first callback is recorded
+/// and answered 503 (Paynet tries again), a repeated one too; when the
+/// broker is back, the outbox publishes the recorded final event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_during_a_broker_outage_get_503_and_the_outbox_publishes_later() {
+    use refund_worker::sandbox::SandboxConfig;
+    use serde_json::json;
+
+    let _one_at_a_time = RESTARTS.lock().await;
+    let config = SandboxConfig {
+        // The test posts the callbacks itself.
+        paynet_callback_delay: Duration::from_secs(600),
+        ..SandboxConfig::default()
+    };
+    let mut app = TestApp::start_with(config, |s| {
+        s.store.outbox_sweep_interval = Some(Duration::from_secs(1));
+    })
+    .await;
+    app.capture_events("test.outage.events").await;
+    let paynet = |id: &str| {
+        json!({"refund_id": id, "provider": "paynet",
+               "transaction": {"xact_id": "xk_EAAAAAh7VYf9HG4+GR9ezqiMWAA8PY6P4eroE4BUUHRCLxGO"},
+               "amount": {"minor": 1000, "currency": "TRY"}})
+        .to_string()
+    };
+    app.publish(&paynet("rf-outage-1")).await;
+    app.publish(&paynet("rf-outage-2")).await;
+    for _ in 0..2 {
+        assert_eq!(app.next_event().await.0, "refund.pending");
+    }
+    let http = reqwest::Client::new();
+    let callback = |id: &str, token: &str| {
+        http.post(format!(
+            "http://{}/callbacks/paynet/{id}/{token}",
+            app.http_addr
+        ))
+        .json(&json!({"xact_id": "x-1", "code": "0", "status": "approved", "message": "ok"}))
+    };
+    let token1 = app.record("rf-outage-1").await["callback_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let token2 = app.record("rf-outage-2").await["callback_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let first = callback("rf-outage-1", &token1).send().await.expect("post");
+    assert!(first.status().is_success());
+
+    tokio::task::spawn_blocking(|| RabbitNode::shared().stop_app())
+        .await
+        .expect("stop");
+    let repeated = callback("rf-outage-1", &token1).send().await.expect("post");
+    assert_eq!(
+        repeated.status().as_u16(),
+        503,
+        "a repeat whose publish fails"
+    );
+    let during = callback("rf-outage-2", &token2).send().await.expect("post");
+    assert_eq!(during.status().as_u16(), 503, "recorded, not yet published");
+    assert_eq!(
+        refund_worker::ops::status_of(&app.record("rf-outage-2").await),
+        "succeeded"
+    );
+    tokio::task::spawn_blocking(|| RabbitNode::shared().start_app())
+        .await
+        .expect("start");
+    app.wait_ready().await;
+    app.reconnect_test_client().await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut finals = std::collections::BTreeSet::new();
+    while finals.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "final events published: {finals:?}"
+        );
+        match app.captured("test.outage.events").await {
+            Some(e) if e["status"] == "succeeded" => {
+                finals.insert(e["refund_id"].as_str().unwrap_or_default().to_string());
+            }
+            Some(_) => {}
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(app.sandbox.journal().len(), 2);
 }

@@ -413,6 +413,51 @@ impl TestApp {
         }
     }
 
+    /// Declares a durable queue bound to every event: unlike the test's
+    /// exclusive one, it survives a broker restart.
+    pub async fn capture_events(&self, queue: &str) {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        self.channel
+            .queue_bind(
+                queue.into(),
+                self.settings.amqp.events_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
+    /// The next event captured in `queue` (see [`TestApp::capture_events`]),
+    /// if one is there; reconnects after a broker restart.
+    pub async fn captured(&mut self, queue: &str) -> Option<Value> {
+        match self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(message)) => {
+                Some(serde_json::from_slice(&message.delivery.data).expect("json"))
+            }
+            Ok(None) => None,
+            Err(_) => {
+                self.reconnect_test_client().await;
+                None
+            }
+        }
+    }
+
     /// Messages waiting in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         self.channel
