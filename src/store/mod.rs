@@ -221,17 +221,16 @@ impl Store {
     }
 
     /// Writes a record, leaving its ledger entry as it is; not yet durable.
-    /// The hot path's `Attempting` and `NotSent` writes take the short way
-    /// (they publish nothing; any older unconfirmed event is superseded).
+    /// The hot path's `Attempting` and `NotSent` writes take the short way:
+    /// one insert. They never follow a state that published an event (the
+    /// one such transition, an operator's "not executed", goes through
+    /// [`Store::commit`], which clears the outbox mark).
     pub fn put(&self, record: &RefundRecord) -> Result<(), StoreError> {
         if record.state.event().is_some() {
             return self.commit(record, LedgerChange::Keep);
         }
-        let key = record.refund_id.as_bytes();
-        self.refunds.insert(key, encode(record))?;
-        if self.outbox.contains_key(key)? {
-            self.outbox.remove(key)?;
-        }
+        self.refunds
+            .insert(record.refund_id.as_bytes(), encode(record))?;
         Ok(())
     }
 
@@ -297,16 +296,15 @@ impl Store {
     }
 
     /// The broker confirmed `event_id`: take the refund off the outbox,
-    /// unless a newer event replaced it meanwhile. Not synced: if this is
-    /// lost in a crash, the event is published once more (same id).
+    /// unless a newer event replaced it meanwhile (then the newer mark is
+    /// put back). Callers hold the refund's lock, so nothing else writes
+    /// this mark in between. Not synced: if this is lost in a crash, the
+    /// event is published once more (same id).
     pub fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
         let key = refund_id.as_bytes();
-        if let Some(current) = self.outbox.get(key)? {
-            if parse_outbox(refund_id, &current).is_some_and(|e| e.event_id == event_id) {
-                // Only if unchanged since we read it.
-                let _ = self
-                    .outbox
-                    .compare_and_swap(key, Some(current), None as Option<&[u8]>)?;
+        if let Some(removed) = self.outbox.remove(key)? {
+            if parse_outbox(refund_id, &removed).is_some_and(|e| e.event_id != event_id) {
+                self.outbox.insert(key, removed)?;
             }
         }
         Ok(())
