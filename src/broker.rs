@@ -28,6 +28,10 @@ pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-refund-original-exchange";
 /// The routing key the command was first published with.
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-refund-original-routing-key";
 
+/// Times this command waited in a delay queue because its provider account
+/// had its share of the delivery slots waiting (integer).
+pub const HEADER_THROTTLED: &str = "x-refund-throttled";
+
 /// Delayed-retry rounds this command has been through (integer).
 pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
 

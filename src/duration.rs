@@ -49,3 +49,8 @@ pub(crate) fn optional<'de, D: serde::Deserializer<'de>>(
         Some(Raw::Text(t)) => parse(&t).map(Some).map_err(serde::de::Error::custom),
     }
 }
+
+/// A duration that must be given when the key is present.
+pub(crate) fn required<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    optional(d)?.ok_or_else(|| serde::de::Error::custom("expected a duration like 30s"))
+}

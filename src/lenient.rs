@@ -38,3 +38,25 @@ pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             .map_err(|_| serde::de::Error::custom(format!("expected a whole number, found {t:?}"))),
     }
 }
+
+/// An optional unsigned integer, typed or as text.
+pub fn optional_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64(d).map(Some)
+}
+
+/// An optional number, typed (integer or float) or as text.
+pub fn optional_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    match Raw::<f64>::deserialize(d)? {
+        Raw::Typed(n) => Ok(Some(n)),
+        Raw::Text(t) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("expected a number, found {t:?}"))),
+    }
+}
+
+/// A number, typed (integer or float) or as text.
+pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    optional_f64(d).map(|n| n.unwrap_or_default())
+}

@@ -34,4 +34,5 @@ pub mod secret;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;

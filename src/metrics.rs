@@ -125,3 +125,37 @@ pub fn callback_rejected(reason: &'static str) {
 pub fn operator_refused(reason: &'static str) {
     counter!("refund_worker_operator_refused_total", "reason" => reason).increment(1);
 }
+
+/// A provider account's circuit breaker changed state (0 closed, 1 open,
+/// 2 half-open).
+pub fn breaker_state(provider: &str, state: crate::providers::gate::BreakerState) {
+    use crate::providers::gate::BreakerState;
+    let value = match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::Open => 1.0,
+        BreakerState::HalfOpen => 2.0,
+    };
+    gauge!("refund_worker_breaker_state", "provider" => provider.to_string()).set(value);
+    counter!("refund_worker_breaker_transitions_total", "provider" => provider.to_string(), "to" => state.as_str())
+        .increment(1);
+}
+
+/// A provider asked us to slow down (Retry-After, 429).
+pub fn provider_slowed(provider: &str) {
+    counter!("refund_worker_provider_slowdowns_total", "provider" => provider.to_string())
+        .increment(1);
+}
+
+/// Time a refund waited at its account's limits.
+pub fn gate_wait(provider: &str, took: Duration) {
+    histogram!("refund_worker_limit_wait_seconds", "provider" => provider.to_string())
+        .record(took.as_secs_f64());
+}
+
+/// A refund parked in a delay queue without calling its provider:
+/// `breaker_open`, or `share` (its account already had its share of the
+/// delivery slots waiting).
+pub fn gate_parked(provider: &str, why: &'static str) {
+    counter!("refund_worker_gate_parked_total", "provider" => provider.to_string(), "why" => why)
+        .increment(1);
+}

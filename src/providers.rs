@@ -5,6 +5,7 @@
 //! [`Provider::repeats_are_safe`] alone, never from provider codes.
 
 pub mod creditguard;
+pub mod gate;
 pub mod hyp_pay;
 pub mod paynet;
 
@@ -103,6 +104,15 @@ impl ProviderAccount {
         }
     }
 
+    /// The account's limits, breaker and tracing settings.
+    pub fn policy(&self) -> &gate::AccountPolicy {
+        match self {
+            ProviderAccount::HypPay(a) => &a.policy,
+            ProviderAccount::Creditguard(a) => &a.policy,
+            ProviderAccount::Paynet(a) => &a.policy,
+        }
+    }
+
     /// Checks the account's settings; the configuration names the key.
     pub fn validate(&self) -> Result<(), AccountError> {
         match self {
@@ -123,7 +133,7 @@ pub struct AccountError {
 }
 
 impl AccountError {
-    fn new(field: &'static str, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &'static str, problem: impl Into<String>) -> Self {
         AccountError {
             field,
             problem: problem.into(),
@@ -184,15 +194,19 @@ impl Provider {
     }
 
     /// Sends the record's command once and classifies the answer.
-    pub async fn execute(&self, record: &RefundRecord) -> ProviderOutcome {
+    pub async fn execute(
+        &self,
+        record: &RefundRecord,
+        traceparent: Option<&str>,
+    ) -> ProviderOutcome {
         let command = &record.command;
         match self {
-            Provider::HypPay(p) => p.execute(command).await,
-            Provider::CreditGuard(p) => p.execute(command).await,
+            Provider::HypPay(p) => p.execute(command, traceparent).await,
+            Provider::CreditGuard(p) => p.execute(command, traceparent).await,
             Provider::Paynet(p, public_url) => {
                 let url =
                     paynet::callback_url(public_url, &record.refund_id, &record.callback_token);
-                p.execute(command, &url).await
+                p.execute(command, &url, traceparent).await
             }
         }
     }
@@ -220,6 +234,7 @@ impl Provider {
 #[derive(Debug, Clone, Default)]
 pub struct Providers {
     by_name: BTreeMap<String, Provider>,
+    gates: BTreeMap<String, std::sync::Arc<gate::Gate>>,
 }
 
 impl Providers {
@@ -243,12 +258,31 @@ impl Providers {
                 )
             })
             .collect();
-        Ok(Providers { by_name })
+        let gates = accounts
+            .iter()
+            .map(|(name, account)| {
+                (
+                    name.clone(),
+                    std::sync::Arc::new(gate::Gate::new(name, account.policy())),
+                )
+            })
+            .collect();
+        Ok(Providers { by_name, gates })
     }
 
     /// The account a command names.
     pub fn get(&self, name: &str) -> Option<&Provider> {
         self.by_name.get(name)
+    }
+
+    /// The gate (limits, breaker) of an account.
+    pub fn gate(&self, name: &str) -> Option<&std::sync::Arc<gate::Gate>> {
+        self.gates.get(name)
+    }
+
+    /// Every account's gate, for `/readyz` and metrics.
+    pub fn gates(&self) -> impl Iterator<Item = (&String, &std::sync::Arc<gate::Gate>)> {
+        self.gates.iter()
     }
 
     /// Account names, for error messages.
@@ -260,6 +294,19 @@ impl Providers {
 /// Sends a form request to a provider that answers HTTP 200 for everything
 /// it processed (Hyp Pay, CreditGuard) and classifies the answer: transport
 /// and non-200 statuses the shared way, the 200 body with `classify_body`.
+/// Adds `traceparent` to a provider request when the account propagates
+/// traces (off by default: providers may refuse headers they do not know).
+pub(crate) fn with_trace(
+    request: reqwest::RequestBuilder,
+    traceparent: Option<&str>,
+    policy: &gate::AccountPolicy,
+) -> reqwest::RequestBuilder {
+    match traceparent {
+        Some(value) if policy.propagate_trace => request.header("traceparent", value),
+        _ => request,
+    }
+}
+
 pub(crate) async fn post_form(
     request: reqwest::RequestBuilder,
     classify_body: impl FnOnce(&str) -> ProviderOutcome,

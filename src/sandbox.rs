@@ -197,6 +197,23 @@ fn default_stall() -> u64 {
     120_000
 }
 
+/// Notes the `traceparent` a provider request carries (the worker sends it
+/// only for accounts with `propagate_trace`).
+async fn record_traceparent(
+    State(sandbox): State<Sandbox>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(value) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        sandbox.lock().traceparents.push(value.to_string());
+    }
+    next.run(request).await
+}
+
 /// Mutable sandbox state. Locked briefly, never across an await.
 #[derive(Debug)]
 pub struct SandboxState {
@@ -210,6 +227,13 @@ pub struct SandboxState {
     faults: VecDeque<Fault>,
     requests: u64,
     next_id: u64,
+    /// Provider requests being answered now, and the most at once.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// When each provider request arrived (for rate checks).
+    arrivals: Vec<std::time::Instant>,
+    /// `traceparent` headers received, in order.
+    traceparents: Vec<String>,
 }
 
 impl SandboxState {
@@ -223,6 +247,10 @@ impl SandboxState {
             faults: VecDeque::new(),
             requests: 0,
             next_id: 405_577_499,
+            in_flight: 0,
+            max_in_flight: 0,
+            arrivals: Vec::new(),
+            traceparents: Vec::new(),
             config,
         };
         let seed = state.config.seed.clone();
@@ -295,6 +323,26 @@ impl Sandbox {
         self.lock().requests
     }
 
+    /// The most provider requests it answered at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.lock().max_in_flight
+    }
+
+    /// When each provider request arrived.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.lock().arrivals.clone()
+    }
+
+    /// The `traceparent` headers provider requests carried.
+    pub fn traceparents(&self) -> Vec<String> {
+        self.lock().traceparents.clone()
+    }
+
+    /// Removes every queued fault (an outage ends).
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Queues a fault.
     pub fn add_fault(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
@@ -314,12 +362,19 @@ impl Sandbox {
     /// latency, then count the request and decide its answer under the lock
     /// (never held across an await).
     async fn answer<T>(&self, decide: impl FnOnce(&mut SandboxState) -> T) -> T {
-        let latency = self.lock().config.latency;
+        let latency = {
+            let mut state = self.lock();
+            state.in_flight += 1;
+            state.max_in_flight = state.max_in_flight.max(state.in_flight);
+            state.arrivals.push(std::time::Instant::now());
+            state.config.latency
+        };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
         let mut state = self.lock();
         state.requests += 1;
+        state.in_flight -= 1;
         decide(&mut state)
     }
 
@@ -334,6 +389,10 @@ impl Sandbox {
             .route("/_sandbox/originals", get(originals).post(add_originals))
             .route("/_sandbox/faults", post(add_faults))
             .route("/_sandbox/latency", post(set_latency))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                record_traceparent,
+            ))
             .with_state(self.clone())
     }
 

@@ -293,6 +293,8 @@ async fn the_recorded_outcome_survives_a_restart() {
 async fn a_long_outage_waits_in_delay_queues_then_succeeds_once() {
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
         s.retry.delayed_ms = vec![300, 600];
+        // Delay-queue rounds alone (tests/pressure.rs has the breaker).
+        support::policy_mut(s, "hyp_pay").breaker.failures = 0;
     })
     .await;
     // 3 in-process attempts per round: two rounds fail, the third succeeds.
@@ -315,6 +317,7 @@ async fn a_long_outage_waits_in_delay_queues_then_succeeds_once() {
 async fn an_outage_longer_than_every_round_is_dead_lettered_with_its_history() {
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
         s.retry.delayed_ms = vec![200];
+        support::policy_mut(s, "hyp_pay").breaker.failures = 0;
     })
     .await;
     app.sandbox.add_fault(Fault {

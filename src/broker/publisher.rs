@@ -5,10 +5,11 @@
 use crate::broker::{
     HEADER_ATTEMPTS, HEADER_DELAYED_ROUNDS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FIRST_FAILURE,
     HEADER_LAST_FAILURE, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER,
-    HEADER_REFUND_ID,
+    HEADER_REFUND_ID, HEADER_THROTTLED,
 };
 use crate::config::AmqpSettings;
 use crate::event::OutcomeEvent;
+use crate::trace::TraceContext;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::Confirmation;
@@ -51,6 +52,8 @@ pub struct DeadLetter {
     pub provider: Option<String>,
     /// Delayed-retry rounds done so far (written when set).
     pub delayed_rounds: Option<u32>,
+    /// Parks for an account's share of the slots (written when set).
+    pub throttled: Option<u32>,
 }
 
 /// Where [`Publisher::park`] sends a message.
@@ -106,13 +109,19 @@ impl Publisher {
     async fn publish_event_once(&self, event: &OutcomeEvent) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event).unwrap_or_default();
         let routing_key = event.status.routing_key();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(event.event_id.as_str().into())
             .with_correlation_id(event.refund_id.as_str().into())
             .with_type(routing_key.as_str().into())
             .with_timestamp(unix_now());
+        // The refund span's context, when published for a delivery.
+        if let Some(context) = TraceContext::current() {
+            let mut headers = lapin::types::FieldTable::default();
+            context.write(&mut headers);
+            properties = properties.with_headers(headers);
+        }
         self.publish(
             &self.events_exchange,
             &routing_key,
@@ -137,6 +146,10 @@ impl Publisher {
         info: &DeadLetter,
     ) -> Result<(), PublishError> {
         let mut headers = original.headers().clone().unwrap_or_default();
+        // The refund span's context replaces the caller's.
+        if let Some(context) = TraceContext::current() {
+            context.write(&mut headers);
+        }
         let mut put = |key: &str, value: &str| {
             headers.insert(key.into(), AMQPValue::LongString(value.into()));
         };
@@ -156,6 +169,12 @@ impl Publisher {
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(info.attempts)),
         );
+        if let Some(parks) = info.throttled {
+            headers.insert(
+                HEADER_THROTTLED.into(),
+                AMQPValue::LongLongInt(i64::from(parks)),
+            );
+        }
         if let Some(rounds) = info.delayed_rounds {
             headers.insert(
                 HEADER_DELAYED_ROUNDS.into(),

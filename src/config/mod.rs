@@ -122,6 +122,14 @@ pub struct AmqpSettings {
     pub max_body_bytes: usize,
     /// How long to wait for a publisher confirm.
     pub confirm_timeout_ms: u64,
+    /// The share of `prefetch` one provider account's refunds may hold
+    /// while they wait at its limits (`max_in_flight`, `rate_per_sec`);
+    /// more wait in a delay queue, so other accounts keep their slots.
+    #[serde(
+        default = "default_account_share",
+        deserialize_with = "crate::lenient::f64"
+    )]
+    pub account_share: f64,
     /// PEM file of the CA (or CAs) that signed the broker's certificate,
     /// for `amqps://` URLs whose certificate is not signed by a public CA.
     #[serde(default)]
@@ -219,6 +227,10 @@ pub struct HttpSettings {
         deserialize_with = "crate::lenient::u64"
     )]
     pub callback_timeout_ms: u64,
+}
+
+fn default_account_share() -> f64 {
+    0.5
 }
 
 fn default_callback_body() -> u64 {
@@ -368,6 +380,15 @@ impl Settings {
                     format!("cannot read {}: {e}", path.display()),
                 ));
             }
+        }
+        if !(self.amqp.account_share > 0.0 && self.amqp.account_share <= 1.0) {
+            return Err(invalid(
+                "amqp.account_share",
+                format!(
+                    "must be above 0 and at most 1, not {}",
+                    self.amqp.account_share
+                ),
+            ));
         }
         if self.amqp.max_body_bytes == 0 {
             return Err(invalid("amqp.max_body_bytes", "must be at least 1"));

@@ -115,10 +115,27 @@ async fn run(listener: TcpListener, app: Router, mut shutdown: Shutdown) {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let health = &state.health;
+    // An open breaker is reported, not a reason to be unready: the other
+    // accounts' refunds go on.
+    let providers: serde_json::Map<String, serde_json::Value> = state
+        .worker
+        .providers()
+        .gates()
+        .map(|(name, gate)| {
+            (
+                name.clone(),
+                serde_json::json!({
+                    "breaker": gate.breaker_state().as_str(),
+                    "waiting_at_limits": gate.waiting(),
+                }),
+            )
+        })
+        .collect();
     let body = serde_json::json!({
         "broker_connected": health.broker.load(Ordering::Relaxed),
         "consuming": health.consuming.load(Ordering::Relaxed),
         "store_open": true,
+        "providers": providers,
     });
     let status = if health.ready() {
         StatusCode::OK

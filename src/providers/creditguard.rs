@@ -36,7 +36,11 @@ impl CreditGuard {
     }
 
     /// Sends the command once.
-    pub async fn execute(&self, command: &RefundCommand) -> ProviderOutcome {
+    pub async fn execute(
+        &self,
+        command: &RefundCommand,
+        traceparent: Option<&str>,
+    ) -> ProviderOutcome {
         let xml = match wire::request_for(command, &self.account.terminal_number, self.dedupes())
             .and_then(|doc| wire::to_xml(&doc))
         {
@@ -54,6 +58,7 @@ impl CreditGuard {
             ("int_in", xml.as_str()),
         ];
         let request = self.http.post(&self.account.base_url).form(&form);
+        let request = super::with_trace(request, traceparent, &self.account.policy);
         post_form(request, |body| wire::classify(command.operation, body)).await
     }
 }
@@ -74,11 +79,17 @@ pub struct CreditGuardAccount {
     /// lost is repeated safely instead of ending in doubt.
     #[serde(default, deserialize_with = "crate::lenient::bool")]
     pub dedupe_requests: bool,
+    /// Limits, circuit breaker and trace propagation of this account.
+    #[serde(flatten)]
+    pub policy: super::gate::AccountPolicy,
 }
 
 impl CreditGuardAccount {
     /// Checks the account's settings.
     pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        self.policy
+            .check()
+            .map_err(|(field, problem)| AccountError::new(field, problem))?;
         check_url("base_url", &self.base_url)?;
         if self.user.trim().is_empty() {
             return Err(AccountError::new("user", "missing"));

@@ -31,7 +31,11 @@ impl HypPay {
     }
 
     /// Sends the command once.
-    pub async fn execute(&self, command: &RefundCommand) -> ProviderOutcome {
+    pub async fn execute(
+        &self,
+        command: &RefundCommand,
+        traceparent: Option<&str>,
+    ) -> ProviderOutcome {
         let form = match wire::request_for(command, &self.account) {
             Ok(form) => form,
             // check() ran before; this is unreachable in practice but must not panic.
@@ -43,6 +47,7 @@ impl HypPay {
             }
         };
         let request = self.http.post(&self.account.base_url).form(&form.fields());
+        let request = super::with_trace(request, traceparent, &self.account.policy);
         post_form(request, |body| wire::classify(command.operation, body)).await
     }
 
@@ -65,6 +70,9 @@ pub struct HypPayAccount {
     pub masof: String,
     /// API password.
     pub pass_p: Secret,
+    /// Limits, circuit breaker and trace propagation of this account.
+    #[serde(flatten)]
+    pub policy: super::gate::AccountPolicy,
 }
 
 fn default_hyp_pay_url() -> String {
@@ -74,6 +82,9 @@ fn default_hyp_pay_url() -> String {
 impl HypPayAccount {
     /// Checks the account's settings.
     pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        self.policy
+            .check()
+            .map_err(|(field, problem)| AccountError::new(field, problem))?;
         check_url("base_url", &self.base_url)?;
         if self.masof.len() != 10 || !self.masof.bytes().all(|b| b.is_ascii_digit()) {
             return Err(AccountError::new(

@@ -39,7 +39,12 @@ impl Paynet {
     }
 
     /// Sends the command once; `succeed_url` is where the answer will come.
-    pub async fn execute(&self, command: &RefundCommand, succeed_url: &str) -> ProviderOutcome {
+    pub async fn execute(
+        &self,
+        command: &RefundCommand,
+        succeed_url: &str,
+        traceparent: Option<&str>,
+    ) -> ProviderOutcome {
         let body = match wire::request_for(command, succeed_url) {
             Ok(body) => body,
             Err(reason) => {
@@ -53,14 +58,15 @@ impl Paynet {
             "{}/v1/transaction/reversed_request",
             self.account.base_url.trim_end_matches('/')
         );
-        let response = match self
+        let request = self
             .http
             .post(url)
             .header(
                 reqwest::header::AUTHORIZATION,
                 format!("Basic {}", self.account.secret_key.expose()),
             )
-            .json(&body)
+            .json(&body);
+        let response = match super::with_trace(request, traceparent, &self.account.policy)
             .send()
             .await
         {
@@ -92,6 +98,9 @@ pub struct PaynetAccount {
         deserialize_with = "crate::lenient::u64"
     )]
     pub pending_alert_after_secs: u64,
+    /// Limits, circuit breaker and trace propagation of this account.
+    #[serde(flatten)]
+    pub policy: super::gate::AccountPolicy,
 }
 
 fn default_pending_alert() -> u64 {
@@ -105,6 +114,9 @@ fn default_paynet_url() -> String {
 impl PaynetAccount {
     /// Checks the account's settings.
     pub(crate) fn validate(&self) -> Result<(), AccountError> {
+        self.policy
+            .check()
+            .map_err(|(field, problem)| AccountError::new(field, problem))?;
         check_url("base_url", &self.base_url)?;
         if self.secret_key.is_empty() {
             return Err(AccountError::new(

@@ -5,6 +5,7 @@
 //! pending wait (accepted) or to park (unknown, misconfigured, out of
 //! in-process retries).
 
+use super::admit::Admitted;
 use super::park::NotSentSoFar;
 use super::{header_str, PipelineError, Worker};
 use crate::broker::publisher::Publisher;
@@ -13,6 +14,7 @@ use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::metrics;
 use crate::providers::{Provider, ProviderOutcome};
 use crate::store::{RefundRecord, RefundState};
+use crate::trace::TraceContext;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ impl Worker {
         delivery: &Delivery,
         provider: &Provider,
         record: &mut RefundRecord,
+        admitted: &mut Admitted,
     ) -> Result<(), PipelineError> {
         let retry = &self.settings.retry;
         let mut delays = ExponentialBuilder::default()
@@ -40,7 +43,9 @@ impl Worker {
         let mut first_failure: Option<String> = header_str(delivery, HEADER_FIRST_FAILURE);
         loop {
             let call_started = Instant::now();
-            let outcome = provider.execute(record).await;
+            let traceparent = TraceContext::current().map(|t| t.traceparent());
+            let outcome = provider.execute(record, traceparent.as_deref()).await;
+            admitted.answered(&outcome);
             metrics::provider_call(
                 &record.command.provider,
                 outcome.class(),
@@ -87,6 +92,7 @@ impl Worker {
                 ProviderOutcome::Unknown { reason } => {
                     if provider.repeats_are_safe() && record.attempts < retry.max_attempts {
                         warn!(%reason, "outcome unknown; repeating: the provider deduplicates it");
+                        admitted.pace().await;
                         self.begin_attempt(record).await?;
                         continue;
                     }
@@ -121,6 +127,18 @@ impl Worker {
                             warn!(%reason, delay_ms = delay.as_millis() as u64, "not sent; retrying");
                             metrics::retry("in_process");
                             tokio::time::sleep(delay).await;
+                            if !admitted.may_retry().await {
+                                let so_far = NotSentSoFar {
+                                    reason: format!(
+                                        "{reason}; the account's circuit breaker opened"
+                                    ),
+                                    first_failure_at: first,
+                                    last_failure_at: now,
+                                };
+                                return self
+                                    .park_not_sent(publisher, delivery, record, so_far)
+                                    .await;
+                            }
                             self.begin_attempt(record).await?;
                         }
                         _ => {

@@ -7,6 +7,8 @@
 //! then claimed (`Attempting`, with its over-refund reservation, in one
 //! write, synced) before any provider call.
 
+use super::admit::Admitted;
+use super::park::Unsent;
 use super::{PipelineError, Worker};
 use crate::broker::publisher::{DeadLetter, Publisher};
 use crate::command::RefundCommand;
@@ -15,6 +17,10 @@ use crate::providers::Provider;
 use crate::store::{Claim, Known, RefundRecord, RefundState, StoreError};
 use lapin::message::Delivery;
 use tracing::{debug, info, warn};
+
+/// What the attempt stage needs: the provider, the record (`Attempting`,
+/// durable) and the pass through the account's gate.
+pub(super) type Claimed<'p> = (&'p Provider, RefundRecord, Admitted);
 
 impl Worker {
     /// The provider and the record to attempt, or `None` when the delivery
@@ -25,9 +31,9 @@ impl Worker {
         publisher: &Publisher,
         delivery: &Delivery,
         command: &RefundCommand,
-    ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
+    ) -> Result<Option<Claimed<'p>>, PipelineError> {
         match self.store.lookup(&command.refund_id)? {
-            None => self.claim_new(publisher, command).await,
+            None => self.claim_new(publisher, delivery, command).await,
             Some(Known::Tombstone(tombstone)) => {
                 if tombstone.payload_hash != command.payload_hash() {
                     let message = format!(
@@ -68,8 +74,9 @@ impl Worker {
     async fn claim_new<'p>(
         &'p self,
         publisher: &Publisher,
+        delivery: &Delivery,
         command: &RefundCommand,
-    ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
+    ) -> Result<Option<Claimed<'p>>, PipelineError> {
         let Some(provider) = self.providers.get(&command.provider) else {
             let message = format!(
                 "provider {:?} is not a configured account (configured: {})",
@@ -85,12 +92,20 @@ impl Worker {
                 .await?;
             return Ok(None);
         }
+        let refund = Unsent {
+            refund_id: &command.refund_id,
+            provider: &command.provider,
+            attempts: 0,
+        };
+        let Some(admitted) = self.admit(publisher, delivery, refund).await? else {
+            return Ok(None);
+        };
         let mut fresh = RefundRecord::attempting(command);
         match self.store.claim(&fresh)? {
             Claim::Claimed => {
                 self.sync_before_call(&mut fresh).await?;
                 debug!("claimed");
-                Ok(Some((provider, fresh)))
+                Ok(Some((provider, fresh, admitted)))
             }
             Claim::OverRefund(over) => {
                 let message = format!(
@@ -115,7 +130,12 @@ impl Worker {
         publisher: &Publisher,
         delivery: &Delivery,
         existing: RefundRecord,
-    ) -> Result<Option<(&'p Provider, RefundRecord)>, PipelineError> {
+    ) -> Result<Option<Claimed<'p>>, PipelineError> {
+        let refund = Unsent {
+            refund_id: &existing.refund_id,
+            provider: &existing.command.provider,
+            attempts: existing.attempts,
+        };
         match existing.state.clone() {
             RefundState::Finished { event } => {
                 info!(
@@ -160,18 +180,22 @@ impl Worker {
                         refund_id: Some(existing.refund_id.clone()),
                         provider: Some(existing.command.provider.clone()),
                         delayed_rounds: None,
+                        throttled: None,
                     };
                     self.dead_letter(publisher, delivery, &info).await?;
                     return Ok(None);
                 };
-                let mut record = existing;
+                let Some(admitted) = self.admit(publisher, delivery, refund).await? else {
+                    return Ok(None);
+                };
+                let mut record = existing.clone();
                 self.begin_attempt(&mut record).await?;
-                Ok(Some((provider, record)))
+                Ok(Some((provider, record, admitted)))
             }
             RefundState::Attempting { since } => {
                 // We hold the lock, so no task of this process is
                 // attempting it: a previous process died mid-call.
-                let mut record = existing;
+                let mut record = existing.clone();
                 let reason = format!(
                     "a previous worker process stopped during attempt {} (started {since}); \
                      the provider may have executed it",
@@ -179,9 +203,12 @@ impl Worker {
                 );
                 match self.providers.get(&record.command.provider) {
                     Some(provider) if provider.repeats_are_safe() => {
+                        let Some(admitted) = self.admit(publisher, delivery, refund).await? else {
+                            return Ok(None);
+                        };
                         warn!(%reason, "repeating the request: the provider deduplicates it");
                         self.begin_attempt(&mut record).await?;
-                        Ok(Some((provider, record)))
+                        Ok(Some((provider, record, admitted)))
                     }
                     _ => {
                         self.in_doubt(publisher, delivery, record, reason).await?;

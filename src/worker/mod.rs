@@ -11,6 +11,7 @@
 //!                        InDoubt ──────▶ re-publish `in_doubt`, park in dead letters, ack
 //!                        NotSent ──────▶ Attempting (synced)
 //!                        Attempting ───▶ a previous process crashed mid-call: unknown
+//!          ─▶ admit    the account's gate: breaker, share of the slots, limits
 //!          ─▶ attempt  provider call, in-process retries, classification
 //!          ─▶ finish   outcome recorded (synced) ─▶ event published (confirmed) ─▶ ack
 //!          ─▶ park     delay queues, dead letters, in doubt
@@ -25,6 +26,7 @@
 //! store or publish puts the delivery back (after a pause) for a later try.
 //! `docs/architecture.md` has the whole picture.
 
+mod admit;
 mod attempt;
 mod callbacks;
 mod claim;
@@ -44,6 +46,7 @@ use crate::locks::RefundLocks;
 use crate::metrics;
 use crate::providers::Providers;
 use crate::store::{Store, StoreError};
+use crate::trace::TraceContext;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
@@ -101,6 +104,11 @@ impl Worker {
         &self.store
     }
 
+    /// The provider accounts (and their gates).
+    pub fn providers(&self) -> &Providers {
+        &self.providers
+    }
+
     /// The settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
@@ -109,12 +117,18 @@ impl Worker {
     /// Processes one delivery and acks it, or puts it back when it could not
     /// be finished.
     pub async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
+        // The refund's span: a child of the publisher's span when the
+        // command carries a valid `traceparent` (see `trace.rs`).
+        let parent = TraceContext::from_headers(delivery.properties.headers().as_ref());
+        let context = TraceContext::child_of(parent.as_ref());
         let span = info_span!(
             "delivery",
             refund_id = tracing::field::Empty,
-            tag = delivery.delivery_tag
+            tag = delivery.delivery_tag,
+            trace_id = %context.trace_id,
+            span_id = %context.span_id,
         );
-        async {
+        let work = async {
             metrics::command_received();
             metrics::in_flight(1.0);
             let result = self.process(publisher, &delivery).await;
@@ -148,8 +162,8 @@ impl Worker {
                 }
             }
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        context.scope(work).await
     }
 
     /// The stages in order; each returns early when it settled the delivery.
@@ -162,10 +176,12 @@ impl Worker {
             return Ok(());
         };
         let _guard = self.locks.lock(&command.refund_id).await;
-        let Some((provider, mut record)) = self.claim(publisher, delivery, &command).await? else {
+        let Some((provider, mut record, mut admitted)) =
+            self.claim(publisher, delivery, &command).await?
+        else {
             return Ok(());
         };
-        self.attempt(publisher, delivery, provider, &mut record)
+        self.attempt(publisher, delivery, provider, &mut record, &mut admitted)
             .await
     }
 }

@@ -8,7 +8,7 @@
 use super::{header_str, header_u32, PipelineError, Worker};
 use crate::broker::publisher::{DeadLetter, ParkTarget, Publisher};
 use crate::broker::topology::delay_queues;
-use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE};
+use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE, HEADER_THROTTLED};
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
@@ -27,7 +27,61 @@ pub(super) struct NotSentSoFar {
     pub(super) last_failure_at: String,
 }
 
+/// Who a parked refund is, when it may have no record yet.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unsent<'a> {
+    pub(super) refund_id: &'a str,
+    pub(super) provider: &'a str,
+    pub(super) attempts: u32,
+}
+
+/// Parks for an account's share of the slots before a refund is dead-lettered
+/// as `throttled` (a bound, so nothing cycles for ever).
+const MAX_THROTTLED_PARKS: u32 = 1000;
+
 impl Worker {
+    /// The account already has its share of this worker's delivery slots
+    /// waiting at its limits: this refund waits in the shortest delay queue
+    /// instead (not a provider round: nothing failed), so other accounts'
+    /// refunds keep their slots.
+    pub(super) async fn park_throttled(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        refund: Unsent<'_>,
+    ) -> Result<(), PipelineError> {
+        let parks = header_u32(delivery, HEADER_THROTTLED).unwrap_or(0) + 1;
+        let now = now_rfc3339();
+        let mut info = DeadLetter {
+            kind: "throttled".into(),
+            error: format!(
+                "provider account {} is at its limits with its share of the delivery slots waiting",
+                refund.provider
+            ),
+            attempts: refund.attempts,
+            first_failure_at: header_str(delivery, HEADER_FIRST_FAILURE)
+                .unwrap_or_else(|| now.clone()),
+            last_failure_at: now,
+            refund_id: Some(refund.refund_id.to_string()),
+            provider: Some(refund.provider.to_string()),
+            delayed_rounds: None,
+            throttled: Some(parks),
+        };
+        metrics::gate_parked(refund.provider, "share");
+        let queues = delay_queues(&self.settings);
+        match queues.first() {
+            Some(queue) if parks <= MAX_THROTTLED_PARKS => {
+                self.park(publisher, delivery, ParkTarget::DelayQueue(queue), &info)
+                    .await
+            }
+            _ => {
+                info.error = format!("{} ({parks} times); giving up", info.error);
+                warn!(%info.error, "throttled too often; the message goes to the dead-letter queue");
+                self.dead_letter(publisher, delivery, &info).await
+            }
+        }
+    }
+
     /// Out of in-process retries: the next delay queue, or the dead-letter
     /// queue after the last round. The record (`NotSent`) is synced first.
     pub(super) async fn park_not_sent(
@@ -37,20 +91,39 @@ impl Worker {
         record: &RefundRecord,
         so_far: NotSentSoFar,
     ) -> Result<(), PipelineError> {
+        let refund = Unsent {
+            refund_id: &record.refund_id,
+            provider: &record.command.provider,
+            attempts: record.attempts,
+        };
+        self.park_unsent(publisher, delivery, refund, so_far).await
+    }
+
+    /// As [`Worker::park_not_sent`] for a refund that may have no record
+    /// yet (its account's breaker is open): a delay-queue round, or the
+    /// dead-letter queue after the last one.
+    pub(super) async fn park_unsent(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        refund: Unsent<'_>,
+        so_far: NotSentSoFar,
+    ) -> Result<(), PipelineError> {
         self.store.sync().await?;
         let rounds = header_u32(delivery, HEADER_DELAYED_ROUNDS).unwrap_or(0);
         let mut info = DeadLetter {
             kind: "provider_unavailable".into(),
             error: format!(
                 "provider unavailable after {} attempts: {}",
-                record.attempts, so_far.reason
+                refund.attempts, so_far.reason
             ),
-            attempts: record.attempts,
+            attempts: refund.attempts,
             first_failure_at: so_far.first_failure_at,
             last_failure_at: so_far.last_failure_at,
-            refund_id: Some(record.refund_id.clone()),
-            provider: Some(record.command.provider.clone()),
+            refund_id: Some(refund.refund_id.to_string()),
+            provider: Some(refund.provider.to_string()),
             delayed_rounds: Some(rounds),
+            throttled: None,
         };
         let queues = delay_queues(&self.settings);
         match queues.get(rounds as usize) {
@@ -98,6 +171,7 @@ impl Worker {
             refund_id: Some(record.refund_id.clone()),
             provider: Some(record.command.provider.clone()),
             delayed_rounds: None,
+            throttled: None,
         };
         self.dead_letter(publisher, delivery, &info).await
     }
@@ -158,6 +232,7 @@ impl Worker {
             refund_id: Some(event.refund_id.clone()),
             provider: event.provider.clone(),
             delayed_rounds: None,
+            throttled: None,
         };
         self.dead_letter(publisher, delivery, &info).await
     }
@@ -182,6 +257,7 @@ impl Worker {
             refund_id,
             provider: None,
             delayed_rounds: None,
+            throttled: None,
         };
         self.dead_letter(publisher, delivery, &info).await
     }
@@ -196,7 +272,7 @@ impl Worker {
             .await
     }
 
-    async fn park(
+    pub(super) async fn park(
         &self,
         publisher: &Publisher,
         delivery: &Delivery,

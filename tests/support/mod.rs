@@ -494,6 +494,19 @@ pub fn header(headers: &FieldTable, key: &str) -> Option<String> {
     }
 }
 
+/// The limits and breaker settings of a provider account.
+pub fn policy_mut<'a>(
+    settings: &'a mut Settings,
+    account: &str,
+) -> &'a mut refund_worker::providers::gate::AccountPolicy {
+    use refund_worker::providers::ProviderAccount;
+    match settings.providers.get_mut(account).expect("account") {
+        ProviderAccount::HypPay(a) => &mut a.policy,
+        ProviderAccount::Creditguard(a) => &mut a.policy,
+        ProviderAccount::Paynet(a) => &mut a.policy,
+    }
+}
+
 /// Replaces the `refund_id` of an example command.
 pub fn with_refund_id(body: &str, refund_id: &str) -> String {
     let mut v: Value = serde_json::from_str(body).expect("example");

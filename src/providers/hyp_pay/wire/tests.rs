@@ -11,6 +11,7 @@ fn account() -> HypPayAccount {
         base_url: "https://pay.hyp.co.il/p/".into(),
         masof: "0010131918".into(),
         pass_p: Secret::new("your-api-password"),
+        policy: Default::default(),
     }
 }
 
