@@ -1,12 +1,56 @@
-//! Logging, set up in one place. Text on a terminal, JSON otherwise (or as
-//! configured); `RUST_LOG` overrides the configured filter.
+//! Logging and tracing, set up in one place. Text on a terminal, JSON
+//! otherwise (or as configured); `RUST_LOG` overrides the configured
+//! filter. With `telemetry.otlp_endpoint` set, the refund spans are also
+//! exported over OTLP/HTTP (protobuf) through the opentelemetry crates, with
+//! the caller's `traceparent` as their parent (see `trace.rs`).
 
 use crate::config::LogFormat;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber (once; later calls are ignored).
+static OTLP: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (then span ids come from OpenTelemetry).
+pub fn otlp_enabled() -> bool {
+    OTLP.load(Ordering::Relaxed)
+}
+
+/// What was set up; [`Telemetry::shutdown`] flushes the exporter.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still buffered and stops the exporter.
+    pub fn shutdown(&self) {
+        if let Some(provider) = &self.provider {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "OTLP exporter did not shut down cleanly");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber (once; later calls are ignored), logging
+/// only.
 pub fn init(format: LogFormat, filter: &str) {
+    let _ = init_with(format, filter, None);
+}
+
+/// As [`init`], exporting spans to `otlp_endpoint` (the collector's base
+/// URL, e.g. `http://127.0.0.1:4318`) when given.
+pub fn init_with(
+    format: LogFormat,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -15,17 +59,49 @@ pub fn init(format: LogFormat, filter: &str) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
+            .boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let provider = match otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()
+                .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name("refund-worker")
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("refund-worker"))
+            .boxed()
+    });
+    if tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .try_init()
+        .is_ok()
+    {
+        OTLP.store(provider.is_some(), Ordering::Relaxed);
+    }
+    Ok(Telemetry { provider })
 }

@@ -120,6 +120,40 @@ impl TraceContext {
         }
     }
 
+    /// This context as an OpenTelemetry parent (for the OTLP exporter).
+    pub fn otel_parent(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let span_context = SpanContext::new(
+            TraceId::from_hex(&self.trace_id).unwrap_or(TraceId::INVALID),
+            SpanId::from_hex(&self.span_id).unwrap_or(SpanId::INVALID),
+            TraceFlags::new(self.flags),
+            true,
+            self.tracestate
+                .as_deref()
+                .and_then(|s| s.parse::<TraceState>().ok())
+                .unwrap_or_default(),
+        );
+        opentelemetry::Context::new().with_remote_span_context(span_context)
+    }
+
+    /// The context OpenTelemetry gave `span` (when exporting), keeping the
+    /// caller's `tracestate`; `None` when it has none.
+    pub fn of_span(span: &tracing::Span, tracestate: Option<String>) -> Option<Self> {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let context = span.context();
+        let span_ref = context.span();
+        let sc = span_ref.span_context();
+        sc.is_valid().then(|| TraceContext {
+            trace_id: sc.trace_id().to_string(),
+            span_id: sc.span_id().to_string(),
+            flags: sc.trace_flags().to_u8(),
+            tracestate,
+        })
+    }
+
     /// Runs `work` with this context as the current one.
     pub async fn scope<F: std::future::Future>(self, work: F) -> F::Output {
         CURRENT.scope(self, work).await

@@ -155,8 +155,14 @@ async fn during_an_outage_the_breaker_stops_calls_and_nothing_is_lost_or_failed(
         .json()
         .await
         .expect("json");
-    assert_eq!(ready["consuming"], true, "an open breaker keeps the worker ready");
-    assert_ne!(ready["providers"]["hyp_pay"]["breaker"], "closed", "{ready}");
+    assert_eq!(
+        ready["consuming"], true,
+        "an open breaker keeps the worker ready"
+    );
+    assert_ne!(
+        ready["providers"]["hyp_pay"]["breaker"], "closed",
+        "{ready}"
+    );
     assert_eq!(ready["providers"]["creditguard"]["breaker"], "closed");
     // The outage ends: the next probe closes the breaker, all are paid once.
     app.sandbox.clear_faults();
@@ -205,11 +211,19 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
     let event_headers = loop {
         let got = app
             .channel
-            .basic_get("trace.events".into(), lapin::options::BasicGetOptions { no_ack: true })
+            .basic_get(
+                "trace.events".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
             .await
             .expect("get");
         if let Some(message) = got {
-            break message.delivery.properties.headers().clone().unwrap_or_default();
+            break message
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
         }
         assert!(tokio::time::Instant::now() < deadline, "no event captured");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -219,7 +233,10 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
         traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
         "{traceparent}"
     );
-    assert!(!traceparent.contains("00f067aa0ba902b7"), "the refund's own span");
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "the refund's own span"
+    );
     // The provider request carried the same span (the account enables it).
     assert_eq!(app.sandbox.traceparents(), vec![traceparent.clone()]);
 
@@ -227,7 +244,10 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
     publish_traced(&app, "{not json", parent).await;
     let (_, headers) = app.next_dead_letter().await;
     let dead = header(&headers, "traceparent").expect("traceparent on the dead letter");
-    assert!(dead.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{dead}");
+    assert!(
+        dead.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{dead}"
+    );
     let other = support::with_refund_id(HYP_REFUND, "rf-bad-trace");
     let other = other.replace("12290620", "12290621");
     publish_traced(&app, &other, "00-nonsense").await;

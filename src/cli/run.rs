@@ -12,10 +12,12 @@ pub(crate) async fn run(
     log_format: Option<LogFormat>,
 ) -> anyhow::Result<()> {
     let settings = Settings::load(config.as_deref())?;
-    telemetry::init(
+    let telemetry = telemetry::init_with(
         log_format.unwrap_or(settings.log.format),
         &settings.log.filter,
-    );
+        settings.telemetry.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let app = App::build(settings).await?;
     let (trigger, listener) = shutdown::channel();
     tokio::spawn(async move {
@@ -26,7 +28,11 @@ pub(crate) async fn run(
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
-    app.run(listener).await?;
+    let result = app.run(listener).await;
+    // Export the spans still buffered (off the async runtime: the exporter
+    // blocks).
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    result?;
     Ok(())
 }
 

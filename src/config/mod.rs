@@ -92,6 +92,9 @@ pub struct Settings {
     pub provider_http: ProviderHttpSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Span export.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     /// Provider accounts by name.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderAccount>,
@@ -277,6 +280,15 @@ pub struct LogSettings {
     pub filter: String,
 }
 
+/// Span export (OpenTelemetry).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TelemetrySettings {
+    /// Base URL of an OTLP/HTTP collector (`http://collector:4318`); the
+    /// refund spans go to `<url>/v1/traces`. Unset: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -451,6 +463,14 @@ impl Settings {
         if let Some(public) = &self.http.public_url {
             if !(public.starts_with("http://") || public.starts_with("https://")) {
                 return Err(invalid("http.public_url", "must be an http(s) URL"));
+            }
+        }
+        if let Some(endpoint) = self.telemetry.otlp_endpoint.as_deref() {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http(s) URL (OTLP/HTTP)",
+                ));
             }
         }
         if self.retry.max_attempts == 0 {

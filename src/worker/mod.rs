@@ -120,14 +120,27 @@ impl Worker {
         // The refund's span: a child of the publisher's span when the
         // command carries a valid `traceparent` (see `trace.rs`).
         let parent = TraceContext::from_headers(delivery.properties.headers().as_ref());
-        let context = TraceContext::child_of(parent.as_ref());
+        let mut context = TraceContext::child_of(parent.as_ref());
         let span = info_span!(
             "delivery",
             refund_id = tracing::field::Empty,
             tag = delivery.delivery_tag,
-            trace_id = %context.trace_id,
-            span_id = %context.span_id,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        if crate::telemetry::otlp_enabled() {
+            // Exported spans: OpenTelemetry assigns the ids, under the
+            // caller's trace.
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            if let Some(parent) = &parent {
+                let _ = span.set_parent(parent.otel_parent());
+            }
+            if let Some(exported) = TraceContext::of_span(&span, context.tracestate.clone()) {
+                context = exported;
+            }
+        }
+        span.record("trace_id", context.trace_id.as_str());
+        span.record("span_id", context.span_id.as_str());
         let work = async {
             metrics::command_received();
             metrics::in_flight(1.0);
