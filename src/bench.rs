@@ -10,6 +10,7 @@
 //! means something on any machine.
 
 pub mod plot;
+pub mod pressure;
 pub mod relay;
 
 use crate::broker::topology;
@@ -44,6 +45,17 @@ pub struct BenchOptions {
     pub quiet: bool,
     /// The worker binary (normally this executable).
     pub worker_exe: PathBuf,
+    /// Run the pressure scenarios (burst, outage) instead of the sweep.
+    pub pressure: Option<PressureOptions>,
+}
+
+/// The pressure scenarios' sizes.
+#[derive(Debug, Clone)]
+pub struct PressureOptions {
+    /// Refunds of the limited account in the burst.
+    pub burst: usize,
+    /// How long the provider is down in the outage.
+    pub outage: Duration,
 }
 
 /// One drain's figures.
@@ -113,6 +125,28 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     };
     let connection = Connection::connect(&amqp_url, ConnectionProperties::default()).await?;
+    if let Some(pressure) = &options.pressure {
+        let results =
+            pressure::run(&connection, &amqp_url, pressure.burst, pressure.outage).await?;
+        let _ = connection.close(200, "bench done".into()).await;
+        println!(
+            "refund-worker bench --pressure, {} ({})",
+            crate::event::now_rfc3339(),
+            machine_description()
+        );
+        for r in &results {
+            println!("{}", pressure::describe(r));
+        }
+        if let Some(path) = &options.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(BenchReport {
+            date: crate::event::now_rfc3339(),
+            machine: machine_description(),
+            results: Vec::new(),
+        });
+    }
     let mut results = Vec::new();
     let mut run_id = 0;
     for &latency_ms in &options.latency_ms {

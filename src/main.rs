@@ -153,6 +153,18 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Run the provider-pressure scenarios instead: a burst for a
+        /// rate-limited account with another account behind it (with and
+        /// without the per-account share), and a provider outage (breaker
+        /// on and off).
+        #[arg(long)]
+        pressure: bool,
+        /// Pressure: refunds in the burst.
+        #[arg(long, default_value_t = 5000)]
+        burst: usize,
+        /// Pressure: seconds the provider is down.
+        #[arg(long, default_value_t = 60)]
+        outage_secs: u64,
     },
     /// Start a private RabbitMQ cluster on this machine (for trying and
     /// testing several replicas); prints its amqp.url and runs until Ctrl-C.
@@ -274,8 +286,15 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 json,
                 plot,
                 quiet,
+                pressure,
+                burst,
+                outage_secs,
             } => {
                 let options = refund_worker::bench::BenchOptions {
+                    pressure: pressure.then_some(refund_worker::bench::PressureOptions {
+                        burst,
+                        outage: Duration::from_secs(outage_secs),
+                    }),
                     n,
                     prefetch,
                     latency_ms,
