@@ -705,6 +705,18 @@ mod tests {
                 "REFUND_WORKER__PROVIDERS__PN__PENDING_ALERT_AFTER_SECS",
                 "600",
             ),
+            ("REFUND_WORKER__PROVIDERS__PN__MAX_IN_FLIGHT", "4"),
+            ("REFUND_WORKER__PROVIDERS__PN__RATE_PER_SEC", "12.5"),
+            ("REFUND_WORKER__PROVIDERS__PN__BURST", "3"),
+            ("REFUND_WORKER__PROVIDERS__PN__PROPAGATE_TRACE", "true"),
+            ("REFUND_WORKER__PROVIDERS__PN__BREAKER__FAILURES", "2"),
+            ("REFUND_WORKER__PROVIDERS__PN__BREAKER__WINDOW", "10s"),
+            ("REFUND_WORKER__PROVIDERS__PN__BREAKER__COOLDOWN", "2m"),
+            ("REFUND_WORKER__AMQP__ACCOUNT_SHARE", "0.25"),
+            (
+                "REFUND_WORKER__TELEMETRY__OTLP_ENDPOINT",
+                "http://127.0.0.1:4318",
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -745,8 +757,55 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match &s.providers["pn"] {
-            ProviderAccount::Paynet(a) => assert_eq!(a.pending_alert_after_secs, 600),
+            ProviderAccount::Paynet(a) => {
+                assert_eq!(a.pending_alert_after_secs, 600);
+                assert_eq!(a.policy.max_in_flight, Some(4));
+                assert_eq!(a.policy.rate_per_sec, Some(12.5));
+                assert_eq!(a.policy.burst, Some(3));
+                assert!(a.policy.propagate_trace);
+                assert_eq!(a.policy.breaker.failures, 2);
+                assert_eq!(a.policy.breaker.window, Duration::from_secs(10));
+                assert_eq!(a.policy.breaker.cooldown, Duration::from_secs(120));
+            }
             other => panic!("{other:?}"),
+        }
+        assert_eq!(s.amqp.account_share, 0.25);
+        assert_eq!(
+            s.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+    }
+
+    #[test]
+    fn nonsense_limits_stop_start_up_naming_the_key() {
+        let paynet = |var: &str, value: &str| -> std::collections::HashMap<String, String> {
+            [
+                (
+                    "REFUND_WORKER__PROVIDERS__PN__KIND".to_string(),
+                    "paynet".to_string(),
+                ),
+                (
+                    "REFUND_WORKER__PROVIDERS__PN__SECRET_KEY".to_string(),
+                    "k".to_string(),
+                ),
+                (
+                    format!("REFUND_WORKER__PROVIDERS__PN__{var}"),
+                    value.to_string(),
+                ),
+            ]
+            .into_iter()
+            .collect()
+        };
+        for (var, value, needle) in [
+            ("RATE_PER_SEC", "0", "providers.pn.rate_per_sec"),
+            ("MAX_IN_FLIGHT", "0", "providers.pn.max_in_flight"),
+            ("BREAKER__WINDOW", "0s", "providers.pn.breaker.window"),
+            ("BURST", "-1", "REFUND_WORKER__PROVIDERS__PN__BURST"),
+        ] {
+            let err = Settings::load_from(None, Some(paynet(var, value)))
+                .expect_err("nonsense")
+                .to_string();
+            assert!(err.contains(needle), "{var}={value}: {err}");
         }
     }
 
