@@ -62,12 +62,18 @@ async fn an_account_never_sees_more_than_its_limits() {
         "at most 2 in flight, saw {}",
         app.sandbox.max_concurrent()
     );
-    // 10 per second with a burst of 1: consecutive requests are at least
-    // ~100 ms apart (a little slack for timer granularity).
+    // 10 per second with a burst of 1: the 12 requests span at least 11
+    // intervals of 100 ms (slack for scheduling), and none comes right on
+    // the heels of the one before.
     let arrivals = app.sandbox.arrivals();
+    let span = arrivals[arrivals.len() - 1].duration_since(arrivals[0]);
+    assert!(
+        span >= Duration::from_millis(1000),
+        "12 requests within {span:?}"
+    );
     for pair in arrivals.windows(2) {
         let gap = pair[1].duration_since(pair[0]);
-        assert!(gap >= Duration::from_millis(90), "requests {gap:?} apart");
+        assert!(gap >= Duration::from_millis(50), "requests {gap:?} apart");
     }
 }
 
@@ -125,7 +131,8 @@ async fn during_an_outage_the_breaker_stops_calls_and_nothing_is_lost_or_failed(
     let config = seeded(62_000_000, 10, 0);
     let mut app = TestApp::start_with(config, |s| {
         s.retry.max_attempts = 1;
-        s.retry.delayed_ms = vec![300];
+        // Each failed probe uses up one round of the refund it carried.
+        s.retry.delayed_ms = vec![300; 20];
         s.retry.deadline_ms = 60_000;
         let policy = policy_mut(s, "hyp_pay");
         policy.breaker.failures = 3;
@@ -142,12 +149,33 @@ async fn during_an_outage_the_breaker_stops_calls_and_nothing_is_lost_or_failed(
     for body in refunds("rf-outage", 62_000_000, 10) {
         app.publish(&body).await;
     }
-    // Three failures open the breaker; then at most one probe per cool-down.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let during = app.sandbox.requests();
+    // Three failures open the breaker (refunds already admitted still go:
+    // they were sent before any failure was known).
+    let readyz = format!("http://{}/readyz", app.http_addr);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready: serde_json::Value = reqwest::get(&readyz)
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("json");
+        if ready["providers"]["hyp_pay"]["breaker"] == "open" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Open: no refund calls the provider; one probe per 1.5 s cool-down.
+    let opened_at = app.sandbox.requests();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let probes = app.sandbox.requests() - opened_at;
     assert!(
-        during <= 3 + 3,
-        "{during} requests in 4 s of outage (3 to open, a probe per 1.5 s cool-down)"
+        probes <= 3,
+        "{probes} requests in 3.5 s with the breaker open (one probe per 1.5 s cool-down)"
     );
     let ready: serde_json::Value = reqwest::get(format!("http://{}/readyz", app.http_addr))
         .await
