@@ -79,10 +79,14 @@ impl Worker {
         delivery: &Delivery,
         refund: Unsent<'_>,
     ) -> Result<Option<Admitted>, PipelineError> {
-        let Some(gate) = self.providers.gate(refund.provider).cloned() else {
-            // Checked by the claim stage; no gate means no limits.
-            return Ok(None);
-        };
+        // Every configured account has a gate, and only configured accounts
+        // get here (the claim stage checks); should one not, it is simply
+        // unlimited: never drop the delivery.
+        let gate = self
+            .providers
+            .gate(refund.provider)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Gate::new(refund.provider, &Default::default())));
         let share = (f64::from(self.settings.amqp.prefetch) * self.settings.amqp.account_share)
             .ceil()
             .max(1.0) as usize;
