@@ -25,10 +25,13 @@
 //! imports it.
 
 pub mod ledger;
+mod outbox;
 mod prune;
 mod record;
 mod syncer;
 
+use outbox::outbox_value;
+pub use outbox::OutboxEntry;
 pub use prune::{PruneReport, Retention};
 pub use record::{HistoryEntry, RefundRecord, RefundState, Tombstone};
 pub use syncer::SyncStats;
@@ -91,17 +94,6 @@ pub enum Claim {
     Exists(Box<RefundRecord>),
     /// The reservation would exceed the original amount; nothing written.
     OverRefund(OverRefund),
-}
-
-/// An unconfirmed event, as the outbox holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEntry {
-    /// The refund.
-    pub refund_id: String,
-    /// The event the broker has not confirmed.
-    pub event_id: String,
-    /// When it was recorded (Unix seconds).
-    pub since: u64,
 }
 
 /// Handle to the store; cheap to clone.
@@ -295,46 +287,9 @@ impl Store {
         Ok(())
     }
 
-    /// The broker confirmed `event_id`: take the refund off the outbox,
-    /// unless a newer event replaced it meanwhile (then the newer mark is
-    /// put back). Callers hold the refund's lock, so nothing else writes
-    /// this mark in between. Not synced: if this is lost in a crash, the
-    /// event is published once more (same id).
-    pub fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
-        let key = refund_id.as_bytes();
-        if let Some(removed) = self.outbox.remove(key)? {
-            if parse_outbox(refund_id, &removed).is_some_and(|e| e.event_id != event_id) {
-                self.outbox.insert(key, removed)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Events recorded at least `min_age` ago and not confirmed since.
-    /// Blocking: walks the outbox (small: only unconfirmed events).
-    pub fn unconfirmed(&self, min_age: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
-        let now = unix_now();
-        let mut out = Vec::new();
-        for item in self.outbox.iter() {
-            let (key, value) = item?;
-            let refund_id = String::from_utf8_lossy(&key).to_string();
-            if let Some(entry) = parse_outbox(&refund_id, &value) {
-                if now.saturating_sub(entry.since) >= min_age.as_secs() {
-                    out.push(entry);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Tombstones kept (walks the tree: not for the hot path).
     pub fn tombstone_count(&self) -> usize {
         self.tombstones.len()
-    }
-
-    /// Events not confirmed yet.
-    pub fn unconfirmed_len(&self) -> usize {
-        self.outbox.len()
     }
 
     /// Removes a refund's reservation from every ledger that holds one (an
@@ -502,25 +457,11 @@ fn read_ledger(originals: &Tx, key: &str) -> TxResult<Option<OriginalLedger>> {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn outbox_value(event_id: &str, since: u64) -> String {
-    format!("{event_id} {since}")
-}
-
-fn parse_outbox(refund_id: &str, bytes: &[u8]) -> Option<OutboxEntry> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let (event_id, since) = text.split_once(' ')?;
-    Some(OutboxEntry {
-        refund_id: refund_id.to_string(),
-        event_id: event_id.to_string(),
-        since: since.parse().ok()?,
-    })
 }
 
 #[cfg(test)]
