@@ -126,17 +126,16 @@ pub fn operator_refused(reason: &'static str) {
     counter!("refund_worker_operator_refused_total", "reason" => reason).increment(1);
 }
 
-/// A provider account's circuit breaker changed state (0 closed, 1 open,
-/// 2 half-open).
-pub fn breaker_state(provider: &str, state: crate::providers::gate::BreakerState) {
-    use crate::providers::gate::BreakerState;
+/// A provider account's circuit breaker changed state: `closed` (gauge 0),
+/// `open` (1) or `half_open` (2).
+pub fn breaker_state(provider: &str, state: &'static str) {
     let value = match state {
-        BreakerState::Closed => 0.0,
-        BreakerState::Open => 1.0,
-        BreakerState::HalfOpen => 2.0,
+        "open" => 1.0,
+        "half_open" => 2.0,
+        _ => 0.0,
     };
     gauge!("refund_worker_breaker_state", "provider" => provider.to_string()).set(value);
-    counter!("refund_worker_breaker_transitions_total", "provider" => provider.to_string(), "to" => state.as_str())
+    counter!("refund_worker_breaker_transitions_total", "provider" => provider.to_string(), "to" => state)
         .increment(1);
 }
 

@@ -357,7 +357,7 @@ impl Gate {
                 tracing::info!(provider = %self.name, "circuit breaker closed: the account answers again")
             }
         }
-        crate::metrics::breaker_state(&self.name, state);
+        crate::metrics::breaker_state(&self.name, state.as_str());
     }
 
     /// The provider asked us to slow down (`Retry-After`, HTTP 429): no
