@@ -96,9 +96,17 @@ pub fn event_id(refund_id: &str, status: Status) -> String {
     uuid_shape(&digest)
 }
 
-/// The first 16 bytes of a digest in the 8-4-4-4-12 form of a UUID.
+/// An RFC 9562 version 8 UUID ("custom": here a SHA-256 name-based id)
+/// from the first 16 bytes of a digest: the version nibble is 8 and the
+/// variant bits are `10`, the rest is the digest. Deterministic, so a
+/// re-publication carries the same id. (Events recorded before this carry
+/// the UUID-shaped ids they were first published with.)
 fn uuid_shape(digest: &[u8]) -> String {
-    let h = hex(&digest[..16]);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let h = hex(&bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -178,6 +186,9 @@ mod tests {
         assert_ne!(a, event_id("rf-1", Status::Failed));
         assert_ne!(a, event_id("rf-2", Status::Succeeded));
         assert_eq!(a.len(), 36);
+        // RFC 9562 version 8, variant 10.
+        assert_eq!(&a[14..15], "8", "{a}");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
     }
 
     #[test]

@@ -298,7 +298,8 @@ impl TestApp {
             .expect("confirm");
     }
 
-    /// The next outcome event (body as JSON, plus its routing key).
+    /// The next outcome event (body as JSON, plus its routing key). Every event
+    /// a test receives this way is checked against the published schema.
     pub async fn next_event(&mut self) -> (String, Value) {
         let delivery = tokio::time::timeout(WAIT, self.events.next())
             .await
@@ -306,6 +307,7 @@ impl TestApp {
             .expect("event stream open")
             .expect("event delivery");
         let body: Value = serde_json::from_slice(&delivery.data).expect("event is JSON");
+        assert_matches_event_schema(&body);
         let props = &delivery.properties;
         assert_eq!(
             props.content_type().as_ref().map(|s| s.as_str()),
@@ -521,4 +523,27 @@ fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The published JSON Schema of outcome events (`docs/schemas/`).
+pub fn event_schema() -> &'static jsonschema::Validator {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let schema: Value =
+            serde_json::from_str(include_str!("../../docs/schemas/outcome-event.schema.json"))
+                .expect("schema is JSON");
+        jsonschema::validator_for(&schema).expect("a valid schema")
+    })
+}
+
+/// Fails the test when `event` does not match the published schema.
+pub fn assert_matches_event_schema(event: &Value) {
+    let errors: Vec<String> = event_schema()
+        .iter_errors(event)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "event off its schema: {errors:?}\n{event}"
+    );
 }
