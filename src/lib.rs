@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod money;
 pub mod ops;
 pub mod providers;
+pub mod report;
 pub mod sandbox;
 pub mod secret;
 pub mod shutdown;

@@ -166,6 +166,29 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         outage_secs: u64,
     },
+    /// The reconciliation report: per provider account, day and currency,
+    /// counts and sums of succeeded, failed, in-doubt and pending refunds.
+    Report {
+        /// First day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        from: String,
+        /// Last day (YYYY-MM-DD, UTC), included.
+        #[arg(long)]
+        to: String,
+        /// table, csv or json.
+        #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+        format: String,
+        /// A TOML file layered over config/default.toml (for http.operator_token).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The running worker's HTTP address.
+        #[arg(
+            long,
+            env = "REFUND_WORKER_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        worker_url: String,
+    },
     /// Start a private RabbitMQ cluster on this machine (for trying and
     /// testing several replicas); prints its amqp.url and runs until Ctrl-C.
     LocalCluster {
@@ -262,6 +285,13 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("published {} command(s) to {exchange}", bodies.len());
                 Ok(())
             }
+            Command::Report {
+                from,
+                to,
+                format,
+                config,
+                worker_url,
+            } => cli::ops::report(config, &worker_url, &from, &to, &format).await,
             Command::LocalCluster { nodes } => cli::run::local_cluster(nodes).await,
             Command::Events {
                 amqp_url,

@@ -139,6 +139,17 @@ impl WorkerApi {
         }
     }
 
+    /// The reconciliation report for `from..=to` (`YYYY-MM-DD`).
+    pub async fn report(&self, from: &str, to: &str) -> Result<Value, OpsError> {
+        let response = self
+            .get("/report")
+            .query(&[("from", from), ("to", to)])
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        self.decode(response).await
+    }
+
     /// Records a refund as abandoned (`failed`, `error.kind = abandoned`).
     pub async fn abandon(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
         let response = self
@@ -475,6 +486,22 @@ pub async fn refunds_resolve(
     println!("{} is now {}", refund_id, status_of(&record));
     if resolution.not_executed {
         println!("replay it to retry: refund-worker dlq replay --refund-id {refund_id}");
+    }
+    Ok(())
+}
+
+/// `report`: the reconciliation report as a table, CSV or JSON.
+pub async fn report(api: &WorkerApi, from: &str, to: &str, format: &str) -> Result<(), OpsError> {
+    let value = api.report(from, to).await?;
+    let rows: Vec<crate::report::ReportRow> = serde_json::from_value(value.clone())
+        .map_err(|e| OpsError::Refused(format!("unexpected report from the worker: {e}")))?;
+    match format {
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        ),
+        "csv" => print!("{}", crate::report::to_csv(&rows)),
+        _ => print!("{}", crate::report::to_table(&rows)),
     }
     Ok(())
 }

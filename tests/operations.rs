@@ -280,3 +280,76 @@ async fn metrics_reflect_a_run() {
         .expect("healthz");
     assert!(health.status().is_success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_adds_up_to_the_events_before_and_after_pruning() {
+    use refund_worker::sandbox::Seed;
+    use std::collections::BTreeMap;
+    let config = SandboxConfig {
+        seed: Seed::hyp_pay_range(70_000_000, 6, 10_000),
+        ..SandboxConfig::default()
+    };
+    let mut app = TestApp::start_with(config, |s| {
+        s.store.retention = Some(Duration::from_secs(2));
+        s.store.prune_interval = Some(Duration::from_millis(500));
+    })
+    .await;
+    let api = app.api();
+    // Three paid, one over its original (declined), one in doubt.
+    app.sandbox
+        .add_fault(fault(FaultKind::HtmlAfter, "70000004"));
+    for (i, minor) in [(0, 100), (1, 250), (2, 1_000), (3, 20_000), (4, 700)] {
+        app.publish(&refund_on(
+            &format!("rf-report-{i}"),
+            &format!("{}", 70_000_000 + i),
+            minor,
+        ))
+        .await;
+    }
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for _ in 0..5 {
+        let (_, event) = app.next_event().await;
+        let entry = expected
+            .entry(event["status"].as_str().unwrap_or_default().to_string())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += event["amount"]["minor"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(expected["succeeded"], (3, 1_350));
+    assert_eq!(expected["failed"], (1, 20_000));
+    assert_eq!(expected["in_doubt"], (1, 700));
+    let today = refund_worker::event::now_rfc3339()[..10].to_string();
+    let check = |report: serde_json::Value| {
+        let rows = report.as_array().expect("rows").clone();
+        assert_eq!(rows.len(), 1, "{report}");
+        let row = &rows[0];
+        assert_eq!(row["provider"], "hyp_pay");
+        assert_eq!(row["currency"], "ILS");
+        assert_eq!(row["day"], today.as_str());
+        for (status, (count, minor)) in &expected {
+            assert_eq!(row[status]["count"], *count, "{status}: {row}");
+            assert_eq!(row[status]["minor"], *minor, "{status}: {row}");
+        }
+    };
+    check(api.report(&today, &today).await.expect("report"));
+    // The finished ones become tombstones; the report stays the same.
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while api
+        .refund("rf-report-0")
+        .await
+        .expect("api")
+        .expect("known")["state"]["state"]
+        != "tombstone"
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check(api.report(&today, &today).await.expect("report"));
+    // Another day is empty; a bad date is refused.
+    let empty = api
+        .report("2020-01-01", "2020-01-02")
+        .await
+        .expect("report");
+    assert_eq!(empty, serde_json::json!([]));
+    assert!(api.report("yesterday", &today).await.is_err());
+}

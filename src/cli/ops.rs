@@ -258,3 +258,17 @@ pub(crate) async fn refunds(
     }
     Ok(())
 }
+
+/// `refund-worker report`.
+pub(crate) async fn report(
+    config: Option<PathBuf>,
+    worker_url: &str,
+    from: &str,
+    to: &str,
+    format: &str,
+) -> anyhow::Result<()> {
+    let tools = Settings::load_tools(config.as_deref())?;
+    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
+    ops::report(&api, from, to, format).await?;
+    Ok(())
+}

@@ -13,6 +13,8 @@
 //!   (`failed`, `error.kind = abandoned`; `by`, `reason`).
 //! * `POST /refunds/{id}/release`: release an over-refund reservation that
 //!   nothing will settle (`by`, `reason`).
+//! * `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report
+//!   (see `report.rs`).
 
 use super::{error, AppState};
 use crate::secret::constant_time_eq;
@@ -35,6 +37,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/refunds/{id}/resolve", post(resolve_refund))
         .route("/refunds/{id}/abandon", post(abandon_refund))
         .route("/refunds/{id}/release", post(release_refund))
+        .route("/report", get(report))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
@@ -168,5 +171,30 @@ async fn resolve_refund(
     match state.worker.resolve(&id, resolution).await {
         Ok(record) => Json(record).into_response(),
         Err(e) => decision_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    from: String,
+    to: String,
+}
+
+/// `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report.
+async fn report(State(state): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
+    let (from, to) = match (
+        crate::report::parse_day(&q.from),
+        crate::report::parse_day(&q.to),
+    ) {
+        (Ok(from), Ok(to)) if from <= to => (from, to),
+        (Ok(_), Ok(_)) => return error(StatusCode::BAD_REQUEST, "from is after to"),
+        (Err(e), _) => return error(StatusCode::BAD_REQUEST, format!("from: {e}")),
+        (_, Err(e)) => return error(StatusCode::BAD_REQUEST, format!("to: {e}")),
+    };
+    let store = state.worker.store().clone();
+    match tokio::task::spawn_blocking(move || crate::report::build(&store, from, to)).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

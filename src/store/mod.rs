@@ -82,7 +82,7 @@ pub enum Known {
     /// Its full record.
     Record(Box<RefundRecord>),
     /// Its tombstone: finished, record pruned.
-    Tombstone(Tombstone),
+    Tombstone(Box<Tombstone>),
 }
 
 /// What [`Store::claim`] did.
@@ -164,7 +164,9 @@ impl Store {
         if let Some(record) = self.get(refund_id)? {
             return Ok(Some(Known::Record(Box::new(record))));
         }
-        Ok(self.tombstone(refund_id)?.map(Known::Tombstone))
+        Ok(self
+            .tombstone(refund_id)?
+            .map(|t| Known::Tombstone(Box::new(t))))
     }
 
     /// Claims a refund seen for the first time: inserts `record` and, when

@@ -276,6 +276,11 @@ mod size {
                 attempts: 1,
                 occurred_at: "2026-11-22T10:15:00Z".into(),
                 pruned_at: "2026-12-22T10:15:00Z".into(),
+                provider: "creditguard".into(),
+                amount: Some(crate::money::Amount {
+                    minor: 20_000,
+                    currency: "ILS".into(),
+                }),
             };
             let bytes = encode(&tombstone);
             encoded = bytes.len();

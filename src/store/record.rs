@@ -175,6 +175,12 @@ pub struct Tombstone {
     /// When the record became this tombstone (RFC 3339).
     #[serde(rename = "d")]
     pub pruned_at: String,
+    /// The provider account (for reports over pruned refunds).
+    #[serde(rename = "v", default)]
+    pub provider: String,
+    /// The amount asked for, if the command had one.
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<crate::money::Amount>,
 }
 
 impl Tombstone {
@@ -195,6 +201,8 @@ impl Tombstone {
             attempts: event.attempts,
             occurred_at: event.occurred_at.clone(),
             pruned_at: now_rfc3339(),
+            provider: record.command.provider.clone(),
+            amount: record.command.amount.clone(),
         })
     }
 

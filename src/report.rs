@@ -1,0 +1,192 @@
+//! The daily reconciliation report: per provider account, day (UTC, of the
+//! outcome) and currency, how many refunds succeeded, failed, are in doubt
+//! and are pending, and their sums in minor units, from the store: records
+//! and the tombstones of pruned ones. Rejected commands never reached a
+//! provider and are not recorded, so they are not in it. A refund without
+//! an amount (a full refund or a cancel) is counted in `without_amount`:
+//! its sum is the provider's to tell.
+
+use crate::event::Status;
+use crate::store::{RefundState, Store, StoreError};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use time::Date;
+
+/// Count and sum of one kind of outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Tally {
+    /// Refunds.
+    pub count: u64,
+    /// Sum of their amounts (minor units).
+    pub minor: u64,
+    /// Of `count`, refunds without an amount (not in `minor`).
+    pub without_amount: u64,
+}
+
+impl Tally {
+    fn add(&mut self, minor: Option<u64>) {
+        self.count += 1;
+        match minor {
+            Some(minor) => self.minor += minor,
+            None => self.without_amount += 1,
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReportRow {
+    /// Provider account.
+    pub provider: String,
+    /// `YYYY-MM-DD` (UTC) of the outcome.
+    pub day: String,
+    /// ISO 4217, or empty for refunds without an amount.
+    pub currency: String,
+    /// Confirmed by the provider.
+    pub succeeded: Tally,
+    /// Declined (or abandoned).
+    pub failed: Tally,
+    /// May or may not have been executed.
+    pub in_doubt: Tally,
+    /// Accepted, final answer to come.
+    pub pending: Tally,
+}
+
+/// The day of an RFC 3339 time.
+fn day_of(at: &str) -> Option<Date> {
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.to_offset(time::UtcOffset::UTC).date())
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_day(text: &str) -> Result<Date, String> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(text.trim(), &format).map_err(|_| format!("{text:?} is not a date like 2026-11-23"))
+}
+
+/// The report for the days `from..=to`. Blocking: walks the store.
+pub fn build(store: &Store, from: Date, to: Date) -> Result<Vec<ReportRow>, StoreError> {
+    let mut rows: BTreeMap<(String, String, String), ReportRow> = BTreeMap::new();
+    let mut count =
+        |provider: &str, at: &str, amount: Option<&crate::money::Amount>, status: Status| {
+            let Some(day) = day_of(at).filter(|d| *d >= from && *d <= to) else {
+                return;
+            };
+            let currency = amount.map(|a| a.currency.clone()).unwrap_or_default();
+            let key = (provider.to_string(), day.to_string(), currency.clone());
+            let row = rows.entry(key).or_insert_with(|| ReportRow {
+                provider: provider.to_string(),
+                day: day.to_string(),
+                currency,
+                ..Default::default()
+            });
+            let tally = match status {
+                Status::Succeeded => &mut row.succeeded,
+                Status::Failed => &mut row.failed,
+                Status::InDoubt => &mut row.in_doubt,
+                Status::Pending => &mut row.pending,
+                Status::Rejected => return,
+            };
+            tally.add(amount.map(|a| a.minor));
+        };
+    // A refund being pruned can have both for a moment: the record counts.
+    let mut recorded = std::collections::HashSet::new();
+    for record in store.records() {
+        let Ok(record) = record else {
+            // Reported by the pruning pass; a report skips it.
+            continue;
+        };
+        recorded.insert(record.refund_id.clone());
+        if let Some(event) = record.state.event() {
+            let status = match &record.state {
+                RefundState::InDoubt { .. } => Status::InDoubt,
+                RefundState::Pending { .. } => Status::Pending,
+                _ => event.status,
+            };
+            count(
+                &record.command.provider,
+                &event.occurred_at,
+                record.command.amount.as_ref(),
+                status,
+            );
+        }
+    }
+    for tombstone in store.tombstones() {
+        let Ok((refund_id, t)) = tombstone else {
+            continue;
+        };
+        if recorded.contains(&refund_id) {
+            continue;
+        }
+        count(&t.provider, &t.occurred_at, t.amount.as_ref(), t.status);
+    }
+    Ok(rows.into_values().collect())
+}
+
+/// The report as CSV (one header line).
+pub fn to_csv(rows: &[ReportRow]) -> String {
+    let mut out = String::from(
+        "provider,day,currency,succeeded_count,succeeded_minor,failed_count,failed_minor,in_doubt_count,in_doubt_minor,pending_count,pending_minor,without_amount\n",
+    );
+    for r in rows {
+        let without = r.succeeded.without_amount
+            + r.failed.without_amount
+            + r.in_doubt.without_amount
+            + r.pending.without_amount;
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.provider,
+            r.day,
+            r.currency,
+            r.succeeded.count,
+            r.succeeded.minor,
+            r.failed.count,
+            r.failed.minor,
+            r.in_doubt.count,
+            r.in_doubt.minor,
+            r.pending.count,
+            r.pending.minor,
+            without
+        ));
+    }
+    out
+}
+
+/// The report as an aligned table, sums in major units for reading
+/// (`1050` ILS is `10.50`).
+pub fn to_table(rows: &[ReportRow]) -> String {
+    let money = |t: &Tally, currency: &str| {
+        let text = if currency.is_empty() {
+            "-".to_string()
+        } else {
+            crate::money::format_decimal(t.minor, crate::money::minor_digits(currency))
+        };
+        if t.without_amount > 0 {
+            format!("{} / {text} (+{} full)", t.count, t.without_amount)
+        } else {
+            format!("{} / {text}", t.count)
+        }
+    };
+    let mut out = format!(
+        "{:<16} {:<10} {:<4} {:>22} {:>22} {:>22} {:>22}\n",
+        "PROVIDER", "DAY", "CUR", "SUCCEEDED", "FAILED", "IN_DOUBT", "PENDING"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<16} {:<10} {:<4} {:>22} {:>22} {:>22} {:>22}\n",
+            r.provider,
+            r.day,
+            if r.currency.is_empty() {
+                "-"
+            } else {
+                &r.currency
+            },
+            money(&r.succeeded, &r.currency),
+            money(&r.failed, &r.currency),
+            money(&r.in_doubt, &r.currency),
+            money(&r.pending, &r.currency),
+        ));
+    }
+    out
+}
