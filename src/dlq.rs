@@ -220,44 +220,75 @@ impl Dlq {
                 }
             }
             if !dry_run {
-                let exchange = m
-                    .headers
-                    .get(HEADER_ORIGINAL_EXCHANGE)
-                    .filter(|e| !e.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| self.amqp.commands_exchange.clone());
-                let routing_key = m
-                    .headers
-                    .get(HEADER_ORIGINAL_ROUTING_KEY)
-                    .cloned()
-                    .unwrap_or_else(|| "refund.replay".into());
-                let confirm = self
-                    .channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &m.raw,
-                        replay_properties(&m.properties),
-                    )
-                    .await?
-                    .await?;
-                if !matches!(confirm, Confirmation::Ack(None)) {
-                    return Err(DlqError::NotConfirmed(
-                        m.refund_id.clone().unwrap_or_default(),
-                    ));
-                }
-                self.channel
-                    .basic_ack(m.delivery_tag, BasicAckOptions::default())
-                    .await?;
+                let properties = replay_properties(&m.properties);
+                Self::republish(&self.channel, &self.amqp, m, &m.raw, properties).await?;
             }
             report.done += 1;
             progress(m);
         }
         Ok(report)
+    }
+
+    /// Publishes `body` where `m` was first published, with a confirm, then
+    /// removes `m` (only after the confirm: an interruption loses nothing).
+    async fn republish(
+        channel: &Channel,
+        amqp: &AmqpSettings,
+        m: &DeadMessage,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), DlqError> {
+        let exchange = m
+            .headers
+            .get(HEADER_ORIGINAL_EXCHANGE)
+            .filter(|e| !e.is_empty())
+            .cloned()
+            .unwrap_or_else(|| amqp.commands_exchange.clone());
+        let routing_key = m
+            .headers
+            .get(HEADER_ORIGINAL_ROUTING_KEY)
+            .cloned()
+            .unwrap_or_else(|| "refund.replay".into());
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        if !matches!(confirm, Confirmation::Ack(None)) {
+            return Err(DlqError::NotConfirmed(
+                m.refund_id.clone().unwrap_or_default(),
+            ));
+        }
+        channel
+            .basic_ack(m.delivery_tag, BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a corrected copy of `m` (see `dlq_edit.rs`) and removes `m`
+    /// after the broker confirmed the copy.
+    pub async fn republish_edited(
+        &self,
+        m: &DeadMessage,
+        body: &[u8],
+        edit_header: &str,
+    ) -> Result<(), DlqError> {
+        let mut properties = replay_properties(&m.properties);
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            crate::dlq_edit::HEADER_EDITS.into(),
+            AMQPValue::LongString(edit_header.into()),
+        );
+        properties = properties.with_headers(headers);
+        Self::republish(&self.channel, &self.amqp, m, body, properties).await
     }
 
     /// Removes matching messages (up to `limit`). Poison messages (a bad

@@ -17,6 +17,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod dlq;
+pub mod dlq_edit;
 pub mod duration;
 pub mod event;
 pub mod fuzzing;

@@ -139,6 +139,29 @@ impl WorkerApi {
         }
     }
 
+    /// Puts a corrected command in a refund's record (`dlq edit`).
+    pub async fn amend(
+        &self,
+        refund_id: &str,
+        command: &Value,
+        decision: &Decision,
+        changes: &str,
+    ) -> Result<Value, OpsError> {
+        let body = serde_json::json!({
+            "command": command,
+            "by": decision.by,
+            "reason": decision.reason,
+            "changes": changes,
+        });
+        let response = self
+            .post(&format!("/refunds/{refund_id}/amend"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.err(e))?;
+        self.decode(response).await
+    }
+
     /// The reconciliation report for `from..=to` (`YYYY-MM-DD`).
     pub async fn report(&self, from: &str, to: &str) -> Result<Value, OpsError> {
         let response = self
@@ -504,4 +527,70 @@ pub async fn report(api: &WorkerApi, from: &str, to: &str, format: &str) -> Resu
         _ => print!("{}", crate::report::to_table(&rows)),
     }
     Ok(())
+}
+
+/// `dlq edit`: corrects a dead-lettered command and replays it. Shows the
+/// diff first; with `dry_run` stops there. Refuses in-doubt refunds. The
+/// refund's record takes the corrected command (with who, why and the
+/// changes in its history) before the copy is published with a confirm;
+/// the dead letter is removed only after that.
+pub async fn dlq_edit(
+    amqp: &AmqpSettings,
+    api: &WorkerApi,
+    refund_id: &str,
+    sets: &[String],
+    decision: &Decision,
+    dry_run: bool,
+) -> Result<(), OpsError> {
+    let sets = crate::dlq_edit::parse_sets(sets).map_err(OpsError::Refused)?;
+    if decision.by.trim().is_empty() || decision.reason.trim().is_empty() {
+        return Err(OpsError::Refused("--by and --reason are required".into()));
+    }
+    let dlq = Dlq::open(amqp).await?;
+    let result = async {
+        let Some(m) = dlq
+            .messages()
+            .iter()
+            .find(|m| m.refund_id.as_deref() == Some(refund_id))
+        else {
+            return Err(OpsError::Refused(format!(
+                "no dead letter for {refund_id} (another operator may be editing or replaying it)"
+            )));
+        };
+        if m.kind == "in_doubt" || api.refund(refund_id).await?.is_some_and(|r| status_of(&r) == "in_doubt") {
+            return Err(OpsError::Refused(format!(
+                "{refund_id} is in doubt: resolve it first, never edit it"
+            )));
+        }
+        let (command, changes) =
+            crate::dlq_edit::apply(m.body.as_bytes(), &sets).map_err(OpsError::Refused)?;
+        eprintln!("{refund_id} ({}):\n{}", m.kind, crate::dlq_edit::diff(&changes));
+        if dry_run {
+            eprintln!("dry run: nothing changed");
+            return Ok(());
+        }
+        let changes_text = serde_json::to_string(&changes).unwrap_or_default();
+        api.amend(refund_id, &command, decision, &changes_text).await?;
+        let chain = crate::dlq_edit::chain(
+            m.headers.get(crate::dlq_edit::HEADER_EDITS).map(String::as_str),
+            &decision.by,
+            &decision.reason,
+            &changes,
+            m.body.as_bytes(),
+        );
+        let body = command.to_string();
+        dlq.republish_edited(m, body.as_bytes(), &chain)
+            .await
+            .map_err(|e| {
+                OpsError::Refused(format!(
+                    "the record took the correction, but the corrected copy was not published ({e}); \
+                     the dead letter is still there: run the same edit again"
+                ))
+            })?;
+        eprintln!("{refund_id}: corrected and replayed");
+        Ok(())
+    }
+    .await;
+    dlq.close().await;
+    result
 }

@@ -353,3 +353,66 @@ async fn the_report_adds_up_to_the_events_before_and_after_pruning() {
     assert_eq!(empty, serde_json::json!([]));
     assert!(api.report("yesterday", &today).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_typo_is_edited_and_replayed_with_its_trail() {
+    use refund_worker::providers::ProviderAccount;
+    use refund_worker::worker::Decision;
+    let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
+        // An account whose password the provider refuses: misconfigured.
+        let mut typo = s.providers["hyp_pay"].clone();
+        if let ProviderAccount::HypPay(a) = &mut typo {
+            a.pass_p = refund_worker::secret::Secret::new("not-the-password");
+        }
+        s.providers.insert("hyp_typo".into(), typo);
+    })
+    .await;
+    let api = app.api();
+    app.publish(&HYP_REFUND.replace("\"hyp_pay\"", "\"hyp_typo\""))
+        .await;
+    app.wait_depth("refunds.dead", 1).await;
+    let amqp = app.settings.amqp.clone();
+    let decision = Decision {
+        by: "dana".into(),
+        reason: "wrong account name, ticket OPS-7".into(),
+    };
+    let id = "rf-example-hyp-refund-1";
+    let fix = vec!["provider=hyp_pay".to_string()];
+    // A dry run changes nothing; refund_id cannot be changed.
+    refund_worker::ops::dlq_edit(&amqp, &api, id, &fix, &decision, true)
+        .await
+        .expect("dry run");
+    app.wait_depth("refunds.dead", 1).await;
+    assert_eq!(app.record(id).await["command"]["provider"], "hyp_typo");
+    assert!(refund_worker::ops::dlq_edit(
+        &amqp,
+        &api,
+        id,
+        &["refund_id=other".to_string()],
+        &decision,
+        false
+    )
+    .await
+    .is_err());
+    // The edit: recorded, republished, executed once under the right account.
+    refund_worker::ops::dlq_edit(&amqp, &api, id, &fix, &decision, false)
+        .await
+        .expect("edit");
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded", "{event}");
+    assert_eq!(event["provider"], "hyp_pay");
+    app.wait_depth("refunds.dead", 0).await;
+    let record = app.record(id).await;
+    let history = record["history"].to_string();
+    assert!(
+        history.contains("command edited by dana") && history.contains("hyp_typo"),
+        "{history}"
+    );
+    assert_eq!(app.sandbox.journal().len(), 1);
+    // Nothing left to edit.
+    assert!(
+        refund_worker::ops::dlq_edit(&amqp, &api, id, &fix, &decision, false)
+            .await
+            .is_err()
+    );
+}

@@ -66,6 +66,26 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         quiet: bool,
     },
+    /// Correct a dead-lettered command (a typo in the provider account or
+    /// the transaction) and replay it: shows the diff, records who, why and
+    /// what changed (refund history and an x-refund-edits header chain).
+    /// Refuses refund_id changes and in-doubt refunds.
+    Edit {
+        /// The refund.
+        refund_id: String,
+        /// A change, path=value (transaction.id="12290620", provider=hyp_pay); repeatable.
+        #[arg(long = "set", required = true)]
+        sets: Vec<String>,
+        /// Who edits (recorded).
+        #[arg(long)]
+        by: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+        /// Only show the diff.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove matching poison messages (a filter, or --all --yes). Refund
     /// messages (in doubt, not yet sent, misconfigured) are kept unless
     /// --include-refunds --yes --by --reason: then each refund is recorded
@@ -186,6 +206,16 @@ pub(crate) async fn dlq(
             quiet,
         } => {
             ops::dlq_replay(&amqp, &api, &filter.into_filter(), limit, dry_run, quiet).await?;
+        }
+        DlqCommand::Edit {
+            refund_id,
+            sets,
+            by,
+            reason,
+            dry_run,
+        } => {
+            let decision = Decision { by, reason };
+            ops::dlq_edit(&amqp, &api, &refund_id, &sets, &decision, dry_run).await?;
         }
         DlqCommand::Purge {
             filter,

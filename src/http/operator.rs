@@ -37,6 +37,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/refunds/{id}/resolve", post(resolve_refund))
         .route("/refunds/{id}/abandon", post(abandon_refund))
         .route("/refunds/{id}/release", post(release_refund))
+        .route("/refunds/{id}/amend", post(amend_refund))
         .route("/report", get(report))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
@@ -196,5 +197,37 @@ async fn report(State(state): State<AppState>, Query(q): Query<ReportQuery>) -> 
         Ok(Ok(rows)) => Json(rows).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct Amendment {
+    command: serde_json::Value,
+    by: String,
+    reason: String,
+    #[serde(default)]
+    changes: String,
+}
+
+/// `POST /refunds/{id}/amend`: the corrected command of a refund with
+/// nothing sent (`dlq edit`).
+async fn amend_refund(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(a): Json<Amendment>,
+) -> Response {
+    let decision = Decision {
+        by: a.by,
+        reason: a.reason,
+    };
+    match state
+        .worker
+        .amend(&id, &a.command, decision, &a.changes)
+        .await
+    {
+        Ok(recorded) => {
+            Json(serde_json::json!({ "refund_id": id, "record_amended": recorded })).into_response()
+        }
+        Err(e) => decision_error(e),
     }
 }

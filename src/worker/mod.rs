@@ -27,6 +27,7 @@
 //! `docs/architecture.md` has the whole picture.
 
 mod admit;
+mod amend;
 mod attempt;
 mod callbacks;
 mod claim;
