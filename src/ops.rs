@@ -541,7 +541,38 @@ pub async fn dlq_edit(
     sets: &[String],
     decision: &Decision,
     dry_run: bool,
-) -> Result<(), OpsError> {
+) -> Result<String, OpsError> {
+    dlq_edit_with(
+        amqp,
+        refund_id,
+        sets,
+        decision,
+        dry_run,
+        async |id: &str| {
+            Ok(api
+                .refund(id)
+                .await?
+                .is_some_and(|r| status_of(&r) == "in_doubt"))
+        },
+        async |id: &str, command: &Value, decision: &Decision, changes: &str| {
+            api.amend(id, command, decision, changes).await.map(|_| ())
+        },
+    )
+    .await
+}
+
+/// As [`dlq_edit`], with the refund's status and the amendment given as
+/// functions (the operator console calls the worker directly). Returns the
+/// diff.
+pub async fn dlq_edit_with(
+    amqp: &AmqpSettings,
+    refund_id: &str,
+    sets: &[String],
+    decision: &Decision,
+    dry_run: bool,
+    mut in_doubt: impl AsyncFnMut(&str) -> Result<bool, OpsError>,
+    mut amend: impl AsyncFnMut(&str, &Value, &Decision, &str) -> Result<(), OpsError>,
+) -> Result<String, OpsError> {
     let sets = crate::dlq_edit::parse_sets(sets).map_err(OpsError::Refused)?;
     if decision.by.trim().is_empty() || decision.reason.trim().is_empty() {
         return Err(OpsError::Refused("--by and --reason are required".into()));
@@ -557,20 +588,21 @@ pub async fn dlq_edit(
                 "no dead letter for {refund_id} (another operator may be editing or replaying it)"
             )));
         };
-        if m.kind == "in_doubt" || api.refund(refund_id).await?.is_some_and(|r| status_of(&r) == "in_doubt") {
+        if m.kind == "in_doubt" || in_doubt(refund_id).await? {
             return Err(OpsError::Refused(format!(
                 "{refund_id} is in doubt: resolve it first, never edit it"
             )));
         }
         let (command, changes) =
             crate::dlq_edit::apply(m.body.as_bytes(), &sets).map_err(OpsError::Refused)?;
-        eprintln!("{refund_id} ({}):\n{}", m.kind, crate::dlq_edit::diff(&changes));
+        let diff = crate::dlq_edit::diff(&changes);
+        eprintln!("{refund_id} ({}):\n{diff}", m.kind);
         if dry_run {
             eprintln!("dry run: nothing changed");
-            return Ok(());
+            return Ok(diff);
         }
         let changes_text = serde_json::to_string(&changes).unwrap_or_default();
-        api.amend(refund_id, &command, decision, &changes_text).await?;
+        amend(refund_id, &command, decision, &changes_text).await?;
         let chain = crate::dlq_edit::chain(
             m.headers.get(crate::dlq_edit::HEADER_EDITS).map(String::as_str),
             &decision.by,
@@ -588,7 +620,7 @@ pub async fn dlq_edit(
                 ))
             })?;
         eprintln!("{refund_id}: corrected and replayed");
-        Ok(())
+        Ok(diff)
     }
     .await;
     dlq.close().await;

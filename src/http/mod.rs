@@ -13,6 +13,7 @@
 //! both listeners exist) are simply not found.
 
 mod callbacks;
+mod console;
 mod operator;
 
 use crate::secret::Secret;
@@ -86,7 +87,8 @@ pub async fn serve(listeners: Listeners, health: Arc<Health>, worker: Worker, sh
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
-        .merge(operator::routes(state.clone()));
+        .merge(operator::routes(state.clone()))
+        .merge(console::routes(state.clone()));
     match listeners.callbacks {
         Some(public) => {
             let public_app = callbacks::routes().with_state(state.clone());

@@ -1,0 +1,465 @@
+//! The operator console: a few server-rendered HTML pages on the private
+//! listener, behind the operator token (entered once on `/console/login`,
+//! kept in an HttpOnly, SameSite=Strict cookie; a Bearer header works too).
+//! Plain forms, no JavaScript. One page shows what needs a person:
+//!
+//! * refunds in doubt, each with the two resolutions (executed with the
+//!   provider's transaction id, or not executed), who and why;
+//! * dead letters, with replay and edit (`path=value`, who and why);
+//! * pending refunds past their account's alert age;
+//! * each account's circuit breaker;
+//! * today's reconciliation report.
+//!
+//! Every action goes through the same code as the CLI and the API, so the
+//! same checks apply (two operators racing: the second is told what
+//! happened); the answer comes back as a message on the page.
+
+use super::{error, AppState};
+use crate::dlq::{Dlq, Filter};
+use crate::secret::constant_time_eq;
+use crate::store::RefundState;
+use crate::worker::{Decision, Resolution};
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use std::fmt::Write as _;
+
+const COOKIE: &str = "rw_operator";
+
+/// The console's routes.
+pub(super) fn routes(state: AppState) -> Router<AppState> {
+    let guarded = Router::new()
+        .route("/console", get(page))
+        .route("/console/resolve/{id}", post(resolve))
+        .route("/console/replay/{id}", post(replay))
+        .route("/console/edit/{id}", post(edit))
+        .route_layer(middleware::from_fn_with_state(state, require_operator));
+    Router::new()
+        .route("/console/login", get(login_page).post(login))
+        .merge(guarded)
+}
+
+/// HTML-escapes text from commands, providers and operators.
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn token_of(request: &Request) -> Option<String> {
+    let headers = request.headers();
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(bearer.trim().to_string());
+    }
+    headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())?
+        .split(';')
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_string())
+}
+
+async fn require_operator(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.operator_token else {
+        crate::metrics::operator_refused("off");
+        return error(
+            StatusCode::FORBIDDEN,
+            "the operator console is off: set http.operator_token",
+        );
+    };
+    match token_of(&request) {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.expose().as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            tracing::warn!(path = %request.uri().path(), "console request refused: not signed in");
+            crate::metrics::operator_refused("unauthorized");
+            Redirect::to("/console/login").into_response()
+        }
+    }
+}
+
+fn layout(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>body{{font-family:sans-serif;margin:1.5em;max-width:80em}}\
+         table{{border-collapse:collapse;margin-bottom:1.5em}}td,th{{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}}\
+         .msg{{background:#eef;padding:.6em;border:1px solid #99c}}.err{{background:#fee;border-color:#c99}}\
+         form{{margin:.2em 0}}input{{margin-right:.3em}}</style></head>\
+         <body><h1>{title}</h1>{body}</body></html>",
+        title = esc(title)
+    ))
+}
+
+async fn login_page() -> Html<String> {
+    layout(
+        "refund-worker: sign in",
+        "<form method=\"post\" action=\"/console/login\">\
+         <label>Operator token <input type=\"password\" name=\"token\" autofocus></label>\
+         <button type=\"submit\">Sign in</button></form>",
+    )
+}
+
+#[derive(Deserialize)]
+struct Login {
+    token: String,
+}
+
+async fn login(State(state): State<AppState>, Form(login): Form<Login>) -> Response {
+    let ok = state
+        .operator_token
+        .as_ref()
+        .is_some_and(|t| constant_time_eq(login.token.trim().as_bytes(), t.expose().as_bytes()));
+    if !ok {
+        tracing::warn!("console sign-in refused");
+        crate::metrics::operator_refused("unauthorized");
+        return (
+            StatusCode::UNAUTHORIZED,
+            layout(
+                "refund-worker: sign in",
+                "<p class=\"msg err\">Wrong token.</p>",
+            ),
+        )
+            .into_response();
+    }
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/console",
+        login.token.trim()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/console")).into_response()
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    msg: Option<String>,
+    err: Option<String>,
+}
+
+async fn page(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Html<String> {
+    let mut body = String::new();
+    if let Some(msg) = &q.msg {
+        let _ = write!(body, "<p class=\"msg\" id=\"message\">{}</p>", esc(msg));
+    }
+    if let Some(err) = &q.err {
+        let _ = write!(body, "<p class=\"msg err\" id=\"message\">{}</p>", esc(err));
+    }
+    let worker = &state.worker;
+    // Breakers.
+    body.push_str("<h2>Provider accounts</h2><table><tr><th>account</th><th>breaker</th><th>waiting at limits</th></tr>");
+    for (name, gate) in worker.providers().gates() {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            gate.breaker_state().as_str(),
+            gate.waiting()
+        );
+    }
+    body.push_str("</table>");
+    // Records: in doubt, pending overdue.
+    let store = worker.store().clone();
+    let settings = worker.settings().clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        let mut doubt = Vec::new();
+        let mut overdue = Vec::new();
+        let late = store
+            .pending_overdue(|p| settings.pending_alert_after(p))
+            .unwrap_or_default();
+        for record in store.records().flatten() {
+            match &record.state {
+                RefundState::InDoubt { event } => doubt.push((record.clone(), event.clone())),
+                RefundState::Pending { since, .. } if late.contains(&record.refund_id) => overdue
+                    .push((
+                        record.refund_id.clone(),
+                        record.command.provider.clone(),
+                        since.clone(),
+                    )),
+                _ => {}
+            }
+        }
+        let today = time::OffsetDateTime::now_utc().date();
+        let report = crate::report::build(&store, today, today).unwrap_or_default();
+        (doubt, overdue, report)
+    })
+    .await;
+    let (doubt, overdue, report) = scan.unwrap_or_default();
+    body.push_str("<h2>In doubt</h2>");
+    if doubt.is_empty() {
+        body.push_str("<p>None.</p>");
+    }
+    for (record, event) in &doubt {
+        let id = esc(&record.refund_id);
+        let _ = write!(
+            body,
+            "<div class=\"doubt\" id=\"doubt-{id}\"><h3>{id}</h3><p>{} · {} · attempts {} · {}</p>\
+             <form method=\"post\" action=\"/console/resolve/{id}\">\
+             <input type=\"hidden\" name=\"verdict\" value=\"executed\">\
+             Executed: <input name=\"executed\" placeholder=\"provider transaction id\">\
+             <select name=\"performed\"><option value=\"\">as asked</option><option>refund</option><option>cancel</option></select>\
+             <input name=\"by\" placeholder=\"by\"><input name=\"reason\" placeholder=\"reason\">\
+             <button type=\"submit\">Resolve as executed</button></form>\
+             <form method=\"post\" action=\"/console/resolve/{id}\">\
+             <input type=\"hidden\" name=\"verdict\" value=\"not_executed\">\
+             Not executed: <input name=\"by\" placeholder=\"by\"><input name=\"reason\" placeholder=\"reason\">\
+             <button type=\"submit\">Resolve as not executed</button></form></div>",
+            esc(&record.command.provider),
+            esc(record.command.operation.as_str()),
+            record.attempts,
+            esc(event.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")),
+        );
+    }
+    // Dead letters.
+    body.push_str("<h2>Dead letters</h2>");
+    match Dlq::open(&worker.settings().amqp).await {
+        Ok(dlq) => {
+            if dlq.messages().is_empty() {
+                body.push_str("<p>None.</p>");
+            } else {
+                body.push_str("<table><tr><th>refund</th><th>reason</th><th>error</th><th>attempts</th><th>actions</th></tr>");
+                for m in dlq.messages() {
+                    let id = esc(m.refund_id.as_deref().unwrap_or("-"));
+                    let _ = write!(
+                        body,
+                        "<tr id=\"dead-{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>",
+                        esc(&m.kind),
+                        esc(&m.error),
+                        m.attempts
+                    );
+                    if m.refund_id.is_some() {
+                        let _ = write!(
+                            body,
+                            "<form method=\"post\" action=\"/console/replay/{id}\"><button type=\"submit\">Replay</button></form>\
+                             <form method=\"post\" action=\"/console/edit/{id}\">\
+                             <input name=\"set\" placeholder=\"path=value\"><input name=\"by\" placeholder=\"by\">\
+                             <input name=\"reason\" placeholder=\"reason\"><button type=\"submit\">Edit and replay</button></form>"
+                        );
+                    }
+                    body.push_str("</td></tr>");
+                }
+                body.push_str("</table>");
+            }
+            dlq.close().await;
+        }
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p class=\"msg err\">dead-letter queue not reachable: {}</p>",
+                esc(&e.to_string())
+            );
+        }
+    }
+    // Pending past their alert age.
+    body.push_str("<h2>Pending past their alert age</h2>");
+    if overdue.is_empty() {
+        body.push_str("<p>None.</p>");
+    } else {
+        body.push_str("<table><tr><th>refund</th><th>account</th><th>pending since</th></tr>");
+        for (id, provider, since) in &overdue {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(id),
+                esc(provider),
+                esc(since)
+            );
+        }
+        body.push_str("</table>");
+    }
+    // Today's report.
+    body.push_str("<h2>Today</h2><pre>");
+    body.push_str(&esc(&crate::report::to_table(&report)));
+    body.push_str("</pre>");
+    layout("refund-worker: operator console", &body)
+}
+
+fn back(result: Result<String, String>) -> Response {
+    let (key, text) = match result {
+        Ok(msg) => ("msg", msg),
+        Err(err) => ("err", err),
+    };
+    let encoded = serde_urlencoded::to_string([(key, text)]).unwrap_or_default();
+    Redirect::to(&format!("/console?{encoded}")).into_response()
+}
+
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(format!("{field} is required"));
+    }
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+struct ResolveForm {
+    verdict: String,
+    #[serde(default)]
+    executed: String,
+    #[serde(default)]
+    performed: String,
+    #[serde(default)]
+    by: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn resolve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(f): Form<ResolveForm>,
+) -> Response {
+    let result = async {
+        let by = required("by", &f.by)?.to_string();
+        let reason = required("reason", &f.reason)?.to_string();
+        let resolution = match f.verdict.as_str() {
+            "executed" => Resolution {
+                executed: Some(
+                    required("executed (the provider's transaction id)", &f.executed)?.to_string(),
+                ),
+                performed: match f.performed.as_str() {
+                    "refund" => Some(crate::command::Operation::Refund),
+                    "cancel" => Some(crate::command::Operation::Cancel),
+                    _ => None,
+                },
+                not_executed: false,
+                by,
+                reason,
+            },
+            "not_executed" => Resolution {
+                not_executed: true,
+                by,
+                reason,
+                ..Default::default()
+            },
+            other => {
+                return Err(format!(
+                    "verdict {other:?} is neither executed nor not_executed"
+                ))
+            }
+        };
+        state
+            .worker
+            .resolve(&id, resolution)
+            .await
+            .map(|r| format!("{id} resolved: now {}", crate::worker::record_status(&r)))
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    back(result)
+}
+
+/// Runs a dead-letter action off the request's task: the dead-letter
+/// tools take async callbacks whose futures are not `Send`, which an axum
+/// handler needs; the action is built and run on the blocking pool.
+async fn off_task<F, Fut>(make: F) -> Result<String, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(make()))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+async fn replay(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    back(off_task(move || replay_work(state, id)).await)
+}
+
+async fn replay_work(state: AppState, id: String) -> Result<String, String> {
+    {
+        let mut dlq = Dlq::open(&state.worker.settings().amqp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let filter = Filter {
+            refund_id: Some(id.clone()),
+            ..Default::default()
+        };
+        let store = state.worker.store().clone();
+        let report = dlq
+            .replay(
+                &filter,
+                None,
+                false,
+                async |rid: &str| {
+                    // Unknown or in doubt: never replay on a guess.
+                    match store.lookup(rid) {
+                        Ok(Some(crate::store::Known::Record(r))) => {
+                            matches!(r.state, RefundState::InDoubt { .. })
+                        }
+                        Ok(Some(crate::store::Known::Tombstone(_))) => false,
+                        _ => true,
+                    }
+                },
+                |_| {},
+            )
+            .await;
+        dlq.close().await;
+        let report = report.map_err(|e| e.to_string())?;
+        match (report.done, report.skipped_in_doubt.is_empty()) {
+            (0, false) => Err(format!("{id} is in doubt: resolve it first")),
+            (0, true) => Err(format!(
+                "no dead letter for {id} (replayed or edited already?)"
+            )),
+            (n, _) => Ok(format!("{id}: {n} message(s) replayed")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EditForm {
+    #[serde(default)]
+    set: String,
+    #[serde(default)]
+    by: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn edit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(f): Form<EditForm>,
+) -> Response {
+    back(off_task(move || edit_work(state, id, f)).await)
+}
+
+async fn edit_work(state: AppState, id: String, f: EditForm) -> Result<String, String> {
+    let set = required("set (path=value)", &f.set)?.to_string();
+    let decision = Decision {
+        by: required("by", &f.by)?.to_string(),
+        reason: required("reason", &f.reason)?.to_string(),
+    };
+    let worker = state.worker.clone();
+    let store = worker.store().clone();
+    crate::ops::dlq_edit_with(
+        &worker.settings().amqp,
+        &id,
+        &[set],
+        &decision,
+        false,
+        async |rid: &str| {
+            Ok(matches!(store.get(rid), Ok(Some(r)) if matches!(r.state, RefundState::InDoubt { .. })))
+        },
+        async |rid: &str, command: &serde_json::Value, decision: &Decision, changes: &str| {
+            worker
+                .amend(rid, command, decision.clone(), changes)
+                .await
+                .map(|_| ())
+                .map_err(|e| crate::ops::OpsError::Refused(e.to_string()))
+        },
+    )
+    .await
+    .map(|diff| format!("{id} corrected and replayed: {}", diff.trim()))
+    .map_err(|e| e.to_string())
+}
