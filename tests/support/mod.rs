@@ -450,7 +450,9 @@ impl TestApp {
             .await
         {
             Ok(Some(message)) => {
-                Some(serde_json::from_slice(&message.delivery.data).expect("json"))
+                let event: Value = serde_json::from_slice(&message.delivery.data).expect("json");
+                assert_matches_event_schema(&event);
+                Some(event)
             }
             Ok(None) => None,
             Err(_) => {
