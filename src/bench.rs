@@ -218,16 +218,22 @@ fn bench_settings(
         "#,
         store = store.display()
     );
+    let settings = settings_from(&layer)?;
+    std::fs::write(store.with_extension("toml"), layer)?;
+    Ok(settings)
+}
+
+/// The defaults with a benchmark's TOML layer over them, validated.
+pub(crate) fn settings_from(layer: &str) -> anyhow::Result<Settings> {
     let settings: Settings = config::Config::builder()
         .add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
         ))
-        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
+        .add_source(config::File::from_str(layer, config::FileFormat::Toml))
         .build()?
         .try_deserialize()?;
     settings.validate()?;
-    std::fs::write(store.with_extension("toml"), layer)?;
     Ok(settings)
 }
 

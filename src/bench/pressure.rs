@@ -12,7 +12,7 @@
 //!   refund still succeeded once, with nothing failed or left over.
 
 use crate::app::App;
-use crate::config::{Settings, DEFAULT_TOML};
+use crate::config::Settings;
 use crate::sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
 use crate::shutdown;
 use futures_util::StreamExt;
@@ -73,16 +73,27 @@ fn settings(
         "#,
         store = store.display()
     );
-    let settings: Settings = config::Config::builder()
-        .add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ))
-        .add_source(config::File::from_str(&layer, config::FileFormat::Toml))
-        .build()?
-        .try_deserialize()?;
-    settings.validate()?;
-    Ok(settings)
+    super::settings_from(&layer)
+}
+
+/// A confirm-mode channel with the run's topology declared and the run's
+/// events consumed.
+async fn prepare(
+    connection: &Connection,
+    settings: &Settings,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    crate::broker::topology::declare(&channel, settings).await?;
+    let events = crate::client::consume_events(
+        &channel,
+        &settings.amqp.events_exchange,
+        &format!("{}.bench", settings.amqp.events_exchange),
+    )
+    .await?;
+    Ok((channel, events))
 }
 
 async fn publish(channel: &Channel, exchange: &str, bodies: Vec<String>) -> anyhow::Result<()> {
@@ -197,17 +208,7 @@ async fn burst_run(
     {
         a.policy.rate_per_sec = Some(50.0);
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    crate::broker::topology::declare(&channel, &settings).await?;
-    let mut events = crate::client::consume_events(
-        &channel,
-        &settings.amqp.events_exchange,
-        &format!("{}.bench", settings.amqp.events_exchange),
-    )
-    .await?;
+    let (channel, mut events) = prepare(connection, &settings).await?;
     let exchange = settings.amqp.commands_exchange.clone();
     publish(
         &channel,
@@ -281,17 +282,7 @@ async fn outage_run(
     {
         a.policy.breaker.failures = failures;
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    crate::broker::topology::declare(&channel, &settings).await?;
-    let mut events = crate::client::consume_events(
-        &channel,
-        &settings.amqp.events_exchange,
-        &format!("{}.bench", settings.amqp.events_exchange),
-    )
-    .await?;
+    let (channel, mut events) = prepare(connection, &settings).await?;
     sandbox.add_fault(Fault {
         fault: FaultKind::Unavailable,
         original_id: None,
