@@ -363,16 +363,28 @@ fn now_us() -> u64 {
 
 /// Publishes `n` distinct commands, persistent, all confirmed before return.
 async fn preload(channel: &Channel, exchange: &str, n: usize, prefix: &str) -> anyhow::Result<()> {
-    let mut pending = Vec::with_capacity(1000);
-    for i in 0..n {
-        let body = serde_json::json!({
+    let bodies = (0..n).map(|i| {
+        serde_json::json!({
             "refund_id": format!("{prefix}-{i}"),
             "provider": "hyp_pay",
             "transaction": { "id": original_id(i) },
             "amount": { "minor": 100, "currency": "ILS" },
             "metadata": { "published_us": now_us() },
         })
-        .to_string();
+        .to_string()
+    });
+    publish_confirmed(channel, exchange, bodies).await
+}
+
+/// Publishes command bodies (persistent, JSON), up to 1 000 confirms in
+/// flight, all confirmed before return.
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    bodies: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(1000);
+    for body in bodies {
         let confirm = channel
             .basic_publish(
                 exchange.into(),

@@ -8,9 +8,6 @@ mod support;
 use axum::body::Bytes;
 use axum::routing::post;
 use futures_util::StreamExt;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 use refund_worker::sandbox::{Sandbox, SandboxConfig};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -96,26 +93,8 @@ async fn refund_spans_are_exported_under_the_callers_trace() {
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_span = "00f067aa0ba902b7";
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "traceparent".into(),
-        AMQPValue::LongString(format!("00-{trace_id}-{parent_span}-01").into()),
-    );
-    channel
-        .basic_publish(
-            "refunds.commands".into(),
-            "refund.hyp_pay".into(),
-            BasicPublishOptions::default(),
-            HYP_REFUND.as_bytes(),
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_headers(headers),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let parent = format!("00-{trace_id}-{parent_span}-01");
+    support::publish_traced(&channel, "refunds.commands", HYP_REFUND, &parent).await;
     let event = tokio::time::timeout(WAIT, events.next())
         .await
         .expect("an event in time")

@@ -5,9 +5,6 @@
 
 mod support;
 
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig, Seed};
 use serde_json::json;
 use std::time::Duration;
@@ -202,29 +199,6 @@ async fn during_an_outage_the_breaker_stops_calls_and_nothing_is_lost_or_failed(
     assert_eq!(app.queue_depth("refunds.dead").await, 0);
 }
 
-async fn publish_traced(app: &TestApp, body: &str, traceparent: &str) {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "traceparent".into(),
-        AMQPValue::LongString(traceparent.into()),
-    );
-    app.channel
-        .basic_publish(
-            "refunds.commands".into(),
-            "refund.hyp_pay".into(),
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_headers(headers),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() {
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
@@ -233,7 +207,7 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
     .await;
     app.capture_events("trace.events").await;
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    publish_traced(&app, HYP_REFUND, parent).await;
+    app.publish_traced(HYP_REFUND, parent).await;
     assert_eq!(app.next_event().await.0, "refund.succeeded");
     let deadline = tokio::time::Instant::now() + WAIT;
     let event_headers = loop {
@@ -269,7 +243,7 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
     assert_eq!(app.sandbox.traceparents(), vec![traceparent.clone()]);
 
     // A dead letter carries it too; a malformed traceparent is ignored.
-    publish_traced(&app, "{not json", parent).await;
+    app.publish_traced("{not json", parent).await;
     let (_, headers) = app.next_dead_letter().await;
     let dead = header(&headers, "traceparent").expect("traceparent on the dead letter");
     assert!(
@@ -278,6 +252,6 @@ async fn a_command_s_trace_reaches_its_event_its_dead_letter_and_the_provider() 
     );
     let other = support::with_refund_id(HYP_REFUND, "rf-bad-trace");
     let other = other.replace("12290620", "12290621");
-    publish_traced(&app, &other, "00-nonsense").await;
+    app.publish_traced(&other, "00-nonsense").await;
     assert_eq!(app.next_event().await.0, "refund.succeeded");
 }

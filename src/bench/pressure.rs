@@ -16,8 +16,8 @@ use crate::config::Settings;
 use crate::sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
 use crate::shutdown;
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
 use std::time::{Duration, Instant};
 
 /// The figures of one pressure scenario run.
@@ -94,34 +94,6 @@ async fn prepare(
     )
     .await?;
     Ok((channel, events))
-}
-
-async fn publish(channel: &Channel, exchange: &str, bodies: Vec<String>) -> anyhow::Result<()> {
-    let mut pending = Vec::new();
-    for body in bodies {
-        pending.push(
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    "refund.hyp_pay".into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
-                .await?,
-        );
-        if pending.len() >= 1000 {
-            for c in pending.drain(..) {
-                c.await?;
-            }
-        }
-    }
-    for c in pending {
-        c.await?;
-    }
-    Ok(())
 }
 
 fn refunds(prefix: &str, account: &str, first: u64, n: usize) -> Vec<String> {
@@ -210,13 +182,13 @@ async fn burst_run(
     }
     let (channel, mut events) = prepare(connection, &settings).await?;
     let exchange = settings.amqp.commands_exchange.clone();
-    publish(
+    super::publish_confirmed(
         &channel,
         &exchange,
         refunds(&format!("{run}-a"), "limited", 300_000_000, burst),
     )
     .await?;
-    publish(
+    super::publish_confirmed(
         &channel,
         &exchange,
         refunds(&format!("{run}-b"), "other", 310_000_000, 100),
@@ -292,7 +264,7 @@ async fn outage_run(
     let app = App::build(settings.clone()).await?;
     let (trigger, listener) = shutdown::channel();
     let task = tokio::spawn(app.run(listener));
-    publish(
+    super::publish_confirmed(
         &channel,
         &settings.amqp.commands_exchange,
         refunds(&run, "limited", 320_000_000, N),

@@ -278,6 +278,17 @@ impl TestApp {
             .await;
     }
 
+    /// Publishes a command body with a W3C `traceparent` header.
+    pub async fn publish_traced(&self, body: &str, traceparent: &str) {
+        publish_traced(
+            &self.channel,
+            &self.settings.amqp.commands_exchange,
+            body,
+            traceparent,
+        )
+        .await;
+    }
+
     /// Publishes raw bytes with an optional content type.
     pub async fn publish_raw(&self, body: &[u8], content_type: Option<&str>) {
         let mut props = BasicProperties::default().with_delivery_mode(2);
@@ -548,4 +559,29 @@ pub fn assert_matches_event_schema(event: &Value) {
         errors.is_empty(),
         "event off its schema: {errors:?}\n{event}"
     );
+}
+
+/// Publishes a command body (persistent, JSON, confirmed) with a W3C
+/// `traceparent` header.
+pub async fn publish_traced(channel: &Channel, exchange: &str, body: &str, traceparent: &str) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    channel
+        .basic_publish(
+            exchange.into(),
+            "refund.hyp_pay".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
 }
