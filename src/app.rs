@@ -17,6 +17,7 @@ use crate::http::{self, Health, Listeners};
 use crate::providers::Providers;
 use crate::secret::redact_url;
 use crate::shutdown::Shutdown;
+use crate::store::journal::Journal;
 use crate::store::Store;
 use crate::worker::Worker;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -31,7 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 /// How long in-flight deliveries get to finish at shutdown.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +54,11 @@ pub enum AppError {
         source: std::io::Error,
     },
     /// Another worker consumes the commands queue.
-    #[error("another worker is consuming the queue {0}: one worker per queue in single-node mode (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. Running several replicas of one deployment needs a cluster mode this version does not have yet")]
+    #[error("another worker is consuming the queue {0}: one worker per queue in single-node mode (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. to run several replicas of one deployment, set cluster.enabled, cluster.replica_id and cluster.partitions on each (README: \"Running more than one replica\")")]
     AnotherWorker(String),
+    /// Cluster mode refused to start (the reason names the key).
+    #[error("cluster mode: {0}")]
+    Cluster(String),
     /// The broker's TLS certificate is not trusted.
     #[error("the broker's TLS certificate is not trusted ({0}); give its CA in amqp.tls_ca_path (PEM) or fix amqp.url")]
     UntrustedBroker(String),
@@ -70,6 +74,8 @@ pub struct App {
     worker: Worker,
     listener: Listeners,
     health: Arc<Health>,
+    /// Cluster mode's per-process state.
+    replica: Option<crate::cluster::Replica>,
 }
 
 impl App {
@@ -90,11 +96,21 @@ impl App {
             }
         }
         let linger = Duration::from_micros(settings.store.group_commit_linger_us);
-        let store =
-            Store::open_with(&settings.store.path, linger).map_err(|source| AppError::Store {
-                path: settings.store.path.display().to_string(),
-                source,
-            })?;
+        let opened = if settings.cluster.enabled {
+            let partitions = u32::try_from(settings.cluster.partitions).unwrap_or(1);
+            let read_back = Duration::from_millis(settings.amqp.confirm_timeout_ms);
+            Store::open_replicated(&settings.store.path, Journal::new(partitions, read_back))
+        } else {
+            Store::open_with(&settings.store.path, linger)
+        };
+        let store = opened.map_err(|source| AppError::Store {
+            path: settings.store.path.display().to_string(),
+            source,
+        })?;
+        let replica = settings
+            .cluster
+            .enabled
+            .then(|| crate::cluster::Replica::new(&settings));
         let bind = |addr: String| async move {
             TcpListener::bind(&addr)
                 .await
@@ -123,6 +139,7 @@ impl App {
             settings,
             listener,
             health: Arc::new(Health::default()),
+            replica,
         })
     }
 
@@ -146,11 +163,13 @@ impl App {
             worker,
             listener,
             health,
+            replica,
         } = self;
         let http_task = tokio::spawn(http::serve(
             listener,
             health.clone(),
             worker.clone(),
+            replica.as_ref().map(crate::cluster::Replica::forwarder),
             shutdown.clone(),
         ));
         let store_metrics = tokio::spawn(background::refresh_store_metrics(
@@ -182,6 +201,32 @@ impl App {
         let mut fatal = None;
         loop {
             let mut stop = shutdown.clone();
+            if let Some(replica) = &replica {
+                match crate::cluster::session(replica, &settings, &worker, &health, stop.clone())
+                    .await
+                {
+                    Ok(crate::cluster::End::Shutdown) => break,
+                    Ok(crate::cluster::End::Lost(reason)) => {
+                        warn!(%reason, "broker session lost; reconnecting");
+                        reconnect = backoff.build();
+                    }
+                    Err(crate::cluster::ClusterError::Refused(reason)) => {
+                        error!(%reason, "refusing to run");
+                        fatal = Some(AppError::Cluster(reason));
+                        break;
+                    }
+                    Err(e) => warn!(error = %e, "broker unreachable; retrying"),
+                }
+                worker.set_side_publisher(None);
+                health.set_consuming(false);
+                health.set_broker(false);
+                let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
+                tokio::select! {
+                    _ = stop.triggered() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
             match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Lost(reason)) => {

@@ -165,6 +165,13 @@ enum Command {
         /// Pressure: seconds the provider is down.
         #[arg(long, default_value_t = 60)]
         outage_secs: u64,
+        /// Cluster mode instead: one worker in single-node mode, one
+        /// replica and this many replicas on a private 3-node cluster (or
+        /// --amqp-url with every node's URL, comma-separated), then the
+        /// takeover time after a replica's SIGKILL. E.g.
+        /// `bench --replicas 3 --latency-ms 50,200 --prefetch 64 --n 6000`.
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// The reconciliation report: per provider account, day and currency,
     /// counts and sums of succeeded, failed, in-doubt and pending refunds.
@@ -319,6 +326,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 pressure,
                 burst,
                 outage_secs,
+                replicas,
             } => {
                 let options = refund_worker::bench::BenchOptions {
                     pressure: pressure.then_some(refund_worker::bench::PressureOptions {
@@ -334,7 +342,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     quiet,
                     worker_exe: std::env::current_exe().context("locating this executable")?,
                 };
-                refund_worker::bench::run(&options).await?;
+                match replicas {
+                    Some(replicas) => {
+                        refund_worker::bench::replicas::run(&options, replicas.max(1)).await?;
+                    }
+                    None => {
+                        refund_worker::bench::run(&options).await?;
+                    }
+                }
                 Ok(())
             }
         }

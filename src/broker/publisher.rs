@@ -88,6 +88,12 @@ impl Publisher {
         })
     }
 
+    /// The confirm-mode channel (cluster mode moves misrouted commands on
+    /// it).
+    pub fn channel(&self) -> lapin::Channel {
+        self.channel.clone()
+    }
+
     /// Publishes an outcome event (persistent, confirmed). A nack or a
     /// missing confirm is retried a few times on the same channel; a broken
     /// channel is not (the delivery goes back and is redelivered on the next

@@ -33,11 +33,12 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
             )
             .await?;
     }
+    let quorum = settings.cluster.enabled;
     channel
         .queue_declare(
             amqp.dead_letter_queue.as_str().into(),
             durable_queue,
-            FieldTable::default(),
+            replicated(FieldTable::default(), quorum),
         )
         .await?;
     channel
@@ -53,7 +54,7 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
         .queue_declare(
             amqp.commands_queue.as_str().into(),
             durable_queue,
-            commands_queue_arguments(amqp),
+            replicated(commands_queue_arguments(amqp), quorum),
         )
         .await?;
     channel
@@ -73,11 +74,36 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
             .queue_declare(
                 queue.as_str().into(),
                 durable_queue,
-                delay_queue_arguments(amqp, *delay_ms),
+                replicated(delay_queue_arguments(amqp, *delay_ms), quorum),
             )
             .await?;
     }
     Ok(())
+}
+
+/// Cluster mode: a quorum queue (replicated, survives a node's loss). One
+/// that dead-letters does so at least once (the default for quorum queues
+/// is at most once, which can drop a waiting refund when a node is down),
+/// which RabbitMQ allows only with `reject-publish` overflow.
+pub fn replicated(mut args: FieldTable, quorum: bool) -> FieldTable {
+    if !quorum {
+        return args;
+    }
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    if args.inner().contains_key("x-dead-letter-exchange") {
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
+    args
 }
 
 /// Names of the delay queues, one per `retry.delayed_ms` entry:

@@ -98,6 +98,64 @@ pub struct Settings {
     /// Provider accounts by name.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderAccount>,
+    /// More than one replica (off: the single-node default).
+    #[serde(default)]
+    pub cluster: ClusterSettings,
+}
+
+/// Cluster mode: several replicas share the work through partition queues
+/// and share the state through a replicated log (`src/cluster/`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterSettings {
+    /// Off by default: one worker, its own store, classic queues.
+    #[serde(default, deserialize_with = "crate::lenient::bool")]
+    pub enabled: bool,
+    /// A stable name, unique per replica (e.g. a StatefulSet pod name).
+    #[serde(default)]
+    pub replica_id: Option<String>,
+    /// P, the number of partitions; fixed for the life of a deployment.
+    #[serde(
+        default = "default_partitions",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub partitions: u64,
+    /// How often a replica says it is alive (milliseconds).
+    #[serde(
+        default = "default_heartbeat_ms",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub heartbeat_ms: u64,
+    /// A replica not heard from for this long (milliseconds) is gone: its
+    /// partitions go to the others.
+    #[serde(
+        default = "default_member_timeout_ms",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub member_timeout_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            enabled: false,
+            replica_id: None,
+            partitions: default_partitions(),
+            heartbeat_ms: default_heartbeat_ms(),
+            member_timeout_ms: default_member_timeout_ms(),
+        }
+    }
+}
+
+fn default_partitions() -> u64 {
+    16
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+
+fn default_member_timeout_ms() -> u64 {
+    3500
 }
 
 /// Broker settings. Queue and exchange names are configuration, not
@@ -356,6 +414,47 @@ impl Settings {
         loaded.map_err(|e| layers.locate(e))
     }
 
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if !cluster.enabled {
+            return Ok(());
+        }
+        match cluster.replica_id.as_deref().map(str::trim) {
+            None | Some("") => return Err(invalid(
+                "cluster.replica_id",
+                "missing: cluster mode needs a stable name unique per replica (e.g. the pod name)",
+            )),
+            Some(id)
+                if id.len() > 100
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                return Err(invalid(
+                    "cluster.replica_id",
+                    "use at most 100 characters from a-z, A-Z, 0-9, '-', '_' and '.'",
+                ))
+            }
+            Some(_) => {}
+        }
+        if !(1..=1024).contains(&cluster.partitions) {
+            return Err(invalid(
+                "cluster.partitions",
+                format!("must be between 1 and 1024, not {}", cluster.partitions),
+            ));
+        }
+        if cluster.heartbeat_ms == 0 {
+            return Err(invalid("cluster.heartbeat_ms", "must be at least 1"));
+        }
+        if cluster.member_timeout_ms <= 2 * cluster.heartbeat_ms {
+            return Err(invalid(
+                "cluster.member_timeout_ms",
+                "must be more than twice cluster.heartbeat_ms",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks values that deserialise fine but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let urls: Vec<&str> = crate::secret::url_list(&self.amqp.url).collect();
@@ -473,6 +572,7 @@ impl Settings {
                 ));
             }
         }
+        self.validate_cluster()?;
         if self.retry.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
         }

@@ -37,6 +37,10 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/console/resolve/{id}", post(resolve))
         .route("/console/replay/{id}", post(replay))
         .route("/console/edit/{id}", post(edit))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::owner_only,
+        ))
         .route_layer(middleware::from_fn_with_state(state, require_operator));
     Router::new()
         .route("/console/login", get(login_page).post(login))
@@ -71,6 +75,9 @@ fn token_of(request: &Request) -> Option<String> {
 }
 
 async fn require_operator(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if super::operator::signed_by_a_replica(&request) {
+        return next.run(request).await;
+    }
     let Some(expected) = &state.operator_token else {
         crate::metrics::operator_refused("off");
         return error(

@@ -16,7 +16,17 @@
 //! * `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report
 //!   (see `report.rs`).
 
+use super::forward::Forwarded;
 use super::{error, AppState};
+
+/// A request another replica authenticated and forwarded here, signed
+/// with the operator token (cluster mode).
+pub(super) fn signed_by_a_replica(request: &Request) -> bool {
+    request
+        .extensions()
+        .get::<Forwarded>()
+        .is_some_and(|f| f.signed)
+}
 use crate::secret::constant_time_eq;
 use crate::store::{Known, RefundRecord};
 use crate::worker::{record_status, Decision, Resolution, ResolveError};
@@ -39,10 +49,19 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/refunds/{id}/release", post(release_refund))
         .route("/refunds/{id}/amend", post(amend_refund))
         .route("/report", get(report))
+        // Inner: runs after the token check, so only an authenticated
+        // request is forwarded to the refund's owner (cluster mode).
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::owner_only,
+        ))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if signed_by_a_replica(&request) {
+        return next.run(request).await;
+    }
     let path = request.uri().path().to_string();
     let Some(expected) = &state.operator_token else {
         warn!(%path, "operator request refused: the operator API is off (no http.operator_token)");

@@ -24,6 +24,7 @@
 //! `syncer.rs` (group commit). The store sits on top of all of them; none
 //! imports it.
 
+pub mod journal;
 pub mod ledger;
 mod outbox;
 mod prune;
@@ -37,6 +38,7 @@ pub use record::{HistoryEntry, RefundRecord, RefundState, Tombstone};
 pub use syncer::SyncStats;
 
 use crate::command::RefundCommand;
+use journal::{Journal, LedgerOp, TreeId};
 use ledger::{ledger_key, LedgerChange, OriginalLedger, OverRefund};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::Path;
@@ -65,6 +67,18 @@ pub enum StoreError {
     /// The syncer task is gone (the runtime is shutting down).
     #[error("store: the syncer task has stopped")]
     SyncerGone,
+    /// Cluster mode: the state log did not take a write.
+    #[error("store: {0}")]
+    Log(String),
+    /// Cluster mode: another replica took the refund's partition over; this
+    /// replica must not act on the refund any more.
+    #[error(
+        "store: partition {partition} is owned by another replica now; leaving the refund to it"
+    )]
+    Fenced {
+        /// The partition.
+        partition: u32,
+    },
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -103,8 +117,12 @@ pub struct Store {
     tombstones: sled::Tree,
     originals: sled::Tree,
     outbox: sled::Tree,
+    /// Cluster mode's bookkeeping (the state log's position, markers).
+    meta: sled::Tree,
     syncer: mpsc::UnboundedSender<SyncRequest>,
     stats: Arc<SyncStats>,
+    /// Cluster mode: writes go to the state log (see `journal.rs`).
+    journal: Option<Arc<Journal>>,
 }
 
 type Tx = sled::transaction::TransactionalTree;
@@ -122,6 +140,20 @@ impl Store {
     /// request of a batch for more writers to join it (group commit with a
     /// commit delay): fewer disk syncs under load for a little latency.
     pub fn open_with(path: &Path, linger: Duration) -> Result<Self, StoreError> {
+        Self::open_inner(path, linger, None)
+    }
+
+    /// Cluster mode: as [`Store::open`], with writes going to the state log
+    /// through `journal` and sled written only by the log's tailer.
+    pub fn open_replicated(path: &Path, journal: Arc<Journal>) -> Result<Self, StoreError> {
+        Self::open_inner(path, Duration::ZERO, Some(journal))
+    }
+
+    fn open_inner(
+        path: &Path,
+        linger: Duration,
+        journal: Option<Arc<Journal>>,
+    ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             // The background flush is a safety net only; durability points
@@ -135,8 +167,10 @@ impl Store {
             tombstones: db.open_tree("tombstones")?,
             originals: db.open_tree("originals")?,
             outbox: db.open_tree("outbox")?,
+            meta: db.open_tree("cluster")?,
             syncer: tx,
             stats: stats.clone(),
+            journal,
         };
         tokio::spawn(run_syncer(db, rx, stats, linger));
         Ok(store)
@@ -144,6 +178,9 @@ impl Store {
 
     /// Reads a record.
     pub fn get(&self, refund_id: &str) -> Result<Option<RefundRecord>, StoreError> {
+        if let Some(pending) = self.overlay(TreeId::Refunds, refund_id.as_bytes()) {
+            return pending.map(|bytes| decode(refund_id, &bytes)).transpose();
+        }
         match self.refunds.get(refund_id.as_bytes())? {
             None => Ok(None),
             Some(bytes) => decode(refund_id, &bytes).map(Some),
@@ -174,6 +211,9 @@ impl Store {
     /// ledger, both in one transaction. Not yet durable: call
     /// [`Store::sync`] before the provider call.
     pub fn claim(&self, record: &RefundRecord) -> Result<Claim, StoreError> {
+        if let Some(journal) = &self.journal {
+            return self.claim_replicated(journal, record);
+        }
         let key = record.refund_id.as_bytes();
         let bytes = encode(record);
         let ledger = record
@@ -223,6 +263,9 @@ impl Store {
         if record.state.event().is_some() {
             return self.commit(record, LedgerChange::Keep);
         }
+        if self.journal.is_some() {
+            return self.annotate(record);
+        }
         self.refunds
             .insert(record.refund_id.as_bytes(), encode(record))?;
         Ok(())
@@ -231,6 +274,11 @@ impl Store {
     /// Rewrites a record whose state did not change (a history note): its
     /// ledger entry and outbox mark stay as they are.
     pub fn annotate(&self, record: &RefundRecord) -> Result<(), StoreError> {
+        if let Some(journal) = &self.journal {
+            let id = &record.refund_id;
+            journal.write(|w| w.put(id, TreeId::Refunds, id, Some(encode(record)), None));
+            return Ok(());
+        }
         self.refunds
             .insert(record.refund_id.as_bytes(), encode(record))?;
         Ok(())
@@ -240,6 +288,9 @@ impl Store {
     /// event (if its state has one) as not yet confirmed by the broker, in
     /// one transaction; not yet durable.
     pub fn commit(&self, record: &RefundRecord, change: LedgerChange) -> Result<(), StoreError> {
+        if let Some(journal) = &self.journal {
+            return self.commit_replicated(journal, record, change);
+        }
         let key = record.refund_id.as_bytes();
         let bytes = encode(record);
         let outbox = record
@@ -298,6 +349,9 @@ impl Store {
     /// operator's release). Returns the amounts released. The caller checks
     /// that the refund cannot be paid any more.
     pub fn release(&self, refund_id: &str) -> Result<Vec<u64>, StoreError> {
+        if let Some(journal) = &self.journal {
+            return self.release_replicated(journal, refund_id);
+        }
         let mut released = Vec::new();
         for item in self.originals.iter() {
             let (key, value) = item?;
@@ -322,7 +376,153 @@ impl Store {
     /// Waits until every write made before this call is on disk. Many
     /// concurrent callers share one flush.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        self.ask_syncer(SyncRequest::Sync).await
+        match &self.journal {
+            Some(journal) => journal.sync(None).await,
+            None => self.ask_syncer(SyncRequest::Sync).await,
+        }
+    }
+
+    /// As [`Store::sync`], before acting on `refund_id` (a provider call,
+    /// an event). In cluster mode it also fails with
+    /// [`StoreError::Fenced`] when this replica no longer owns the refund's
+    /// partition.
+    pub async fn sync_refund(&self, refund_id: &str) -> Result<(), StoreError> {
+        match &self.journal {
+            Some(journal) => journal.sync(Some(refund_id)).await,
+            None => self.ask_syncer(SyncRequest::Sync).await,
+        }
+    }
+
+    /// The cluster journal, in cluster mode.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
+    }
+
+    /// Cluster mode's bookkeeping tree.
+    pub fn meta_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.meta.clone())
+    }
+
+    /// The local trees the state log's tailer writes (cluster mode).
+    pub fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree) {
+        (&self.refunds, &self.originals, &self.outbox)
+    }
+
+    fn overlay(&self, tree: TreeId, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.journal.as_ref()?.overlay(tree, key)
+    }
+
+    fn claim_replicated(
+        &self,
+        journal: &Journal,
+        record: &RefundRecord,
+    ) -> Result<Claim, StoreError> {
+        let id = &record.refund_id;
+        journal.write(|w| {
+            if let Some(existing) = w.read(TreeId::Refunds, &self.refunds, id.as_bytes())? {
+                return Ok(Claim::Exists(Box::new(decode(id, &existing)?)));
+            }
+            if let Some(original) = record.command.original_amount {
+                let key = ledger_key(&record.command);
+                let mut entry = match w.read(TreeId::Originals, &self.originals, key.as_bytes())? {
+                    Some(bytes) => {
+                        OriginalLedger::decode(&bytes).map_err(|e| corrupt_ledger(&key, e))?
+                    }
+                    None => OriginalLedger::new(original),
+                };
+                if let Err(over) = entry.reserve(&record.command, original) {
+                    return Ok(Claim::OverRefund(over));
+                }
+                let change = LedgerOp {
+                    refund_id: id.clone(),
+                    original_amount: entry.original_amount,
+                    entry: entry.refunds.get(id).copied(),
+                };
+                w.put(
+                    id,
+                    TreeId::Originals,
+                    &key,
+                    Some(entry.encode()),
+                    Some(change),
+                );
+            }
+            w.put(id, TreeId::Refunds, id, Some(encode(record)), None);
+            Ok(Claim::Claimed)
+        })
+    }
+
+    fn commit_replicated(
+        &self,
+        journal: &Journal,
+        record: &RefundRecord,
+        change: LedgerChange,
+    ) -> Result<(), StoreError> {
+        let id = &record.refund_id;
+        journal.write(|w| {
+            if let (false, Some(_)) = (change == LedgerChange::Keep, record.command.original_amount)
+            {
+                let key = ledger_key(&record.command);
+                if let Some(bytes) = w.read(TreeId::Originals, &self.originals, key.as_bytes())? {
+                    let mut entry =
+                        OriginalLedger::decode(&bytes).map_err(|e| corrupt_ledger(&key, e))?;
+                    if entry.apply(id, change) {
+                        let op = LedgerOp {
+                            refund_id: id.clone(),
+                            original_amount: entry.original_amount,
+                            entry: entry.refunds.get(id).copied(),
+                        };
+                        w.put(id, TreeId::Originals, &key, Some(entry.encode()), Some(op));
+                    }
+                }
+            }
+            let mark = record
+                .state
+                .event()
+                .map(|event| outbox_value(&event.event_id, unix_now()).into_bytes());
+            w.put(id, TreeId::Outbox, id, mark, None);
+            w.put(id, TreeId::Refunds, id, Some(encode(record)), None);
+            Ok(())
+        })
+    }
+
+    fn release_replicated(
+        &self,
+        journal: &Journal,
+        refund_id: &str,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut released = Vec::new();
+        for item in self.originals.iter() {
+            let (key, _) = item?;
+            let key = String::from_utf8_lossy(&key).to_string();
+            journal.write(|w| -> Result<(), StoreError> {
+                let Some(bytes) = w.read(TreeId::Originals, &self.originals, key.as_bytes())?
+                else {
+                    return Ok(());
+                };
+                let Ok(mut ledger) = OriginalLedger::decode(&bytes) else {
+                    return Ok(());
+                };
+                let Some((amount, _)) = ledger.refunds.get(refund_id).copied() else {
+                    return Ok(());
+                };
+                ledger.apply(refund_id, LedgerChange::Release);
+                let op = LedgerOp {
+                    refund_id: refund_id.to_string(),
+                    original_amount: ledger.original_amount,
+                    entry: None,
+                };
+                w.put(
+                    refund_id,
+                    TreeId::Originals,
+                    &key,
+                    Some(ledger.encode()),
+                    Some(op),
+                );
+                released.push(amount);
+                Ok(())
+            })?;
+        }
+        Ok(released)
     }
 
     /// Iterates over all records (for operators; not on the hot path).
@@ -392,6 +592,11 @@ impl Store {
     /// The ledger of a command's original charge, if any.
     pub fn ledger(&self, command: &RefundCommand) -> Result<Option<OriginalLedger>, StoreError> {
         let key = ledger_key(command);
+        if let Some(pending) = self.overlay(TreeId::Originals, key.as_bytes()) {
+            return pending
+                .map(|bytes| OriginalLedger::decode(&bytes).map_err(|e| corrupt_ledger(&key, e)))
+                .transpose();
+        }
         match self.originals.get(key.as_bytes())? {
             Some(bytes) => OriginalLedger::decode(&bytes)
                 .map(Some)

@@ -4,6 +4,7 @@
 //! ([`Store::mark_published`]); the sweep (`worker/outbox.rs`) publishes
 //! what is left.
 
+use super::journal::TreeId;
 use super::{unix_now, Store, StoreError};
 use std::time::Duration;
 
@@ -25,6 +26,19 @@ impl Store {
     /// this mark in between. Not synced: if this is lost in a crash, the
     /// event is published once more (same id).
     pub fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
+        if let Some(journal) = self.journal() {
+            let outbox = &self.outbox;
+            return journal.write(|w| {
+                let current = w.read(TreeId::Outbox, outbox, refund_id.as_bytes())?;
+                let same = current
+                    .and_then(|bytes| parse_outbox(refund_id, &bytes))
+                    .is_some_and(|e| e.event_id == event_id);
+                if same {
+                    w.put(refund_id, TreeId::Outbox, refund_id, None, None);
+                }
+                Ok(())
+            });
+        }
         let key = refund_id.as_bytes();
         if let Some(removed) = self.outbox.remove(key)? {
             if parse_outbox(refund_id, &removed).is_some_and(|e| e.event_id != event_id) {

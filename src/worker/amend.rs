@@ -66,7 +66,7 @@ impl Worker {
             note,
         );
         self.store.put(&record)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         warn!(refund_id, %who, changes, "command edited by an operator");
         Ok(true)
     }

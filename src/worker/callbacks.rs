@@ -131,7 +131,7 @@ impl Worker {
             LedgerChange::Release
         };
         self.store.commit(&record, change)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, status.as_str());
         info!(
             refund_id,
@@ -163,7 +163,7 @@ impl Worker {
         if event.status == status {
             record.transition(record.state.clone(), format!("repeated {note}"));
             self.store.annotate(&record)?;
-            self.store.sync().await?;
+            self.store.sync_refund(&refund_id).await?;
             // Covers a first publication that failed; same event_id.
             self.publish_outside_delivery(&event)
                 .await
@@ -182,7 +182,7 @@ impl Worker {
             format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
         );
         self.store.annotate(&record)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         Ok(CallbackOutcome::Contradicted)
     }
 }

@@ -142,19 +142,19 @@ impl Worker {
                     status = event.status.as_str(),
                     "duplicate: re-publishing the recorded outcome"
                 );
-                self.store.sync().await?;
+                self.store.sync_refund(&existing.refund_id).await?;
                 self.publish_recorded(publisher, &event).await?;
                 Ok(None)
             }
             RefundState::Pending { event, .. } => {
                 info!("duplicate of a pending refund: re-publishing `pending`, not executing");
-                self.store.sync().await?;
+                self.store.sync_refund(&existing.refund_id).await?;
                 self.publish_recorded(publisher, &event).await?;
                 Ok(None)
             }
             RefundState::InDoubt { event } => {
                 warn!("refund is in doubt: not executing it again until an operator resolves it");
-                self.store.sync().await?;
+                self.store.sync_refund(&existing.refund_id).await?;
                 self.publish_recorded(publisher, &event).await?;
                 self.park_in_doubt(publisher, delivery, &event).await?;
                 Ok(None)
@@ -237,7 +237,7 @@ impl Worker {
     /// and the record says so (`NotSent`), so that a later look at it does
     /// not take the failed sync for an attempt whose outcome is unknown.
     async fn sync_before_call(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
-        if let Err(e) = self.store.sync().await {
+        if let Err(e) = self.store.sync_refund(&record.refund_id).await {
             let reason = format!("the attempt could not be made durable ({e}); nothing was sent");
             record.transition(
                 RefundState::NotSent {

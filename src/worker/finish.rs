@@ -34,7 +34,7 @@ impl Worker {
             _ => LedgerChange::Release,
         };
         self.store.commit(record, change)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
             provider = record.command.provider.as_str(),
@@ -62,7 +62,7 @@ impl Worker {
             "accepted by the provider; waiting for its callback",
         );
         self.store.put(record)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "pending");
         info!(
             status = "pending",

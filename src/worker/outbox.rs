@@ -46,7 +46,7 @@ impl Worker {
             };
             // The mark was written with the record; make both durable
             // before the event goes out.
-            self.store.sync().await?;
+            self.store.sync_refund(&entry.refund_id).await?;
             match self.publish_outside_delivery(&event).await {
                 Ok(()) => {
                     // A mark for an older event of the same refund is moot.

@@ -109,7 +109,7 @@ impl Worker {
         refund: Unsent<'_>,
         so_far: NotSentSoFar,
     ) -> Result<(), PipelineError> {
-        self.store.sync().await?;
+        self.store.sync_refund(refund.refund_id).await?;
         let rounds = header_u32(delivery, HEADER_DELAYED_ROUNDS).unwrap_or(0);
         let mut info = DeadLetter {
             kind: "provider_unavailable".into(),
@@ -160,7 +160,7 @@ impl Worker {
             reason.clone(),
         );
         self.store.put(record)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         let now = now_rfc3339();
         let info = DeadLetter {
             kind: "provider_misconfigured".into(),
@@ -204,7 +204,7 @@ impl Worker {
         metrics::outcome(&record.command.provider, "in_doubt");
         self.store
             .commit(&record, LedgerChange::Mark(Reservation::InDoubt))?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         self.publish_recorded(publisher, &event).await?;
         self.park_in_doubt(publisher, delivery, &event).await
     }

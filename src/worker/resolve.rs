@@ -128,7 +128,7 @@ impl Worker {
             );
             self.store
                 .commit(&record, LedgerChange::Mark(Reservation::InFlight))?;
-            self.store.sync().await?;
+            self.store.sync_refund(&record.refund_id).await?;
             warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
             return Ok(record);
         };
@@ -167,7 +167,7 @@ impl Worker {
         );
         self.store
             .commit(&record, LedgerChange::Mark(Reservation::Succeeded))?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "succeeded");
         warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
         self.publish_outside_delivery(&event)
@@ -223,7 +223,7 @@ impl Worker {
             format!("abandoned while {was} {who}; its reservation is released"),
         );
         self.store.commit(&record, LedgerChange::Release)?;
-        self.store.sync().await?;
+        self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "failed");
         warn!(refund_id, %who, was, "refund abandoned: it will not be sent");
         self.publish_outside_delivery(&event)
@@ -274,7 +274,7 @@ impl Worker {
             );
             self.store.annotate(record)?;
         }
-        self.store.sync().await?;
+        self.store.sync_refund(refund_id).await?;
         warn!(refund_id, ?released, %who, "over-refund reservation released by an operator");
         Ok(released)
     }
