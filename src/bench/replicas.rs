@@ -170,7 +170,7 @@ async fn deploy(
         .await?;
     topology::declare(&channel, &settings).await?;
     if cluster {
-        crate::cluster::declare(&channel, &settings).await?;
+        crate::cluster::declare(connection, &settings).await?;
     }
     Ok(Deployment {
         settings,

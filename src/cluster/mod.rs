@@ -32,7 +32,7 @@ use crate::shutdown::Shutdown;
 use crate::worker::Worker;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::ExchangeKind;
 use members::{Heartbeat, Members};
 use partitions::{Owned, Shared};
 use std::collections::BTreeMap;
@@ -80,8 +80,13 @@ pub fn heartbeat_exchange(settings: &Settings) -> String {
 
 /// Declares what cluster mode adds to the topology: the partition queues,
 /// the state stream and the heartbeat exchange. (The contract's queues are
-/// quorum queues in cluster mode: `broker/topology.rs`.)
-pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin::Error> {
+/// quorum queues in cluster mode: `broker/topology.rs`.) A failed passive
+/// declaration closes its channel, hence the connection.
+pub async fn declare(
+    connection: &lapin::Connection,
+    settings: &Settings,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -102,6 +107,35 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
             )
             .await?;
     }
+    channel
+        .exchange_declare(
+            heartbeat_exchange(settings).as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "declared".into()).await;
+    // A stream's arguments (its retention) cannot change once it exists:
+    // an existing one is used as it is, whatever `store.tombstone_retention`
+    // says now.
+    let name = state_stream(settings);
+    let probe = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..durable
+    };
+    if probe
+        .queue_declare(name.as_str().into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = probe.close(200, "stream exists".into()).await;
+        return Ok(());
+    }
     let mut stream = FieldTable::default();
     stream.insert(
         "x-queue-type".into(),
@@ -114,20 +148,11 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
         "x-max-age".into(),
         AMQPValue::LongString(format!("{keep}s").into()),
     );
+    let channel = connection.create_channel().await?;
     channel
-        .queue_declare(state_stream(settings).as_str().into(), durable, stream)
+        .queue_declare(name.as_str().into(), durable, stream)
         .await?;
-    channel
-        .exchange_declare(
-            heartbeat_exchange(settings).as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let _ = channel.close(200, "stream declared".into()).await;
     Ok(())
 }
 
@@ -204,9 +229,17 @@ pub async fn session(
     let connection =
         broker::connect_with(amqp, &format!("refund-worker {}", replica.me.replica)).await?;
     let setup = connection.create_channel().await?;
-    topology::declare(&setup, settings).await?;
-    declare(&setup, settings).await?;
+    if let Err(e) = topology::declare(&setup, settings).await {
+        if e.to_string().contains("inequivalent arg") {
+            // A queue of a single-node deployment (classic) is in the way.
+            return Err(ClusterError::Refused(format!(
+                "{e}: a queue of this deployment exists with other arguments, most likely a classic queue from single-node mode; cluster mode needs quorum queues: drain it and delete it, or give the cluster its own names (amqp.commands_queue, amqp.dead_letter_queue, amqp.delay_queue_prefix)"
+            )));
+        }
+        return Err(e.into());
+    }
     let _ = setup.close(200, "topology declared".into()).await;
+    declare(&connection, settings).await?;
     let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
     let mut tasks = JoinSet::new();
     let log = log::start(

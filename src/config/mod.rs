@@ -730,6 +730,47 @@ mod tests {
     }
 
     #[test]
+    fn cluster_keys_come_from_the_environment_and_are_checked() {
+        let base = [
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+            ("REFUND_WORKER__CLUSTER__ENABLED", "true"),
+        ];
+        let load = |extra: &[(&str, &str)]| {
+            let env = base
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Settings::load_from(None, Some(env))
+        };
+        let s = load(&[
+            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "refund-worker-0"),
+            ("REFUND_WORKER__CLUSTER__PARTITIONS", "32"),
+        ])
+        .expect("valid");
+        assert!(s.cluster.enabled);
+        assert_eq!(s.cluster.replica_id.as_deref(), Some("refund-worker-0"));
+        assert_eq!(s.cluster.partitions, 32);
+        let err = load(&[]).expect_err("no id").to_string();
+        assert!(err.contains("cluster.replica_id"), "{err}");
+        let err = load(&[
+            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "a"),
+            ("REFUND_WORKER__CLUSTER__PARTITIONS", "0"),
+        ])
+        .expect_err("no partitions")
+        .to_string();
+        assert!(err.contains("cluster.partitions"), "{err}");
+        let err = load(&[("REFUND_WORKER__CLUSTER__REPLICA_ID", "a b")])
+            .expect_err("bad id")
+            .to_string();
+        assert!(err.contains("cluster.replica_id"), "{err}");
+        // Off by default: nothing is required.
+        assert!(!with(HYP).expect("valid").cluster.enabled);
+    }
+
+    #[test]
     fn retention_takes_durations_and_the_older_day_key() {
         let s = with(HYP).expect("valid");
         assert_eq!(s.store.retention().records, DAY * 30);

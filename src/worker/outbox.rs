@@ -33,6 +33,13 @@ impl Worker {
             .map_err(|e| StoreError::Sled(sled::Error::Io(std::io::Error::other(e))))??;
         let mut report = SweepReport::default();
         for entry in entries {
+            if let Some(journal) = self.store.journal() {
+                // Cluster mode: every replica holds every partition's
+                // outbox; the owner publishes.
+                if !journal.holds(journal.partition_of(&entry.refund_id)) {
+                    continue;
+                }
+            }
             let _guard = self.locks.lock(&entry.refund_id).await;
             let event = self
                 .store
