@@ -404,9 +404,9 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
     );
     // No contradicting outcomes: one final status per refund (in_doubt may
     // precede an operator's decision, nothing else).
-    let events = events.lock().expect("lock").clone();
+    let outcomes = events.lock().expect("lock").clone();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for (refund, statuses) in &events {
+    for (refund, statuses) in &outcomes {
         let finals: Vec<_> = statuses.iter().filter(|s| *s != "in_doubt").collect();
         assert!(finals.len() <= 1, "{refund}: {statuses:?}");
         for s in statuses {
@@ -431,27 +431,47 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
         per_original.len(),
         started.elapsed()
     );
-    // Every queue drained.
-    let probe = connect(&urls[2]).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_drained(&urls[2], &rig).await;
+    refusals(&rig, &replicas).await;
+    owners_and_state_travel(&rig, &mut replicas, &balancer, &client, &sandbox).await;
+
+    // A broker node lost for good: more commands are taken and finished.
+    eprintln!("SIGKILL broker node 2 for good");
+    cluster.nodes[1].kill().expect("kill node");
+    let more = commands("rf-cl-after", REFUNDS, 40);
+    for body in &more {
+        publish(&urls[2..], &mut publisher, body).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let ch = probe.create_channel().await.expect("channel");
-        let mut left = depth(&ch, "refunds.commands").await;
-        for p in 0..8 {
-            left = left.saturating_add(depth(&ch, &format!("refunds.commands.p.{p}")).await);
-        }
-        if left == 0 {
+        let done = events
+            .lock()
+            .expect("lock")
+            .keys()
+            .filter(|id| id.starts_with("rf-cl-after"))
+            .count();
+        if done == more.len() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{left} commands left in queues (log: {})",
+            "{done} of {} commands finished after a node was lost (log: {})",
+            more.len(),
             rig.log.display()
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    refusals(&rig, &replicas).await;
-    owners_and_state_travel(&rig, &mut replicas, &balancer, &client, &sandbox).await;
+    assert_drained(&urls[2], &rig).await;
+    eprintln!("{} more commands finished with one node gone", more.len());
+    let mut executions: BTreeMap<String, usize> = BTreeMap::new();
+    for e in sandbox.journal() {
+        *executions.entry(e.original_id.clone()).or_default() += 1;
+    }
+    let twice: Vec<_> = executions.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "executed twice over the whole run: {twice:?}"
+    );
     for replica in &mut replicas {
         rig.kill(replica);
     }
@@ -846,5 +866,27 @@ fn status_of(record: &Value) -> String {
             .unwrap_or_default()
             .to_string(),
         other => other.unwrap_or_default().to_string(),
+    }
+}
+
+/// The commands queue and every partition queue are empty (soon).
+async fn assert_drained(url: &str, rig: &Rig) {
+    let probe = connect(url).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ch = probe.create_channel().await.expect("channel");
+        let mut left = depth(&ch, "refunds.commands").await;
+        for p in 0..8 {
+            left = left.saturating_add(depth(&ch, &format!("refunds.commands.p.{p}")).await);
+        }
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} commands left in queues (log: {})",
+            rig.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
