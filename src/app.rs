@@ -96,12 +96,17 @@ impl App {
             }
         }
         let linger = Duration::from_micros(settings.store.group_commit_linger_us);
+        let cache = settings.store.cache_mib.saturating_mul(1 << 20);
         let opened = if settings.cluster.enabled {
             let partitions = u32::try_from(settings.cluster.partitions).unwrap_or(1);
             let read_back = Duration::from_millis(settings.amqp.confirm_timeout_ms);
-            Store::open_replicated(&settings.store.path, Journal::new(partitions, read_back))
+            Store::open_replicated(
+                &settings.store.path,
+                Journal::new(partitions, read_back),
+                cache,
+            )
         } else {
-            Store::open_with(&settings.store.path, linger)
+            Store::open_sized(&settings.store.path, linger, cache)
         };
         let store = opened.map_err(|source| AppError::Store {
             path: settings.store.path.display().to_string(),

@@ -172,6 +172,25 @@ enum Command {
         /// `bench --replicas 3 --latency-ms 50,200 --prefetch 64 --n 6000`.
         #[arg(long)]
         replicas: Option<usize>,
+        /// Worker and relay drains per configuration, taking turns (the
+        /// relay alone varies by about a quarter between runs).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Run this worker binary instead of this one (to compare two
+        /// builds in one run; the relay is always this binary's).
+        #[arg(long, hide = true)]
+        worker_exe: Option<PathBuf>,
+    },
+    /// The benchmark's baseline relay as a process of its own (used by
+    /// `bench`, so that its CPU is measured like the worker's).
+    #[command(hide = true)]
+    BenchRelay {
+        /// The run's configuration file (written by `bench`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Messages to relay.
+        #[arg(long)]
+        n: usize,
     },
     /// The reconciliation report: per provider account, day and currency,
     /// counts and sums of succeeded, failed, in-doubt and pending refunds.
@@ -315,6 +334,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 worker_url,
                 command,
             } => cli::ops::refunds(config, &worker_url, command).await,
+            Command::BenchRelay { config, n } => {
+                refund_worker::bench::relay_process(&config, n).await
+            }
             Command::Bench {
                 n,
                 prefetch,
@@ -327,6 +349,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 burst,
                 outage_secs,
                 replicas,
+                rounds,
+                worker_exe,
             } => {
                 let options = refund_worker::bench::BenchOptions {
                     pressure: pressure.then_some(refund_worker::bench::PressureOptions {
@@ -340,7 +364,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     json: Some(json),
                     plot: Some(plot),
                     quiet,
-                    worker_exe: std::env::current_exe().context("locating this executable")?,
+                    worker_exe: match worker_exe {
+                        Some(path) => path,
+                        None => std::env::current_exe().context("locating this executable")?,
+                    },
+                    rounds,
                 };
                 match replicas {
                     Some(replicas) => {

@@ -18,7 +18,23 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             let buckets = [
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ];
+            // Per-refund processing is measured in milliseconds.
+            let fine = [
+                0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
+                0.051, 0.052, 0.053, 0.054, 0.055, 0.0575, 0.06, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5,
+                1.0, 2.5, 10.0,
+            ];
             PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("refund_worker_processing_seconds".into()),
+                    &fine,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("refund_worker_provider_call_seconds".into()),
+                    &fine,
+                )
+                .ok()?
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .ok()?
                 .install_recorder()
@@ -63,6 +79,12 @@ pub fn provider_call(provider: &str, class: &str, took: Duration) {
 /// From the command's publish timestamp to its event.
 pub fn end_to_end(took: Duration) {
     histogram!("refund_worker_end_to_end_seconds").record(took.as_secs_f64());
+}
+
+/// One delivery's processing, from its arrival in the pipeline to its ack
+/// (the time it waited in the queue is not in it).
+pub fn processing(took: Duration) {
+    histogram!("refund_worker_processing_seconds").record(took.as_secs_f64());
 }
 
 /// A retry: `in_process` (backoff) or `delayed` (delay queue).

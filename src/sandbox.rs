@@ -370,7 +370,7 @@ impl Sandbox {
             state.config.latency
         };
         if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+            wait_precisely(latency).await;
         }
         let mut state = self.lock();
         state.requests += 1;
@@ -450,4 +450,21 @@ struct Latency {
 async fn set_latency(State(sandbox): State<Sandbox>, Json(l): Json<Latency>) -> &'static str {
     sandbox.set_latency(Duration::from_millis(l.ms));
     "ok\n"
+}
+
+/// Waits `latency`, to within a few hundredths of a millisecond. tokio's
+/// timer rounds every sleep up to its next millisecond tick (0.5–1.5 ms
+/// late), which would make a "50 ms provider" a 51 ms one and put the
+/// sandbox's own error into every latency-bound figure. So the timer takes
+/// the bulk and a blocking-pool thread the last stretch.
+async fn wait_precisely(latency: std::time::Duration) {
+    let deadline = std::time::Instant::now() + latency;
+    let coarse = latency.saturating_sub(std::time::Duration::from_millis(2));
+    if !coarse.is_zero() {
+        tokio::time::sleep(coarse).await;
+    }
+    let rest = deadline.saturating_duration_since(std::time::Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
 }

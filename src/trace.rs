@@ -166,10 +166,29 @@ impl TraceContext {
 }
 
 fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    // The OS random source does not fail on Linux; a zero id would only be
-    // a poor trace id, never a wrong refund.
-    let _ = getrandom::fill(&mut buf);
+    // Trace ids must be unique, not secret: a per-thread SplitMix64 seeded
+    // once from the OS saves a system call per id on the hot path (two per
+    // refund). Secrets (callback tokens) still come from the OS each time.
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let mut seed = [0u8; 8];
+            let _ = getrandom::fill(&mut seed);
+            u64::from_le_bytes(seed) | 1
+        });
+    }
+    let mut buf = Vec::with_capacity(bytes + 8);
+    while buf.len() < bytes {
+        let word = STATE.with(|state| {
+            let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            state.set(next);
+            let mut z = next;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        });
+        buf.extend_from_slice(&word.to_le_bytes());
+    }
+    buf.truncate(bytes);
     if buf.iter().all(|b| *b == 0) {
         buf[0] = 1;
     }

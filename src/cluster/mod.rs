@@ -383,5 +383,5 @@ pub async fn session(
 fn instance_id() -> String {
     let mut bytes = [0u8; 8];
     let _ = getrandom::fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::command::hex(&bytes)
 }

@@ -227,6 +227,17 @@ pub struct StoreSettings {
     /// Group commit: how long the syncer waits for more writers after the
     /// first one of a batch (microseconds; 0 flushes at once).
     pub group_commit_linger_us: u64,
+    /// sled's page cache (MiB). sled's own default is 1 GiB, which a
+    /// long-running worker fills with records it will rarely read again.
+    #[serde(
+        default = "default_cache_mib",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub cache_mib: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    32
 }
 
 const DAY: Duration = Duration::from_secs(86_400);

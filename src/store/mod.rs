@@ -47,7 +47,7 @@ use std::time::Duration;
 use syncer::{run_syncer, SyncReply, SyncRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Store failures. Any of them stops the processing of the delivery at hand
 /// without an ack, so the message comes back later.
@@ -110,6 +110,9 @@ pub enum Claim {
     OverRefund(OverRefund),
 }
 
+/// sled's page cache unless configured (`store.cache_mib`).
+const DEFAULT_CACHE: u64 = 32 << 20;
+
 /// Handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -119,7 +122,7 @@ pub struct Store {
     outbox: sled::Tree,
     /// Cluster mode's bookkeeping (the state log's position, markers).
     meta: sled::Tree,
-    syncer: mpsc::UnboundedSender<SyncRequest>,
+    syncer: std::sync::mpsc::Sender<SyncRequest>,
     stats: Arc<SyncStats>,
     /// Cluster mode: writes go to the state log (see `journal.rs`).
     journal: Option<Arc<Journal>>,
@@ -140,28 +143,40 @@ impl Store {
     /// request of a batch for more writers to join it (group commit with a
     /// commit delay): fewer disk syncs under load for a little latency.
     pub fn open_with(path: &Path, linger: Duration) -> Result<Self, StoreError> {
-        Self::open_inner(path, linger, None)
+        Self::open_inner(path, linger, None, DEFAULT_CACHE)
+    }
+
+    /// As [`Store::open_with`], with sled's page cache limited to
+    /// `cache_bytes`.
+    pub fn open_sized(path: &Path, linger: Duration, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_inner(path, linger, None, cache_bytes)
     }
 
     /// Cluster mode: as [`Store::open`], with writes going to the state log
     /// through `journal` and sled written only by the log's tailer.
-    pub fn open_replicated(path: &Path, journal: Arc<Journal>) -> Result<Self, StoreError> {
-        Self::open_inner(path, Duration::ZERO, Some(journal))
+    pub fn open_replicated(
+        path: &Path,
+        journal: Arc<Journal>,
+        cache_bytes: u64,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, Duration::ZERO, Some(journal), cache_bytes)
     }
 
     fn open_inner(
         path: &Path,
         linger: Duration,
         journal: Option<Arc<Journal>>,
+        cache_bytes: u64,
     ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             // The background flush is a safety net only; durability points
             // are explicit `sync()` calls.
             .flush_every_ms(Some(1000))
+            .cache_capacity(cache_bytes)
             .open()?;
         let stats = Arc::new(SyncStats::default());
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         let store = Store {
             refunds: db.open_tree("refunds")?,
             tombstones: db.open_tree("tombstones")?,
@@ -172,7 +187,11 @@ impl Store {
             stats: stats.clone(),
             journal,
         };
-        tokio::spawn(run_syncer(db, rx, stats, linger));
+        let syncer_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("store-syncer".into())
+            .spawn(move || run_syncer(db, rx, syncer_stats, linger))
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(store)
     }
 

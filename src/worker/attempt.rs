@@ -18,7 +18,7 @@ use crate::trace::TraceContext;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 impl Worker {
     /// Calls the provider until it answers something other than "not sent",
@@ -51,7 +51,9 @@ impl Worker {
                 outcome.class(),
                 call_started.elapsed(),
             );
-            info!(
+            // One info line per refund ("refund outcome"); this one is
+            // for debugging.
+            debug!(
                 attempt = record.attempts,
                 class = outcome.class(),
                 provider_ms = call_started.elapsed().as_millis() as u64,

@@ -143,6 +143,7 @@ impl Worker {
         span.record("trace_id", context.trace_id.as_str());
         span.record("span_id", context.span_id.as_str());
         let work = async {
+            let started = std::time::Instant::now();
             metrics::command_received();
             metrics::in_flight(1.0);
             let result = self.process(publisher, &delivery).await;
@@ -162,6 +163,7 @@ impl Worker {
                         // record turns the redelivery into a re-publication.
                         warn!(error = %e, "ack failed; the message will be redelivered");
                     }
+                    metrics::processing(started.elapsed());
                 }
                 Err(e) => {
                     error!(error = %e, "delivery not finished; putting it back");
