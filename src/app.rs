@@ -206,56 +206,74 @@ impl App {
         let mut fatal = None;
         loop {
             let mut stop = shutdown.clone();
-            if let Some(replica) = &replica {
-                match crate::cluster::session(replica, &settings, &worker, &health, stop.clone())
+            let next = match &replica {
+                Some(replica) => {
+                    match crate::cluster::session(
+                        replica,
+                        &settings,
+                        &worker,
+                        &health,
+                        stop.clone(),
+                    )
                     .await
-                {
-                    Ok(crate::cluster::End::Shutdown) => break,
-                    Ok(crate::cluster::End::Lost(reason)) => {
-                        warn!(%reason, "broker session lost; reconnecting");
-                        reconnect = backoff.build();
-                    }
-                    Err(crate::cluster::ClusterError::Refused(reason)) => {
-                        error!(%reason, "refusing to run");
-                        fatal = Some(AppError::Cluster(reason));
-                        break;
-                    }
-                    Err(e) => warn!(error = %e, "broker unreachable; retrying"),
-                }
-                worker.set_side_publisher(None);
-                health.set_consuming(false);
-                health.set_broker(false);
-                let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
-                tokio::select! {
-                    _ = stop.triggered() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                continue;
-            }
-            match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
-                Ok(SessionEnd::Shutdown) => break,
-                Ok(SessionEnd::Lost(reason)) => {
-                    // The session had connected: start the backoff afresh.
-                    consumed = true;
-                    warn!(%reason, "broker session lost; reconnecting");
-                    reconnect = backoff.build();
-                }
-                Ok(SessionEnd::Refused(reason)) if !consumed => {
-                    // Our own previous connection may linger for a moment
-                    // after a restart; a second worker does not go away.
-                    refusals += 1;
-                    warn!(%reason, refusals, "the commands queue is in exclusive use");
-                    if refusals >= START_REFUSALS {
-                        let queue = settings.amqp.commands_queue.clone();
-                        error!(%queue, "another worker consumes the commands queue; stopping");
-                        fatal = Some(AppError::AnotherWorker(queue));
-                        break;
+                    {
+                        Ok(crate::cluster::End::Shutdown) => Next::Stop,
+                        Ok(crate::cluster::End::Lost(reason)) => {
+                            warn!(%reason, "broker session lost; reconnecting");
+                            Next::Reconnect { fresh: true }
+                        }
+                        Err(crate::cluster::ClusterError::Refused(reason)) => {
+                            error!(%reason, "refusing to run");
+                            Next::Fatal(AppError::Cluster(reason))
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "broker unreachable; retrying");
+                            Next::Reconnect { fresh: false }
+                        }
                     }
                 }
-                Ok(SessionEnd::Refused(reason)) => {
-                    warn!(%reason, "the commands queue is in exclusive use; retrying")
+                None => {
+                    match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
+                        Ok(SessionEnd::Shutdown) => Next::Stop,
+                        Ok(SessionEnd::Lost(reason)) => {
+                            consumed = true;
+                            warn!(%reason, "broker session lost; reconnecting");
+                            Next::Reconnect { fresh: true }
+                        }
+                        Ok(SessionEnd::Refused(reason)) if !consumed => {
+                            // Our own previous connection may linger for a
+                            // moment after a restart; a second worker does not
+                            // go away.
+                            refusals += 1;
+                            warn!(%reason, refusals, "the commands queue is in exclusive use");
+                            if refusals >= START_REFUSALS {
+                                let queue = settings.amqp.commands_queue.clone();
+                                error!(%queue, "another worker consumes the commands queue; stopping");
+                                Next::Fatal(AppError::AnotherWorker(queue))
+                            } else {
+                                Next::Reconnect { fresh: false }
+                            }
+                        }
+                        Ok(SessionEnd::Refused(reason)) => {
+                            warn!(%reason, "the commands queue is in exclusive use; retrying");
+                            Next::Reconnect { fresh: false }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "broker unreachable; retrying");
+                            Next::Reconnect { fresh: false }
+                        }
+                    }
                 }
-                Err(e) => warn!(error = %e, "broker unreachable; retrying"),
+            };
+            match next {
+                Next::Stop => break,
+                Next::Fatal(error) => {
+                    fatal = Some(error);
+                    break;
+                }
+                // The session had connected: start the backoff afresh.
+                Next::Reconnect { fresh: true } => reconnect = backoff.build(),
+                Next::Reconnect { fresh: false } => {}
             }
             worker.set_side_publisher(None);
             health.set_consuming(false);
@@ -288,6 +306,16 @@ impl App {
 
 /// Refusals of the exclusive consumer at start-up before giving up.
 const START_REFUSALS: u32 = 5;
+
+/// What the supervision loop does after a session.
+enum Next {
+    Stop,
+    Reconnect {
+        /// The session had connected: the backoff starts afresh.
+        fresh: bool,
+    },
+    Fatal(AppError),
+}
 
 enum SessionEnd {
     Shutdown,

@@ -260,12 +260,7 @@ async fn run_config(
 ) -> anyhow::Result<ConfigResult> {
     let n = options.n;
     let dir = tempfile::tempdir()?;
-    let sandbox = Sandbox::new(SandboxConfig {
-        latency: Duration::from_millis(latency_ms),
-        seed: Seed::hyp_pay_range(100_000_000, n, 1_000_000),
-        ..SandboxConfig::default()
-    });
-    let sandbox_url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);
+    let (_sandbox, sandbox_url) = sandbox(latency_ms, n).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -349,6 +344,18 @@ async fn run_config(
         relay: median.relay.drain.clone(),
         rounds,
     })
+}
+
+/// The provider sandbox of a run, in this process: `n` Hyp Pay originals
+/// and the given latency. Returns it (it serves while it lives) and its URL.
+pub(crate) async fn sandbox(latency_ms: u64, n: usize) -> anyhow::Result<(Sandbox, String)> {
+    let sandbox = Sandbox::new(SandboxConfig {
+        latency: Duration::from_millis(latency_ms),
+        seed: Seed::hyp_pay_range(100_000_000, n, 1_000_000),
+        ..SandboxConfig::default()
+    });
+    let url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);
+    Ok((sandbox, url))
 }
 
 /// One drain by one process, measured.

@@ -166,18 +166,10 @@ async fn publish(urls: &[String], channel: &mut Channel, body: &str) {
     }
 }
 
+/// Messages in `queue`, or `u32::MAX` when it does not exist (yet).
 async fn depth(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    support::queue_depth(channel, queue)
         .await
-        .map(|q| q.message_count())
         .unwrap_or(u32::MAX)
 }
 
@@ -755,27 +747,7 @@ async fn owners_and_state_travel(
         killed.elapsed(),
         balancer.answers.lock().expect("lock")
     );
-    for replica in replicas.iter().filter(|r| r.child.is_some()) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, record) = api(
-                replica,
-                reqwest::Method::GET,
-                &format!("/refunds/{refund_id}"),
-                None,
-            )
-            .await;
-            if status_of(&record) == "succeeded" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not show {refund_id} succeeded: {record}",
-                replica.id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    succeeded_everywhere(replicas, refund_id).await;
 
     // A refund in doubt (Hyp Pay executed it, then answered an HTML page):
     // an operator resolves it through a replica that does not own it, and
@@ -833,27 +805,7 @@ async fn owners_and_state_travel(
         "resolve via {} (not the owner): {answer}",
         asked.id
     );
-    for replica in replicas.iter().filter(|r| r.child.is_some()) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, record) = api(
-                replica,
-                reqwest::Method::GET,
-                &format!("/refunds/{refund_id}"),
-                None,
-            )
-            .await;
-            if status_of(&record) == "succeeded" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not show {refund_id} resolved: {record}",
-                replica.id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    succeeded_everywhere(replicas, refund_id).await;
     eprintln!("resolved {refund_id} through {} (not its owner)", asked.id);
 }
 
@@ -888,5 +840,26 @@ async fn assert_drained(url: &str, rig: &Rig) {
             rig.log.display()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every live replica shows `refund_id` succeeded (soon): the state log
+/// reached each one's store.
+async fn succeeded_everywhere(replicas: &[Replica], refund_id: &str) {
+    for replica in replicas.iter().filter(|r| r.child.is_some()) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let path = format!("/refunds/{refund_id}");
+            let (_, record) = api(replica, reqwest::Method::GET, &path, None).await;
+            if status_of(&record) == "succeeded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not show {refund_id} succeeded: {record}",
+                replica.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

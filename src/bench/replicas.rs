@@ -14,7 +14,7 @@
 use super::{bench_settings, bind_events, collect, cpu_ms, free_port, preload, BenchOptions};
 use crate::broker::topology;
 use crate::local_cluster::LocalCluster;
-use crate::sandbox::{Sandbox, SandboxConfig, Seed};
+use crate::sandbox::Sandbox;
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Connection, ConnectionProperties};
@@ -145,12 +145,7 @@ async fn deploy(
     n: usize,
 ) -> anyhow::Result<Deployment> {
     let dir = tempfile::tempdir()?;
-    let sandbox = Sandbox::new(SandboxConfig {
-        latency: Duration::from_millis(latency_ms),
-        seed: Seed::hyp_pay_range(100_000_000, n, 1_000_000),
-        ..SandboxConfig::default()
-    });
-    let sandbox_url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);
+    let (sandbox, sandbox_url) = super::sandbox(latency_ms, n).await?;
     let run = format!("{id}c");
     let mut configs = Vec::new();
     let mut settings = None;

@@ -475,19 +475,26 @@ impl TestApp {
 
     /// Messages waiting in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        queue_depth(&self.channel, queue)
             .await
             .expect("passive declare")
-            .message_count()
     }
+}
+
+/// Messages waiting in `queue` (a passive declaration; an error when the
+/// queue does not exist, which closes the channel).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
 }
 
 impl Drop for TestApp {
