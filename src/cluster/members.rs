@@ -43,7 +43,8 @@ pub struct Members {
     me: Heartbeat,
     timeout: Duration,
     seen: Mutex<BTreeMap<String, (String, Instant)>>,
-    conflict: Mutex<Option<String>>,
+    /// The last conflicting heartbeat's reason, and when it came.
+    conflict: Mutex<Option<(String, Instant)>>,
 }
 
 impl Members {
@@ -61,16 +62,22 @@ impl Members {
     /// instance, another P) is remembered as the reason to refuse.
     pub fn heard(&self, beat: Heartbeat) {
         if beat.replica == self.me.replica && beat.instance != self.me.instance {
-            *lock(&self.conflict) = Some(format!(
-                "another running replica already uses cluster.replica_id = {:?}; every replica needs its own",
-                beat.replica
+            *lock(&self.conflict) = Some((
+                format!(
+                    "another running replica already uses cluster.replica_id = {:?}; every replica needs its own",
+                    beat.replica
+                ),
+                Instant::now(),
             ));
             return;
         }
         if beat.partitions != self.me.partitions {
-            *lock(&self.conflict) = Some(format!(
-                "replica {:?} runs with cluster.partitions = {}, this one with {}; P is fixed per deployment",
-                beat.replica, beat.partitions, self.me.partitions
+            *lock(&self.conflict) = Some((
+                format!(
+                    "replica {:?} runs with cluster.partitions = {}, this one with {}; P is fixed per deployment",
+                    beat.replica, beat.partitions, self.me.partitions
+                ),
+                Instant::now(),
             ));
             return;
         }
@@ -79,9 +86,13 @@ impl Members {
         }
     }
 
-    /// A reason to refuse, if a heartbeat conflicted with this replica.
+    /// A reason to refuse, if a heartbeat conflicted with this replica
+    /// lately (within the member timeout: a refused newcomer is gone).
     pub fn conflict(&self) -> Option<String> {
-        lock(&self.conflict).clone()
+        lock(&self.conflict)
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < self.timeout)
+            .map(|(reason, _)| reason.clone())
     }
 
     /// Live replica ids, sorted, me included.

@@ -304,6 +304,7 @@ pub async fn session(
     };
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut reported = None;
     let end = loop {
         tokio::select! {
             _ = shutdown.triggered() => break End::Shutdown,
@@ -317,9 +318,11 @@ pub async fn session(
                 break End::Lost(reason);
             }
             _ = tick.tick() => {
-                if let Some(reason) = replica.members.conflict() {
-                    error!(%reason, "cluster conflict");
+                let conflict = replica.members.conflict();
+                if conflict.is_some() && conflict != reported {
+                    error!(reason = conflict.as_deref().unwrap_or_default(), "cluster conflict: another replica is misconfigured (it refuses to start)");
                 }
+                reported = conflict;
                 let mine = replica.members.mine();
                 let mut failed = None;
                 for p in &mine {
