@@ -35,6 +35,10 @@ pub struct Heartbeat {
     pub instance: String,
     /// `cluster.partitions`.
     pub partitions: u32,
+    /// The last one of a replica that is shutting down: the others take
+    /// its partitions at once instead of after the member timeout.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// The live members as this replica sees them.
@@ -82,7 +86,12 @@ impl Members {
             return;
         }
         if beat.replica != self.me.replica {
-            lock(&self.seen).insert(beat.replica, (beat.instance, Instant::now()));
+            let mut seen = lock(&self.seen);
+            if beat.leaving {
+                seen.remove(&beat.replica);
+            } else {
+                seen.insert(beat.replica, (beat.instance, Instant::now()));
+            }
         }
     }
 
@@ -201,6 +210,24 @@ pub async fn start(
     Ok(())
 }
 
+/// Says goodbye (shutdown, after the partitions were given back).
+pub async fn leave(channel: &Channel, exchange: &str, me: &Heartbeat) {
+    let goodbye = Heartbeat {
+        leaving: true,
+        ..me.clone()
+    };
+    let body = serde_json::to_vec(&goodbye).unwrap_or_default();
+    let _ = channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default(),
+        )
+        .await;
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -236,14 +263,23 @@ mod tests {
             replica: "a".into(),
             instance: "1".into(),
             partitions: 16,
+            leaving: false,
         };
         let members = Members::new(me.clone(), Duration::from_secs(3));
         members.heard(Heartbeat {
             replica: "b".into(),
             instance: "2".into(),
             partitions: 16,
+            leaving: false,
         });
         assert_eq!(members.live(), vec!["a".to_string(), "b".to_string()]);
+        members.heard(Heartbeat {
+            replica: "b".into(),
+            instance: "2".into(),
+            partitions: 16,
+            leaving: true,
+        });
+        assert_eq!(members.live(), vec!["a".to_string()]);
         assert!(members.conflict().is_none());
         members.heard(Heartbeat {
             instance: "other".into(),
@@ -258,6 +294,7 @@ mod tests {
             replica: "b".into(),
             instance: "2".into(),
             partitions: 8,
+            leaving: false,
         });
         assert!(members
             .conflict()

@@ -178,6 +178,7 @@ impl Replica {
             replica: settings.cluster.replica_id.clone().unwrap_or_default(),
             instance: instance_id(),
             partitions: partitions(settings),
+            leaving: false,
         };
         let timeout = Duration::from_millis(settings.cluster.member_timeout_ms);
         Replica {
@@ -256,8 +257,9 @@ pub async fn session(
     log.catch_up(replica.me.partitions).await?;
     info!("caught up with the state log");
     let every = Duration::from_millis(settings.cluster.heartbeat_ms);
+    let heartbeats = connection.create_channel().await?;
     members::start(
-        connection.create_channel().await?,
+        heartbeats.clone(),
         &heartbeat_exchange(settings),
         replica.members.clone(),
         every,
@@ -371,6 +373,10 @@ pub async fn session(
     }
     if matches!(end, End::Shutdown) {
         journal.disown_all();
+        // No heartbeat after the goodbye.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        members::leave(&heartbeats, &heartbeat_exchange(settings), &replica.me).await;
     }
     worker.set_side_publisher(None);
     tasks.abort_all();

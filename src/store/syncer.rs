@@ -91,11 +91,18 @@ pub(super) fn run_syncer(
             .requests
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         crate::metrics::store_flush(batch.len());
+        if closing {
+            // Let go of the database before answering, so that whoever
+            // asked can open the directory again right away (sled's lock
+            // goes with the last handle).
+            drop(db);
+            for reply in batch.drain(..) {
+                let _ = reply.send(result.clone());
+            }
+            return;
+        }
         for reply in batch.drain(..) {
             let _ = reply.send(result.clone());
-        }
-        if closing {
-            break;
         }
     }
 }
