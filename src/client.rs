@@ -83,6 +83,17 @@ pub async fn consume_events(
             FieldTable::default(),
         )
         .await?;
+    temporary_consumer(channel, exchange, name).await
+}
+
+/// A temporary queue (`name` empty lets the broker name it; it is then
+/// exclusive) bound to everything on `exchange`, consumed without acks.
+/// The exchange must exist.
+pub async fn temporary_consumer(
+    channel: &lapin::Channel,
+    exchange: &str,
+    name: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
     let queue = channel
         .queue_declare(
             name.into(),

@@ -151,16 +151,15 @@ impl StateLog {
         .await?;
         let mut tail = self.tail.clone();
         let journal = self.journal.clone();
-        let wait = tail.wait_for(|t| {
-            t.refused.is_some() || journal.markers().get(&p).is_some_and(|m| *m == token)
-        });
+        let wait =
+            tail.wait_for(|t| t.refused.is_some() || journal.marker(p).as_ref() == Some(&token));
         tokio::time::timeout(self.timeout, wait)
             .await
             .map_err(|_| {
                 ClusterError::Log(format!("the marker of partition {p} did not come back"))
             })?
             .map_err(|_| ClusterError::Log("the tailer stopped".into()))?;
-        if self.journal.markers().get(&p) == Some(&token) {
+        if self.journal.marker(p).as_ref() == Some(&token) {
             self.journal.own(p, token);
         }
         Ok(())

@@ -15,10 +15,7 @@
 
 use super::ClusterError;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -140,38 +137,7 @@ pub async fn start(
     every: Duration,
     tasks: &mut tokio::task::JoinSet<Result<(), ClusterError>>,
 ) -> Result<(), ClusterError> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "heartbeats".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = crate::client::temporary_consumer(&channel, exchange, "").await?;
     let reader = members.clone();
     tasks.spawn(async move {
         while let Some(delivery) = consumer.next().await {

@@ -32,26 +32,12 @@ fn refund_of(path: &str) -> Option<String> {
         ["console", "resolve", id] => id,
         _ => return None,
     };
-    Some(percent_decode(id))
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // As axum's `Path` decodes it, so both sides compute one partition.
+    Some(
+        percent_encoding::percent_decode_str(id)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 /// The layer: run here when this replica owns the refund (or the request
@@ -171,6 +157,6 @@ mod tests {
         assert_eq!(refund_of("/console/resolve/r-3").as_deref(), Some("r-3"));
         assert_eq!(refund_of("/refunds/r-1"), None);
         assert_eq!(refund_of("/refunds"), None);
-        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(refund_of("/refunds/100%/resolve").as_deref(), Some("100%"));
     }
 }

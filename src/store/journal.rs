@@ -195,6 +195,11 @@ impl Journal {
         lock(&self.markers).insert(p, token);
     }
 
+    /// The latest marker of `p`, as the tailer read it.
+    pub fn marker(&self, p: u32) -> Option<String> {
+        lock(&self.markers).get(&p).cloned()
+    }
+
     /// The marker table (the tailer persists it with its offset).
     pub fn markers(&self) -> HashMap<u32, String> {
         lock(&self.markers).clone()
