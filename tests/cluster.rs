@@ -14,7 +14,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use refund_worker::local_cluster::LocalCluster;
 use refund_worker::sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
@@ -72,6 +72,9 @@ impl Rig {
             .env("REFUND_WORKER__CLUSTER__ENABLED", "true")
             .env("REFUND_WORKER__CLUSTER__REPLICA_ID", &replica.id)
             .env("REFUND_WORKER__CLUSTER__PARTITIONS", PARTITIONS)
+            // Consumers subscribe again after 2 s idle (30 s by default):
+            // the test's quiet phases run through that path many times.
+            .env("REFUND_WORKER__CLUSTER__RESUBSCRIBE_IDLE_MS", "2000")
             .env("REFUND_WORKER__AMQP__PREFETCH", "32")
             .env("REFUND_WORKER__STORE__PATH", store)
             .env("REFUND_WORKER__HTTP__ADDR", &replica.http)
@@ -231,7 +234,8 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
     }
 
     // The test's client lives on the third node (the one never killed):
-    // an event queue (quorum) bound to every event.
+    // an event queue bound to every event. A classic queue, so it lives on
+    // that node: the observer is not itself exposed to a leader election.
     let client = connect(&urls[2]).await;
     let events_channel = client.create_channel().await.expect("channel");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -249,11 +253,6 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
     events_channel
         .queue_declare(
             "test.events".into(),
@@ -261,7 +260,7 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
                 durable: true,
                 ..Default::default()
             },
-            quorum,
+            FieldTable::default(),
         )
         .await
         .expect("events queue");
@@ -376,11 +375,18 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
         if done >= REFUNDS {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {done} of {REFUNDS} refunds have an outcome (log: {})",
-            rig.log.display()
-        );
+        if Instant::now() > deadline {
+            let missing: Vec<String> = bodies
+                .iter()
+                .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+                .filter_map(|v| v["refund_id"].as_str().map(str::to_string))
+                .filter(|id| !events.lock().expect("lock").contains_key(id))
+                .collect();
+            panic!(
+                "only {done} of {REFUNDS} refunds have an outcome\n{}",
+                diagnose(&rig, &cluster, &replicas, &missing).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // No refund executed twice.
@@ -445,12 +451,17 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
         if done == more.len() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{done} of {} commands finished after a node was lost (log: {})",
-            more.len(),
-            rig.log.display()
-        );
+        if Instant::now() > deadline {
+            let missing: Vec<String> = (REFUNDS..REFUNDS + more.len())
+                .map(|i| format!("rf-cl-after-{i}"))
+                .filter(|id| !events.lock().expect("lock").contains_key(id))
+                .collect();
+            panic!(
+                "{done} of {} commands finished after a node was lost\n{}",
+                more.len(),
+                diagnose(&rig, &cluster, &replicas, &missing).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_drained(&urls[2], &rig).await;
@@ -467,6 +478,69 @@ async fn three_replicas_on_a_cluster_never_pay_twice_or_lose_one() {
     for replica in &mut replicas {
         rig.kill(replica);
     }
+}
+
+/// What a failed wait prints: the refunds without an event, what each live
+/// replica's store says about them, every queue of the test's vhost as a
+/// live node counts it, and the replicas' log lines that name them (the log
+/// file is gone with the machine when CI fails).
+async fn diagnose(
+    rig: &Rig,
+    cluster: &LocalCluster,
+    replicas: &[Replica],
+    missing: &[String],
+) -> String {
+    let mut out = format!("refunds without an event: {missing:?}\n");
+    for id in missing.iter().take(5) {
+        for replica in replicas.iter().filter(|r| r.child.is_some()) {
+            let (status, record) = api(
+                replica,
+                reqwest::Method::GET,
+                &format!("/refunds/{id}"),
+                None,
+            )
+            .await;
+            out += &format!("{} says {id}: {status} {record}\n", replica.id);
+        }
+    }
+    let vhost = rig
+        .urls
+        .split(',')
+        .next()
+        .and_then(|u| u.rsplit('/').next())
+        .unwrap_or_default()
+        .to_string();
+    for node in &cluster.nodes {
+        let listed = tokio::task::block_in_place(|| {
+            node.ctl_output(&[
+                "list_queues",
+                "-p",
+                &vhost,
+                "name",
+                "type",
+                "leader",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ])
+        });
+        if let Some(listed) = listed {
+            out += &format!("queues as {} sees them:\n{listed}", node.node);
+            break;
+        }
+    }
+    let log = std::fs::read_to_string(&rig.log).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| missing.iter().take(5).any(|id| l.contains(id.as_str())))
+        .collect();
+    out += &format!("log lines naming them ({}):\n", lines.len());
+    for line in lines.iter().rev().take(40).rev() {
+        out += line;
+        out.push('\n');
+    }
+    out += &format!("(whole log: {})", rig.log.display());
+    out
 }
 
 /// A free local address for a replica's private listener.

@@ -281,14 +281,19 @@ pub async fn session(
         .forwarder
         .attach(connection.create_channel().await?, &mut tasks)
         .await?;
-    tasks.spawn(router::run(
-        connection.create_channel().await?,
-        connection.create_channel().await?,
-        amqp.commands_queue.clone(),
-        replica.me.partitions,
-        amqp.prefetch.max(64),
-        timeout,
-    ));
+    let resubscribe_idle = Duration::from_millis(settings.cluster.resubscribe_idle_ms);
+    let start_router = || async {
+        Ok::<_, lapin::Error>(tokio::spawn(router::run(
+            connection.create_channel().await?,
+            connection.create_channel().await?,
+            amqp.commands_queue.clone(),
+            replica.me.partitions,
+            amqp.prefetch.max(64),
+            timeout,
+            resubscribe_idle,
+        )))
+    };
+    let mut router = start_router().await?;
     worker.set_side_publisher(Some(publisher.clone()));
     health.set_broker(true);
     health.set_consuming(true);
@@ -303,6 +308,7 @@ pub async fn session(
         prefetch: amqp.prefetch,
         timeout,
         forwarder: replica.forwarder.clone(),
+        resubscribe_idle,
     };
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -310,6 +316,15 @@ pub async fn session(
     let end = loop {
         tokio::select! {
             _ = shutdown.triggered() => break End::Shutdown,
+            done = &mut router => match done {
+                // Idle: on fresh channels (`cluster.resubscribe_idle_ms`).
+                Ok(Ok(())) => match start_router().await {
+                    Ok(again) => router = again,
+                    Err(e) => break End::Lost(e.to_string()),
+                },
+                Ok(Err(e)) => break End::Lost(e.to_string()),
+                Err(e) => break End::Lost(e.to_string()),
+            },
             Some(done) = tasks.join_next() => {
                 let reason = match done {
                     Ok(Err(ClusterError::Refused(reason))) => return Err(ClusterError::Refused(reason)),
@@ -327,14 +342,6 @@ pub async fn session(
                 reported = conflict;
                 let mine = replica.members.mine();
                 let mut failed = None;
-                for p in &mine {
-                    if !owned.contains_key(p) {
-                        match Owned::start(&connection, shared.clone(), *p).await {
-                            Ok(partition) => { owned.insert(*p, partition); }
-                            Err(e) => failed = Some(e.to_string()),
-                        }
-                    }
-                }
                 let keys: Vec<u32> = owned.keys().copied().collect();
                 for p in keys {
                     let gone = !mine.contains(&p);
@@ -348,6 +355,16 @@ pub async fn session(
                             if let Err(e) = partition.join().await {
                                 failed = Some(e.to_string());
                             }
+                        }
+                    }
+                }
+                // After the removals: a consumer that stopped because it
+                // was idle is back within the same tick.
+                for p in &mine {
+                    if !owned.contains_key(p) {
+                        match Owned::start(&connection, shared.clone(), *p).await {
+                            Ok(partition) => { owned.insert(*p, partition); }
+                            Err(e) => failed = Some(e.to_string()),
                         }
                     }
                 }
@@ -378,6 +395,7 @@ pub async fn session(
         while tasks.join_next().await.is_some() {}
         members::leave(&heartbeats, &heartbeat_exchange(settings), &replica.me).await;
     }
+    router.abort();
     worker.set_side_publisher(None);
     tasks.abort_all();
     let _ = connection.close(200, "session over".into()).await;

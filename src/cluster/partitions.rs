@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// What every partition consumer shares.
 #[derive(Debug, Clone)]
@@ -58,6 +58,14 @@ pub struct Shared {
     pub timeout: Duration,
     /// Runs requests forwarded to this partition's owner.
     pub forwarder: Arc<Forwarder>,
+    /// `cluster.resubscribe_idle_ms`: how long a consumer with nothing in
+    /// flight waits for a delivery before it closes its channel and
+    /// subscribes again. A quorum queue can, after a leader election, count
+    /// a message as delivered to a consumer that never received it
+    /// (rabbitmq-server#15473); such a message comes back only when the
+    /// consumer's channel closes. Resubscribing when idle bounds how long a
+    /// refund can wait that way.
+    pub resubscribe_idle: Duration,
 }
 
 /// What a partition consumer is asked to do.
@@ -138,15 +146,26 @@ async fn consume(
         .await?;
     let running = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
+    let mut idle_at = tokio::time::Instant::now() + shared.resubscribe_idle;
+    let mut idle = false;
     let result = loop {
         let delivery = tokio::select! {
             _ = asked.wait_for(|asked| *asked != Ask::Run) => break Ok(()),
+            _ = tokio::time::sleep_until(idle_at) => {
+                if running.load(Ordering::SeqCst) == 0 {
+                    idle = true;
+                    break Ok(());
+                }
+                idle_at = tokio::time::Instant::now() + shared.resubscribe_idle;
+                continue;
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(e)) => break Err(e.into()),
                 None => break Err(ClusterError::Log(format!("the consumer of {queue} was cancelled"))),
             },
         };
+        idle_at = tokio::time::Instant::now() + shared.resubscribe_idle;
         if !shared.journal.holds(p) {
             // The first delivery: this replica is the active consumer.
             let n = shared.counter.fetch_add(1, Ordering::Relaxed);
@@ -159,6 +178,8 @@ async fn consume(
             // A request forwarded to this partition's owner (a callback,
             // an operator decision): run it, answer, ack.
             let (forwarder, channel) = (shared.forwarder.clone(), shared.publisher.channel());
+            running.fetch_add(1, Ordering::SeqCst);
+            let (running, done) = (running.clone(), done.clone());
             tokio::spawn(async move {
                 let answer = forwarder.run(&delivery.data, mac.as_deref()).await;
                 if let Some(reply_to) = delivery.properties.reply_to() {
@@ -178,6 +199,8 @@ async fn consume(
                         .await;
                 }
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.notify_waiters();
             });
             continue;
         }
@@ -225,6 +248,15 @@ async fn consume(
     // Let the refunds in flight finish and ack on this channel, then close
     // it: deliveries received but not started go back to the queue, and the
     // broker activates the next consumer.
+    if idle {
+        // Nothing in flight: closing the channel hands back whatever the
+        // queue thinks this consumer holds; the session subscribes again at
+        // its next tick and keeps the token (no new marker unless another
+        // replica took the partition meanwhile).
+        debug!(partition = p, "idle: subscribing again");
+        let _ = channel.close(200, "idle; subscribing again".into()).await;
+        return result;
+    }
     if *asked.borrow() == Ask::Leave || result.is_err() {
         // After a broker failure the token is kept: if nobody took the
         // partition meanwhile, the refunds that were in flight finish with

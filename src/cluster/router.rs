@@ -85,7 +85,9 @@ pub async fn forward(
 }
 
 /// Consumes the commands queue and moves every command to its partition,
-/// until the channel fails.
+/// until the channel fails (an error) or it has been idle for
+/// `resubscribe_idle` with nothing in flight (`Ok`: run it again on
+/// fresh channels).
 pub async fn run(
     consume: Channel,
     publish: Channel,
@@ -93,6 +95,7 @@ pub async fn run(
     partitions: u32,
     prefetch: u16,
     timeout: Duration,
+    resubscribe_idle: Duration,
 ) -> Result<(), ClusterError> {
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -109,14 +112,26 @@ pub async fn run(
         )
         .await?;
     let mut moving = tokio::task::JoinSet::new();
+    let mut idle_at = tokio::time::Instant::now() + resubscribe_idle;
     loop {
         tokio::select! {
             Some(_) = moving.join_next(), if !moving.is_empty() => {}
+            _ = tokio::time::sleep_until(idle_at) => {
+                if moving.is_empty() {
+                    // See `partitions::Shared::resubscribe_idle`: the
+                    // session starts a router on fresh channels.
+                    let _ = consume.close(200, "idle; subscribing again".into()).await;
+                    let _ = publish.close(200, "idle; subscribing again".into()).await;
+                    return Ok(());
+                }
+                idle_at = tokio::time::Instant::now() + resubscribe_idle;
+            }
             next = consumer.next() => {
                 let Some(delivery) = next else {
                     return Err(ClusterError::Log("the router's consumer was cancelled".into()));
                 };
                 let delivery = delivery?;
+                idle_at = tokio::time::Instant::now() + resubscribe_idle;
                 let publish = publish.clone();
                 let prefix = commands_queue.clone();
                 moving.spawn(async move {

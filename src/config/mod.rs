@@ -132,6 +132,14 @@ pub struct ClusterSettings {
         deserialize_with = "crate::lenient::u64"
     )]
     pub member_timeout_ms: u64,
+    /// A partition or router consumer with nothing in flight that received
+    /// nothing for this long (milliseconds) closes its channel and
+    /// subscribes again (`cluster/partitions.rs` says why).
+    #[serde(
+        default = "default_resubscribe_idle_ms",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub resubscribe_idle_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -142,6 +150,7 @@ impl Default for ClusterSettings {
             partitions: default_partitions(),
             heartbeat_ms: default_heartbeat_ms(),
             member_timeout_ms: default_member_timeout_ms(),
+            resubscribe_idle_ms: default_resubscribe_idle_ms(),
         }
     }
 }
@@ -156,6 +165,10 @@ fn default_heartbeat_ms() -> u64 {
 
 fn default_member_timeout_ms() -> u64 {
     3500
+}
+
+fn default_resubscribe_idle_ms() -> u64 {
+    30_000
 }
 
 /// Broker settings. Queue and exchange names are configuration, not
@@ -463,6 +476,12 @@ impl Settings {
                 "must be more than twice cluster.heartbeat_ms",
             ));
         }
+        if cluster.resubscribe_idle_ms < 1000 {
+            return Err(invalid(
+                "cluster.resubscribe_idle_ms",
+                format!("must be at least 1000, not {}", cluster.resubscribe_idle_ms),
+            ));
+        }
         Ok(())
     }
 
@@ -759,8 +778,10 @@ mod tests {
         let s = load(&[
             ("REFUND_WORKER__CLUSTER__REPLICA_ID", "refund-worker-0"),
             ("REFUND_WORKER__CLUSTER__PARTITIONS", "32"),
+            ("REFUND_WORKER__CLUSTER__RESUBSCRIBE_IDLE_MS", "2000"),
         ])
         .expect("valid");
+        assert_eq!(s.cluster.resubscribe_idle_ms, 2000);
         assert!(s.cluster.enabled);
         assert_eq!(s.cluster.replica_id.as_deref(), Some("refund-worker-0"));
         assert_eq!(s.cluster.partitions, 32);
@@ -777,6 +798,13 @@ mod tests {
             .expect_err("bad id")
             .to_string();
         assert!(err.contains("cluster.replica_id"), "{err}");
+        let err = load(&[
+            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "a"),
+            ("REFUND_WORKER__CLUSTER__RESUBSCRIBE_IDLE_MS", "10"),
+        ])
+        .expect_err("too eager")
+        .to_string();
+        assert!(err.contains("cluster.resubscribe_idle_ms"), "{err}");
         // Off by default: nothing is required.
         assert!(!with(HYP).expect("valid").cluster.enabled);
     }
