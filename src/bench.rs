@@ -602,6 +602,7 @@ async fn collect(
         bar
     };
     let mut latencies = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::with_capacity(n);
     let (mut first, mut last) = (None, Instant::now());
     let idle = Duration::from_secs(60);
     while latencies.len() < n {
@@ -615,9 +616,16 @@ async fn collect(
             ),
         };
         let now = Instant::now();
+        let v: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+        // A refund's event can come twice (cluster mode publishes a
+        // session's first-minute events once more); count refunds.
+        if let Some(id) = v["refund_id"].as_str() {
+            if !seen.insert(id.to_string()) {
+                continue;
+            }
+        }
         first.get_or_insert(now);
         last = now;
-        let v: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
         let published = v["metadata"]["published_us"]
             .as_u64()
             .or_else(|| v["published_us"].as_u64());

@@ -67,7 +67,8 @@ impl Rig {
             .args(["run", "--config"])
             .arg(&self.config)
             .args(["--log-format", "json"])
-            .env("RUST_LOG", "info")
+            // Where each command went, for a failed wait's diagnosis.
+            .env("RUST_LOG", "info,refund_worker::cluster::router=debug")
             .env("REFUND_WORKER__AMQP__URL", &self.urls)
             .env("REFUND_WORKER__CLUSTER__ENABLED", "true")
             .env("REFUND_WORKER__CLUSTER__REPLICA_ID", &replica.id)
@@ -539,7 +540,18 @@ async fn diagnose(
         out += line;
         out.push('\n');
     }
-    out += &format!("(whole log: {})", rig.log.display());
+    // The broker nodes' own logs go with their directories when the test
+    // ends; keep a copy next to the replicas' log.
+    for node in &cluster.nodes {
+        let kept = rig.log.with_extension(format!("{}.broker-log", node.node));
+        let _ = std::fs::create_dir_all(&kept);
+        if let Ok(files) = std::fs::read_dir(node.dir.join("log")) {
+            for file in files.flatten() {
+                let _ = std::fs::copy(file.path(), kept.join(file.file_name()));
+            }
+        }
+    }
+    out += &format!("(whole log: {}; broker logs beside it)", rig.log.display());
     out
 }
 

@@ -169,6 +169,7 @@ pub struct Replica {
     counter: Arc<AtomicU64>,
     checked: std::sync::atomic::AtomicBool,
     forwarder: Arc<forward::Forwarder>,
+    recheck: Arc<router::Recheck>,
 }
 
 impl Replica {
@@ -187,6 +188,7 @@ impl Replica {
             slots: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
             counter: Arc::default(),
             checked: Default::default(),
+            recheck: Arc::default(),
             forwarder: Arc::new(forward::Forwarder::new(
                 &settings.amqp.commands_queue,
                 partitions(settings),
@@ -241,7 +243,11 @@ pub async fn session(
     }
     let _ = setup.close(200, "topology declared".into()).await;
     declare(&connection, settings).await?;
-    let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
+    // A session's first minute: events are published once more by the
+    // outbox sweep, moves are checked again (`router::Recheck`).
+    let publisher = Publisher::new(connection.create_channel().await?, amqp)
+        .await?
+        .keep_marks_until(std::time::Instant::now() + router::RECHECK_WINDOW);
     let mut tasks = JoinSet::new();
     let log = log::start(
         &connection,
@@ -282,15 +288,18 @@ pub async fn session(
         .attach(connection.create_channel().await?, &mut tasks)
         .await?;
     let resubscribe_idle = Duration::from_millis(settings.cluster.resubscribe_idle_ms);
+    let checks = router::Checks::for_session(replica.recheck.clone(), worker.store().clone());
+    let router_publish = connection.create_channel().await?;
     let start_router = || async {
         Ok::<_, lapin::Error>(tokio::spawn(router::run(
             connection.create_channel().await?,
-            connection.create_channel().await?,
+            router_publish.clone(),
             amqp.commands_queue.clone(),
             replica.me.partitions,
             amqp.prefetch.max(64),
             timeout,
             resubscribe_idle,
+            checks.clone(),
         )))
     };
     let mut router = start_router().await?;
@@ -317,7 +326,7 @@ pub async fn session(
         tokio::select! {
             _ = shutdown.triggered() => break End::Shutdown,
             done = &mut router => match done {
-                // Idle: on fresh channels (`cluster.resubscribe_idle_ms`).
+                // Idle: on a fresh channel (`cluster.resubscribe_idle_ms`).
                 Ok(Ok(())) => match start_router().await {
                     Ok(again) => router = again,
                     Err(e) => break End::Lost(e.to_string()),

@@ -75,15 +75,19 @@ impl Worker {
     /// Publishes an event that is already durable in the record, then takes
     /// it off the outbox (not synced: losing that mark in a crash only means
     /// one more publication with the same `event_id`, which consumers
-    /// deduplicate).
+    /// deduplicate). In a cluster session's first minute the mark stays,
+    /// so the sweep publishes the event once more
+    /// ([`Publisher::keep_marks_until`]).
     pub(super) async fn publish_recorded(
         &self,
         publisher: &Publisher,
         event: &OutcomeEvent,
     ) -> Result<(), PipelineError> {
         publisher.publish_event(event).await?;
-        self.store
-            .mark_published(&event.refund_id, &event.event_id)?;
+        if !publisher.keeps_marks() {
+            self.store
+                .mark_published(&event.refund_id, &event.event_id)?;
+        }
         Ok(())
     }
 
