@@ -220,6 +220,7 @@ impl App {
                         Ok(crate::cluster::End::Shutdown) => Next::Stop,
                         Ok(crate::cluster::End::Lost(reason)) => {
                             warn!(%reason, "broker session lost; reconnecting");
+                            crate::broker::prefer_next_node();
                             Next::Reconnect { fresh: true }
                         }
                         Err(crate::cluster::ClusterError::Refused(reason)) => {
@@ -228,6 +229,7 @@ impl App {
                         }
                         Err(e) => {
                             warn!(error = %e, "broker unreachable; retrying");
+                            crate::broker::prefer_next_node();
                             Next::Reconnect { fresh: false }
                         }
                     }

@@ -58,13 +58,27 @@ pub async fn connect_with(amqp: &AmqpSettings, name: &str) -> Result<Connection,
     connect_first(&amqp.url, name, pem).await
 }
 
+/// Which of `amqp.url`'s nodes a connection tries first (see
+/// [`prefer_next_node`]).
+static FIRST_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The next connection tries the next node in `amqp.url` first. Cluster
+/// mode calls it when a session fails: a node that accepts connections can
+/// still be unfit (its replica of the state log not running), and trying
+/// it first every time would keep the replica there.
+pub fn prefer_next_node() {
+    FIRST_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 async fn connect_first(
     url: &Secret,
     name: &str,
     ca_pem: Option<String>,
 ) -> Result<Connection, lapin::Error> {
     let mut last = None;
-    for candidate in urls(url) {
+    let all: Vec<&str> = urls(url).collect();
+    let first = FIRST_NODE.load(std::sync::atomic::Ordering::Relaxed) % all.len().max(1);
+    for candidate in all.iter().cycle().skip(first).take(all.len()).copied() {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connected = match &ca_pem {
             None => Connection::connect(candidate, properties).await,

@@ -210,12 +210,33 @@ pub async fn start(
 
 /// Group commit into the log: every batch of writes that piled up while the
 /// previous append waited for its confirm goes out as one entry.
+///
+/// It also watches the read-back: a batch the log confirmed but this
+/// replica has not read back within the sync timeout means the tailer is
+/// stuck (seen here once, for seconds, on a node whose replica of the
+/// stream lagged). The session ends then, and the next one tries another
+/// node first: otherwise every sync would time out, forever, while the
+/// replica kept its partitions.
 async fn appender(log: StateLog, instance: String) -> Result<(), ClusterError> {
     let journal = log.journal.clone();
+    let mut confirmed: std::collections::VecDeque<(u64, tokio::time::Instant)> =
+        std::collections::VecDeque::new();
     loop {
         // Writes that no sync asked for (history notes, outbox clears) go
         // out within a few milliseconds anyway.
         let _ = tokio::time::timeout(Duration::from_millis(20), journal.wanted()).await;
+        let seen = journal.seen();
+        while confirmed.front().is_some_and(|(b, _)| *b <= seen) {
+            confirmed.pop_front();
+        }
+        if let Some((b, at)) = confirmed.front() {
+            if at.elapsed() > journal.read_back_timeout() {
+                return Err(ClusterError::Log(format!(
+                    "batch {b} was confirmed {:?} ago and is still not read back: the state log's reader is stuck; reconnecting",
+                    at.elapsed()
+                )));
+            }
+        }
         while let Some((b, ops)) = journal.take_batch() {
             let entry = Entry::Batch {
                 w: instance.clone(),
@@ -226,6 +247,7 @@ async fn appender(log: StateLog, instance: String) -> Result<(), ClusterError> {
                 journal.lost(b);
                 return Err(e);
             }
+            confirmed.push_back((b, tokio::time::Instant::now()));
         }
     }
 }

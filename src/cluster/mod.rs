@@ -169,7 +169,6 @@ pub struct Replica {
     counter: Arc<AtomicU64>,
     checked: std::sync::atomic::AtomicBool,
     forwarder: Arc<forward::Forwarder>,
-    recheck: Arc<router::Recheck>,
 }
 
 impl Replica {
@@ -188,7 +187,6 @@ impl Replica {
             slots: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
             counter: Arc::default(),
             checked: Default::default(),
-            recheck: Arc::default(),
             forwarder: Arc::new(forward::Forwarder::new(
                 &settings.amqp.commands_queue,
                 partitions(settings),
@@ -244,7 +242,7 @@ pub async fn session(
     let _ = setup.close(200, "topology declared".into()).await;
     declare(&connection, settings).await?;
     // A session's first minute: events are published once more by the
-    // outbox sweep, moves are checked again (`router::Recheck`).
+    // outbox sweep, moves are checked again (`router::Checks`).
     let publisher = Publisher::new(connection.create_channel().await?, amqp)
         .await?
         .keep_marks_until(std::time::Instant::now() + router::RECHECK_WINDOW);
@@ -288,7 +286,7 @@ pub async fn session(
         .attach(connection.create_channel().await?, &mut tasks)
         .await?;
     let resubscribe_idle = Duration::from_millis(settings.cluster.resubscribe_idle_ms);
-    let checks = router::Checks::for_session(replica.recheck.clone(), worker.store().clone());
+    let checks = router::Checks::for_session(worker.store().clone());
     let router_publish = connection.create_channel().await?;
     let start_router = || async {
         Ok::<_, lapin::Error>(tokio::spawn(router::run(
@@ -296,7 +294,6 @@ pub async fn session(
             router_publish.clone(),
             amqp.commands_queue.clone(),
             replica.me.partitions,
-            amqp.prefetch.max(64),
             timeout,
             resubscribe_idle,
             checks.clone(),

@@ -20,11 +20,10 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
-use std::collections::VecDeque;
+use lapin::{Channel, Confirmation};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 /// The partition a command body belongs to (0 when it has no readable
 /// `refund_id`: the pipeline there dead-letters it).
@@ -56,43 +55,18 @@ pub async fn forward(
     delivery: &Delivery,
     timeout: Duration,
 ) -> Result<(), ClusterError> {
-    let command = Command {
-        data: delivery.data.clone(),
-        properties: delivery.properties.clone(),
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
-    };
-    forward_command(channel, queue_prefix, p, &command, timeout).await
-}
-
-/// A command as it came from the commands queue.
-#[derive(Debug, Clone)]
-struct Command {
-    data: Vec<u8>,
-    properties: BasicProperties,
-    exchange: String,
-    routing_key: String,
-}
-
-async fn forward_command(
-    channel: &Channel,
-    queue_prefix: &str,
-    p: u32,
-    command: &Command,
-    timeout: Duration,
-) -> Result<(), ClusterError> {
-    let mut headers = command.properties.headers().clone().unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     if !headers.inner().contains_key(HEADER_ORIGINAL_EXCHANGE) {
         headers.insert(
             HEADER_ORIGINAL_EXCHANGE.into(),
-            AMQPValue::LongString(command.exchange.as_str().into()),
+            AMQPValue::LongString(delivery.exchange.as_str().into()),
         );
         headers.insert(
             HEADER_ORIGINAL_ROUTING_KEY.into(),
-            AMQPValue::LongString(command.routing_key.as_str().into()),
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
         );
     }
-    let properties = command
+    let properties = delivery
         .properties
         .clone()
         .with_headers(headers)
@@ -106,7 +80,7 @@ async fn forward_command(
                 mandatory: true,
                 ..Default::default()
             },
-            &command.data,
+            &delivery.data,
             properties,
         )
         .await?;
@@ -120,113 +94,35 @@ async fn forward_command(
     }
 }
 
-/// How long after a broker session starts the router double-checks its
-/// moves, and how long after a move it looks.
+/// How long after a sign of a broker failover (a session's start, a move a
+/// partition queue refused) the router double-checks its moves, and how
+/// long after a move it looks.
 pub const RECHECK_WINDOW: Duration = Duration::from_secs(60);
-const RECHECK_AFTER: Duration = Duration::from_secs(15);
+const RECHECK_AFTER: Duration = Duration::from_secs(10);
 
-/// Moves made while the broker may be failing over, to be checked once more.
+/// The router's prefetch: at most this many commands wait for their check
+/// (see [`Checks`]); outside a check window a command is acked as soon as
+/// it is moved, so this only sizes a buffer.
+const ROUTER_PREFETCH: u16 = 5000;
+
+/// When the router double-checks its moves.
 ///
-/// Why: right after a broker node died, while a partition queue elects a
-/// new leader, RabbitMQ 3.10 was seen to confirm a move that the queue then
-/// did not have (the cluster test lost one command in about seven runs,
-/// always moves made right after a node died, before the queue's election
-/// ended; broker logs in `docs/replicas.md`). So a move made within
-/// [`RECHECK_WINDOW`] of the session's start, or of a move a partition
-/// queue refused (the sign of an election), is checked [`RECHECK_AFTER`]
-/// later: if no replica has a record of the refund by
-/// then, the command is moved again. A copy that was not lost meets the
-/// other one in the partition and is answered from the record, so the cost
-/// of a needless second move is one more identical event (or one more
-/// `rejected` event for a command that is rejected without a record). It
-/// lives with the replica, across sessions; a replica that dies takes its
-/// list along (the window is a minute).
-#[derive(Debug, Default)]
-pub struct Recheck {
-    moves: Mutex<VecDeque<Moved>>,
-}
-
-#[derive(Debug)]
-struct Moved {
-    due: Instant,
-    refund_id: String,
-    p: u32,
-    command: Command,
-    tries: u32,
-}
-
-impl Recheck {
-    fn push(&self, moved: Moved) {
-        self.moves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(moved);
-    }
-
-    fn take_due(&self, now: Instant) -> Vec<Moved> {
-        let mut moves = self.moves.lock().unwrap_or_else(|p| p.into_inner());
-        let mut due = Vec::new();
-        while moves.front().is_some_and(|m| m.due <= now) {
-            due.extend(moves.pop_front());
-        }
-        due
-    }
-
-    /// Moves waiting for their check (for tests and readiness).
-    pub fn len(&self) -> usize {
-        self.moves.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether no move waits for its check.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Checks the moves that are due (see [`Recheck`]): moves again those whose
-/// refund no replica has a record of.
-async fn recheck_due(
-    recheck: &Recheck,
-    store: &Store,
-    channel: &Channel,
-    queue_prefix: &str,
-    timeout: Duration,
-) {
-    for mut moved in recheck.take_due(Instant::now()) {
-        match store.get(&moved.refund_id) {
-            Ok(Some(_)) => continue,
-            Ok(None) => {}
-            Err(e) => {
-                warn!(refund_id = moved.refund_id.as_str(), error = %e, "recheck: store read failed; moving the command again")
-            }
-        }
-        match forward_command(channel, queue_prefix, moved.p, &moved.command, timeout).await {
-            Ok(()) => warn!(
-                refund_id = moved.refund_id.as_str(),
-                partition = moved.p,
-                "no record {}s after the command was moved (during a broker failover); moved it again",
-                RECHECK_AFTER.as_secs()
-            ),
-            Err(e) if moved.tries < 5 => {
-                warn!(refund_id = moved.refund_id.as_str(), error = %e, "recheck: moving again failed; trying later");
-                moved.tries += 1;
-                moved.due = Instant::now() + Duration::from_secs(5);
-                recheck.push(moved);
-            }
-            Err(e) => error!(
-                refund_id = moved.refund_id.as_str(),
-                error = %e,
-                "recheck: could not move the command again; if no outcome event arrives, publish it again"
-            ),
-        }
-    }
-}
-
-/// What the router double-checks, and until when (see [`Recheck`]).
+/// Why: right after a broker node died, while a partition queue elected a
+/// new leader, RabbitMQ 3.10.8 was seen to confirm moves into that queue
+/// that it then did not have: no queue held them and no replica ever saw
+/// them (the cluster test lost a command in about one run of seven; broker
+/// logs and timings in `docs/replicas.md`). So within [`RECHECK_WINDOW`]
+/// of a session's start or of a move a partition queue refused (the sign
+/// of an election), the router does not ack a command when its move is
+/// confirmed: it looks again [`RECHECK_AFTER`] later, acks it if a replica
+/// has a record of the refund by then, and otherwise puts it back in the
+/// commands queue to be moved again. The original stays in the broker
+/// until then, so a router that dies meanwhile loses nothing: the broker
+/// hands the command to another router. A needless second move (the
+/// partition was slow to claim it) costs one more identical event, or one
+/// more `rejected` event for a command rejected without a record.
 #[derive(Debug, Clone)]
 pub struct Checks {
-    /// The replica's list of moves to check.
-    pub recheck: Arc<Recheck>,
     /// Where records are found (every replica's sled has every record).
     pub store: Store,
     /// Moves made before this instant are checked.
@@ -234,13 +130,9 @@ pub struct Checks {
 }
 
 impl Checks {
-    /// Checks for moves made in the first [`RECHECK_WINDOW`] of a session
-    /// and in the [`RECHECK_WINDOW`] after any move a partition queue did
-    /// not take (a nack or no confirm: a queue is electing a leader, and
-    /// its neighbours may be too).
-    pub fn for_session(recheck: Arc<Recheck>, store: Store) -> Self {
+    /// Checks for the first [`RECHECK_WINDOW`] of a session.
+    pub fn for_session(store: Store) -> Self {
         Checks {
-            recheck,
             store,
             until: Arc::new(Mutex::new(Instant::now() + RECHECK_WINDOW)),
         }
@@ -253,19 +145,23 @@ impl Checks {
     fn turbulence(&self) {
         *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now() + RECHECK_WINDOW;
     }
+
+    /// Whether a replica has a record of `refund_id` (a store that cannot
+    /// be read counts as "no": the command is moved again).
+    fn recorded(&self, refund_id: &str) -> bool {
+        matches!(self.store.get(refund_id), Ok(Some(_)))
+    }
 }
 
 /// Consumes the commands queue and moves every command to its partition,
 /// until the channel fails (an error) or it has been idle for
 /// `resubscribe_idle` with nothing in flight (`Ok`: run it again with a
 /// fresh `consume` channel).
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     consume: Channel,
     publish: Channel,
     commands_queue: String,
     partitions: u32,
-    prefetch: u16,
     timeout: Duration,
     resubscribe_idle: Duration,
     checks: Checks,
@@ -274,7 +170,7 @@ pub async fn run(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     consume
-        .basic_qos(prefetch, BasicQosOptions::default())
+        .basic_qos(ROUTER_PREFETCH, BasicQosOptions::default())
         .await?;
     let mut consumer = consume
         .basic_consume(
@@ -286,13 +182,9 @@ pub async fn run(
         .await?;
     let mut moving = tokio::task::JoinSet::new();
     let mut idle_at = tokio::time::Instant::now() + resubscribe_idle;
-    let mut recheck_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             Some(_) = moving.join_next(), if !moving.is_empty() => {}
-            _ = recheck_tick.tick(), if !checks.recheck.is_empty() => {
-                recheck_due(&checks.recheck, &checks.store, &publish, &commands_queue, timeout).await;
-            }
             _ = tokio::time::sleep_until(idle_at) => {
                 if moving.is_empty() {
                     // See `partitions::Shared::resubscribe_idle`: the
@@ -319,20 +211,16 @@ pub async fn run(
                     match forward(&publish, &prefix, p, &delivery, timeout).await {
                         Ok(()) => {
                             debug!(refund_id, partition = p, redelivered = delivery.redelivered, "command moved to its partition");
-                            let now = Instant::now();
-                            if let (Some(refund_id), true) = (id.clone(), checks.checking(now)) {
-                                checks.recheck.push(Moved {
-                                    due: now + RECHECK_AFTER,
-                                    refund_id,
-                                    p,
-                                    command: Command {
-                                        data: delivery.data.clone(),
-                                        properties: delivery.properties.clone(),
-                                        exchange: delivery.exchange.to_string(),
-                                        routing_key: delivery.routing_key.to_string(),
-                                    },
-                                    tries: 0,
-                                });
+                            if let (Some(refund_id), true) = (id.as_deref(), checks.checking(Instant::now())) {
+                                tokio::time::sleep(RECHECK_AFTER).await;
+                                if !checks.recorded(refund_id) {
+                                    warn!(refund_id, partition = p, "no record {}s after the command was moved (during a broker failover); moving it again", RECHECK_AFTER.as_secs());
+                                    let _ = delivery
+                                        .acker
+                                        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                                        .await;
+                                    return;
+                                }
                             }
                             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                                 // Redelivered and moved again: the copies
@@ -359,33 +247,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rechecks_come_due_in_order() {
-        let recheck = Recheck::default();
-        let now = Instant::now();
-        for (i, after) in [0u64, 1, 30].into_iter().enumerate() {
-            recheck.push(Moved {
-                due: now + Duration::from_secs(after),
-                refund_id: format!("r{i}"),
-                p: 0,
-                command: Command {
-                    data: Vec::new(),
-                    properties: BasicProperties::default(),
-                    exchange: String::new(),
-                    routing_key: String::new(),
-                },
-                tries: 0,
-            });
-        }
-        let due: Vec<String> = recheck
-            .take_due(now + Duration::from_secs(2))
-            .into_iter()
-            .map(|m| m.refund_id)
-            .collect();
-        assert_eq!(due, ["r0", "r1"]);
-        assert_eq!(recheck.len(), 1);
-    }
 
     #[test]
     fn bodies_without_a_refund_id_go_to_partition_zero() {

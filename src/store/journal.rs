@@ -290,6 +290,16 @@ impl Journal {
 
     // ---- the appender and the tailer (cluster/log.rs) ----
 
+    /// The highest own batch read back so far.
+    pub fn seen(&self) -> u64 {
+        self.progress.borrow().seen
+    }
+
+    /// How long a sync waits for its batch to come back.
+    pub fn read_back_timeout(&self) -> Duration {
+        self.read_back_timeout
+    }
+
     /// Waits until a writer asks for its batch to be appended.
     pub async fn wanted(&self) {
         self.wake_appender.notified().await
