@@ -618,7 +618,7 @@ async fn collect(
         let now = Instant::now();
         let v: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
         // A refund's event can come twice (cluster mode publishes a
-        // session's first-minute events once more); count refunds.
+        // reconnect's first-minute events once more); count refunds.
         if let Some(id) = v["refund_id"].as_str() {
             if !seen.insert(id.to_string()) {
                 continue;

@@ -94,7 +94,7 @@ impl Publisher {
 
     /// Until `until`, an event's confirm does not take its outbox mark off:
     /// the outbox sweep publishes it once more later. Cluster mode uses it
-    /// for a session's first minute, because RabbitMQ 3.10 was seen to
+    /// for a reconnect's first minute, because RabbitMQ 3.10 was seen to
     /// confirm a publish into a quorum queue that was electing a leader and
     /// then not have it (`docs/replicas.md`); a second copy with the same
     /// `event_id` is what consumers already deduplicate.

@@ -94,7 +94,7 @@ pub async fn forward(
     }
 }
 
-/// How long after a sign of a broker failover (a session's start, a move a
+/// How long after a sign of a broker failover (a reconnect, a move a
 /// partition queue refused) the router double-checks its moves, and how
 /// long after a move it looks.
 pub const RECHECK_WINDOW: Duration = Duration::from_secs(60);
@@ -112,8 +112,8 @@ const ROUTER_PREFETCH: u16 = 5000;
 /// that it then did not have: no queue held them and no replica ever saw
 /// them (the cluster test lost a command in about one run of seven; broker
 /// logs and timings in `docs/replicas.md`). So within [`RECHECK_WINDOW`]
-/// of a session's start or of a move a partition queue refused (the sign
-/// of an election), the router does not ack a command when its move is
+/// of a reconnect or of a move a partition queue refused (the sign of an
+/// election), the router does not ack a command when its move is
 /// confirmed: it looks again [`RECHECK_AFTER`] later, acks it if a replica
 /// has a record of the refund by then, and otherwise puts it back in the
 /// commands queue to be moved again. The original stays in the broker
@@ -130,11 +130,13 @@ pub struct Checks {
 }
 
 impl Checks {
-    /// Checks for the first [`RECHECK_WINDOW`] of a session.
-    pub fn for_session(store: Store) -> Self {
+    /// Checks moves made before `until` (a reconnect's first
+    /// [`RECHECK_WINDOW`]; the session's start at a replica's first
+    /// session), and in the [`RECHECK_WINDOW`] after any refused move.
+    pub fn until(store: Store, until: Instant) -> Self {
         Checks {
             store,
-            until: Arc::new(Mutex::new(Instant::now() + RECHECK_WINDOW)),
+            until: Arc::new(Mutex::new(until)),
         }
     }
 

@@ -75,7 +75,7 @@ impl Worker {
     /// Publishes an event that is already durable in the record, then takes
     /// it off the outbox (not synced: losing that mark in a crash only means
     /// one more publication with the same `event_id`, which consumers
-    /// deduplicate). In a cluster session's first minute the mark stays,
+    /// deduplicate). In a cluster reconnect's first minute the mark stays,
     /// so the sweep publishes the event once more
     /// ([`Publisher::keep_marks_until`]).
     pub(super) async fn publish_recorded(
