@@ -124,7 +124,7 @@ const ROUTER_PREFETCH: u16 = 5000;
 #[derive(Debug, Clone)]
 pub struct Checks {
     /// Where records are found (every replica's sled has every record).
-    pub store: Store,
+    store: Store,
     /// Moves made before this instant are checked.
     until: Arc<Mutex<Instant>>,
 }
@@ -207,9 +207,11 @@ pub async fn run(
                 let prefix = commands_queue.clone();
                 let checks = checks.clone();
                 moving.spawn(async move {
+                    // One parse of the body: the id names the partition
+                    // (0 without one, as in `partition_of_body`).
                     let id = refund_id_of(&delivery.data);
                     let refund_id = id.as_deref().unwrap_or_default();
-                    let p = partition_of_body(&delivery.data, partitions);
+                    let p = id.as_deref().map_or(0, |id| partition_of(id, partitions));
                     match forward(&publish, &prefix, p, &delivery, timeout).await {
                         Ok(()) => {
                             debug!(refund_id, partition = p, redelivered = delivery.redelivered, "command moved to its partition");
