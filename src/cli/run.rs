@@ -28,7 +28,10 @@ pub(crate) async fn run(
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
-    let result = app.run(listener).await;
+    // On a worker thread, not on `block_on`'s: the consumer loop hands out
+    // every delivery and reaps every finished one, and on the main thread
+    // each of those is a thread wake-up (two per refund, measured).
+    let result = tokio::spawn(app.run(listener)).await?;
     // Export the spans still buffered (off the async runtime: the exporter
     // blocks).
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;

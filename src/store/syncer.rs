@@ -30,9 +30,24 @@ pub(super) enum SyncRequest {
 /// A flush that served at least this many writers means load.
 const BUSY_BATCH: usize = 4;
 
-/// How long a flush under load waits for more writers (when
-/// `store.group_commit_linger_us` is 0).
-const ADAPTIVE_LINGER: Duration = Duration::from_micros(200);
+/// Under load (when `store.group_commit_linger_us` is 0) a flush waits
+/// this long per writer the last flush served for more writers...
+const LINGER_PER_WRITER: Duration = Duration::from_micros(50);
+
+/// ...up to this. A flush costs the syncer, sled's I/O thread pool (whose
+/// every job wakes all its idle threads) and the disk far more than the
+/// wait costs a refund that is not waiting on a slow provider.
+const MAX_ADAPTIVE_LINGER: Duration = Duration::from_millis(1);
+
+/// The wait before the next flush: `configured` when set; otherwise none
+/// after a flush that served few writers (light load, a slow provider: a
+/// lone writer is never held up), and longer the more the last one served.
+fn linger_after(last_batch: usize, configured: Duration) -> Duration {
+    if !configured.is_zero() || last_batch < BUSY_BATCH {
+        return configured;
+    }
+    (LINGER_PER_WRITER * last_batch as u32).min(MAX_ADAPTIVE_LINGER)
+}
 
 /// Adds a request's reply to the batch; true if it asks the syncer to stop.
 fn add(batch: &mut Vec<SyncReply>, request: SyncRequest) -> bool {
@@ -67,21 +82,14 @@ pub(super) fn run_syncer(
         while let Ok(more) = requests.try_recv() {
             closing |= add(&mut batch, more);
         }
-        // Under load (the last flush served several writers), wait a
-        // moment for more: each flush costs far more CPU than the wait.
-        // A lone writer (light load, a slow provider) is never held up.
-        let linger = if linger.is_zero() && last_batch >= BUSY_BATCH {
-            ADAPTIVE_LINGER
-        } else {
-            linger
-        };
+        let linger = linger_after(last_batch, linger);
         if !linger.is_zero() && !closing {
-            let until = std::time::Instant::now() + linger;
-            while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-                match requests.recv_timeout(left) {
-                    Ok(more) => closing |= add(&mut batch, more),
-                    Err(_) => break,
-                }
+            // Sleep, then take whatever came: a writer that sends while
+            // this thread sleeps (not blocked in `recv`) wakes nobody, so
+            // the batch costs one wake-up, not one per writer.
+            std::thread::sleep(linger);
+            while let Ok(more) = requests.try_recv() {
+                closing |= add(&mut batch, more);
             }
         }
         last_batch = batch.len();
@@ -104,5 +112,24 @@ pub(super) fn run_syncer(
         for reply in batch.drain(..) {
             let _ = reply.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_grows_with_the_load_and_is_bounded() {
+        let zero = Duration::ZERO;
+        assert_eq!(linger_after(1, zero), zero);
+        assert_eq!(linger_after(BUSY_BATCH - 1, zero), zero);
+        assert_eq!(linger_after(4, zero), Duration::from_micros(200));
+        assert_eq!(linger_after(10, zero), Duration::from_micros(500));
+        assert_eq!(linger_after(500, zero), MAX_ADAPTIVE_LINGER);
+        // A configured linger is used as is.
+        let set = Duration::from_micros(250);
+        assert_eq!(linger_after(1, set), set);
+        assert_eq!(linger_after(500, set), set);
     }
 }
