@@ -248,6 +248,70 @@ async fn an_outcome_whose_event_was_never_confirmed_is_published_at_start() {
     assert!(app.sandbox.journal().is_empty());
 }
 
+/// Polls the worker's metrics until one line reads `line`.
+async fn wait_metric(app: &TestApp, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !metrics(app).await.lines().any(|l| l == line) {
+        assert!(tokio::time::Instant::now() < deadline, "never saw {line}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_acked_before_its_confirm_is_published_by_the_outbox_if_the_confirm_fails() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let app = TestApp::start_with(SandboxConfig::default(), |s| {
+        s.store.outbox_sweep_interval = Some(Duration::from_secs(1));
+    })
+    .await;
+    // A queue that refuses every event: the broker nacks each publish.
+    let mut refusing = FieldTable::default();
+    refusing.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    refusing.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    app.channel
+        .queue_declare(
+            "events.refused".into(),
+            QueueDeclareOptions::default(),
+            refusing,
+        )
+        .await
+        .expect("declare");
+    app.channel
+        .queue_bind(
+            "events.refused".into(),
+            app.settings.amqp.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    app.publish(HYP_REFUND).await;
+    // The outcome is durable and its event marked in the outbox, so the
+    // delivery is acked although the event is not confirmed...
+    wait_metric(&app, "refund_worker_processing_seconds_count 1").await;
+    assert_eq!(app.queue_depth(&app.settings.amqp.commands_queue).await, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !metrics(&app)
+            .await
+            .contains("refund_worker_outbox_republished_total 1"),
+        "published while every publish is refused"
+    );
+    // ...and once events are accepted again, the outbox publishes it.
+    app.channel
+        .queue_delete("events.refused".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    wait_metric(&app, "refund_worker_outbox_republished_total 1").await;
+    wait_metric(&app, "refund_worker_outbox_unconfirmed 0").await;
+    assert_eq!(app.sandbox.journal().len(), 1, "executed once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_keeps_undecided_refunds_unless_told_and_then_abandons_them() {
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {

@@ -7,7 +7,7 @@
 
 use super::admit::Admitted;
 use super::park::NotSentSoFar;
-use super::{header_str, PipelineError, Worker};
+use super::{header_str, Inbound, PipelineError, Worker};
 use crate::broker::publisher::Publisher;
 use crate::broker::HEADER_FIRST_FAILURE;
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
@@ -16,7 +16,6 @@ use crate::providers::{Provider, ProviderOutcome};
 use crate::store::{RefundRecord, RefundState};
 use crate::trace::TraceContext;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::message::Delivery;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
@@ -26,11 +25,12 @@ impl Worker {
     pub(super) async fn attempt(
         &self,
         publisher: &Publisher,
-        delivery: &Delivery,
+        inbound: Inbound<'_>,
         provider: &Provider,
         record: &mut RefundRecord,
         admitted: &mut Admitted,
     ) -> Result<(), PipelineError> {
+        let delivery = inbound.delivery;
         let retry = &self.settings.retry;
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
@@ -74,7 +74,9 @@ impl Worker {
                     event.provider_transaction_id = provider_txn;
                     event.provider_code = Some(code);
                     event.provider_message = message;
-                    return self.finish(publisher, record, event, started).await;
+                    return self
+                        .finish(publisher, inbound, record, event, started)
+                        .await;
                 }
                 ProviderOutcome::Accepted { code, message } => {
                     let mut event =
@@ -89,7 +91,9 @@ impl Worker {
                             .with_error("declined", format!("provider declined: {code} {message}"));
                     event.provider_code = Some(code);
                     event.provider_message = Some(message);
-                    return self.finish(publisher, record, event, started).await;
+                    return self
+                        .finish(publisher, inbound, record, event, started)
+                        .await;
                 }
                 ProviderOutcome::Unknown { reason } => {
                     if provider.repeats_are_safe() && record.attempts < retry.max_attempts {

@@ -1,9 +1,16 @@
-//! Stage 4, finish: the outcome is written and synced, then its event is
-//! published with a confirm; the caller acks the delivery only after that.
+//! Stage 4, finish: the outcome is written and synced, together with its
+//! event's outbox mark; the delivery is acked, then the event is published
+//! with a confirm. Acking before the confirm is safe because the mark stays
+//! until the confirm: if the confirm never comes (broker lost, process
+//! killed), the outbox publishes the event again, with the same `event_id`
+//! (`outbox.rs`). It frees the broker's prefetch slot a confirm earlier
+//! (about 1 ms), which at 50 ms per provider call is 2 % more refunds per
+//! second. At most a quarter of `amqp.prefetch` refunds wait for a confirm
+//! that way; the others ack after theirs, as everything else does.
 //! Rejections are published without a record (they depend on the message
 //! and on configuration, and a corrected command may re-use the id).
 
-use super::{PipelineError, Worker};
+use super::{Inbound, PipelineError, Worker};
 use crate::broker::publisher::Publisher;
 use crate::command::{Echo, RefundCommand};
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
@@ -11,6 +18,7 @@ use crate::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use std::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 impl Worker {
@@ -18,6 +26,7 @@ impl Worker {
     pub(super) async fn finish(
         &self,
         publisher: &Publisher,
+        inbound: Inbound<'_>,
         record: &mut RefundRecord,
         event: OutcomeEvent,
         started: Instant,
@@ -43,7 +52,22 @@ impl Worker {
             latency_ms = started.elapsed().as_millis() as u64,
             "refund outcome"
         );
-        self.publish_recorded(publisher, &event).await
+        let early = self.ack_early(inbound).await;
+        match self.publish_recorded(publisher, &event).await {
+            Err(e) if early.is_some() => {
+                warn!(error = %e, "event not confirmed after its delivery was acked; the outbox publishes it again");
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    /// Acks the delivery now if one of the early-ack slots is free (see
+    /// the module's doc); the slot is held until the event's confirm.
+    async fn ack_early(&self, inbound: Inbound<'_>) -> Option<OwnedSemaphorePermit> {
+        let slot = self.early_acks.as_ref()?.clone().try_acquire_owned().ok()?;
+        self.ack(inbound.delivery, inbound.arrived).await;
+        Some(slot)
     }
 
     /// The provider accepted the refund and will post its answer later

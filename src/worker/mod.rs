@@ -13,7 +13,7 @@
 //!                        Attempting ───▶ a previous process crashed mid-call: unknown
 //!          ─▶ admit    the account's gate: breaker, share of the slots, limits
 //!          ─▶ attempt  provider call, in-process retries, classification
-//!          ─▶ finish   outcome recorded (synced) ─▶ event published (confirmed) ─▶ ack
+//!          ─▶ finish   outcome recorded (synced) ─▶ ack ─▶ event published (confirmed)
 //!          ─▶ park     delay queues, dead letters, in doubt
 //! resolve    an operator settles an in-doubt refund, releases or abandons one
 //! callbacks  Paynet posts the final answer of a pending (or doubtful) refund
@@ -22,8 +22,11 @@
 //!
 //! Every decision comes from the stored record, so a redelivery, a restart
 //! and a replay from the dead-letter queue take the same path. Nothing here
-//! acks before the broker confirmed what the command produced; a failure to
-//! store or publish puts the delivery back (after a pause) for a later try.
+//! acks before what the command produced is safe: confirmed by the broker,
+//! or (a final outcome) durable in the record with its event in the outbox,
+//! which publishes it again if its confirm never comes (see `finish.rs`). A
+//! failure to store or publish before that puts the delivery back (after a
+//! pause) for a later try.
 //! `docs/architecture.md` has the whole picture.
 
 mod admit;
@@ -52,7 +55,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tracing::{error, info_span, warn, Instrument};
 
 /// Why a delivery could not be finished; it goes back to the queue.
@@ -80,17 +84,23 @@ pub struct Worker {
     /// The current session's publisher, for events that do not answer a
     /// delivery (operator resolutions, provider callbacks, the outbox).
     side: Arc<std::sync::Mutex<Option<Publisher>>>,
+    /// Slots for refunds whose delivery was acked before their event's
+    /// confirm ([`early_ack_slots`]); `None` in cluster mode, where a
+    /// partition is handed over only once its refunds are acked.
+    early_acks: Option<Arc<Semaphore>>,
 }
 
 impl Worker {
     /// Builds the pipeline over an open store.
     pub fn new(settings: Arc<Settings>, store: Store, providers: Providers) -> Self {
         Worker {
-            settings,
             store,
             providers,
             locks: RefundLocks::default(),
             side: Arc::default(),
+            early_acks: (!settings.cluster.enabled)
+                .then(|| Arc::new(Semaphore::new(early_ack_slots(settings.amqp.prefetch)))),
+            settings,
         }
     }
 
@@ -143,28 +153,14 @@ impl Worker {
         span.record("trace_id", context.trace_id.as_str());
         span.record("span_id", context.span_id.as_str());
         let work = async {
-            let started = std::time::Instant::now();
+            let arrived = Instant::now();
             metrics::command_received();
             metrics::in_flight(1.0);
-            let result = self.process(publisher, &delivery).await;
+            let result = self.process(publisher, &delivery, arrived).await;
             metrics::in_flight(-1.0);
             match result {
-                Ok(()) => {
-                    if let Some(published) = delivery.properties.timestamp() {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs_f64())
-                            .unwrap_or(0.0);
-                        let took = (now - *published as f64).max(0.0);
-                        metrics::end_to_end(Duration::from_secs_f64(took));
-                    }
-                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                        // The channel is gone: the broker redelivers, and the
-                        // record turns the redelivery into a re-publication.
-                        warn!(error = %e, "ack failed; the message will be redelivered");
-                    }
-                    metrics::processing(started.elapsed());
-                }
+                // A no-op when `finish` acked it already.
+                Ok(()) => self.ack(&delivery, arrived).await,
                 Err(e) => {
                     error!(error = %e, "delivery not finished; putting it back");
                     tokio::time::sleep(REQUEUE_PAUSE).await;
@@ -182,11 +178,34 @@ impl Worker {
         context.scope(work).await
     }
 
+    /// Acks a delivery, once (a second ack of the same delivery does
+    /// nothing), and measures it.
+    async fn ack(&self, delivery: &Delivery, arrived: Instant) {
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {
+                if let Some(published) = delivery.properties.timestamp() {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    let took = (now - *published as f64).max(0.0);
+                    metrics::end_to_end(Duration::from_secs_f64(took));
+                }
+                metrics::processing(arrived.elapsed());
+            }
+            Ok(false) => {}
+            // The channel is gone: the broker redelivers, and the record
+            // turns the redelivery into a re-publication.
+            Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
+        }
+    }
+
     /// The stages in order; each returns early when it settled the delivery.
     async fn process(
         &self,
         publisher: &Publisher,
         delivery: &Delivery,
+        arrived: Instant,
     ) -> Result<(), PipelineError> {
         let Some(command) = self.intake(publisher, delivery).await? else {
             return Ok(());
@@ -197,9 +216,28 @@ impl Worker {
         else {
             return Ok(());
         };
-        self.attempt(publisher, delivery, provider, &mut record, &mut admitted)
+        let inbound = Inbound { delivery, arrived };
+        self.attempt(publisher, inbound, provider, &mut record, &mut admitted)
             .await
     }
+}
+
+/// How many refunds may wait for their event's confirm after their
+/// delivery was acked (see `finish.rs`): a quarter of the prefetch. A
+/// confirm takes about a millisecond, so even at 50 ms per provider call and
+/// prefetch 64 only one or two wait at a time; the bound matters under
+/// overload, where each of them holds its delivery, record and event
+/// beyond the prefetch (measured at 0 ms and prefetch 256: a bound of the
+/// whole prefetch took peak RSS from 58-63 to 68 MiB).
+fn early_ack_slots(prefetch: u16) -> usize {
+    usize::from(prefetch).div_ceil(4)
+}
+
+/// A delivery and when it arrived, for the stages that may ack it.
+#[derive(Clone, Copy)]
+struct Inbound<'d> {
+    delivery: &'d Delivery,
+    arrived: Instant,
 }
 
 /// An integer header of the delivery, if present.
