@@ -248,24 +248,13 @@ async fn an_outcome_whose_event_was_never_confirmed_is_published_at_start() {
     assert!(app.sandbox.journal().is_empty());
 }
 
-/// Polls the worker's metrics until one line reads `line`.
-async fn wait_metric(app: &TestApp, line: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !metrics(app).await.lines().any(|l| l == line) {
-        assert!(tokio::time::Instant::now() < deadline, "never saw {line}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_acked_before_its_confirm_is_published_by_the_outbox_if_the_confirm_fails() {
     use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
-    let app = TestApp::start_with(SandboxConfig::default(), |s| {
-        s.store.outbox_sweep_interval = Some(Duration::from_secs(1));
-    })
-    .await;
-    // A queue that refuses every event: the broker nacks each publish.
+    let mut app = TestApp::start().await;
+    // A queue that refuses every event: the broker nacks each publish (the
+    // test's own event queue still gets the copies).
     let mut refusing = FieldTable::default();
     refusing.insert("x-max-length".into(), AMQPValue::LongInt(0));
     refusing.insert(
@@ -291,24 +280,41 @@ async fn an_outcome_acked_before_its_confirm_is_published_by_the_outbox_if_the_c
         .await
         .expect("bind");
     app.publish(HYP_REFUND).await;
-    // The outcome is durable and its event marked in the outbox, so the
-    // delivery is acked although the event is not confirmed...
-    wait_metric(&app, "refund_worker_processing_seconds_count 1").await;
+    let refund_id = RefundCommand::parse(HYP_REFUND.as_bytes())
+        .expect("command")
+        .refund_id;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.record(&refund_id).await["state"]["state"] != "finished" {
+        assert!(tokio::time::Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the publisher's own tries.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.stop_worker().await;
+    // The outcome was durable and its event in the outbox, so the delivery
+    // was acked although no publish of the event was confirmed: nothing
+    // comes back to the commands queue.
     assert_eq!(app.queue_depth(&app.settings.amqp.commands_queue).await, 0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !metrics(&app)
-            .await
-            .contains("refund_worker_outbox_republished_total 1"),
-        "published while every publish is refused"
-    );
-    // ...and once events are accepted again, the outbox publishes it.
+    {
+        let store = Store::open(&app.settings.store.path).expect("store");
+        assert_eq!(store.unconfirmed_len(), 1, "the event waits in the outbox");
+        store.close().await.expect("close");
+    }
+    // The copies the refusing queue's nacks left in the test's queue.
+    app.drain_events(Duration::from_millis(500)).await;
+    // Once events are accepted again, the outbox publishes it at start.
     app.channel
         .queue_delete("events.refused".into(), QueueDeleteOptions::default())
         .await
         .expect("delete");
-    wait_metric(&app, "refund_worker_outbox_republished_total 1").await;
-    wait_metric(&app, "refund_worker_outbox_unconfirmed 0").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.spawn_worker().await;
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    assert_eq!(event["refund_id"], refund_id.as_str());
+    app.stop_worker().await;
+    let store = Store::open(&app.settings.store.path).expect("store");
+    assert_eq!(store.unconfirmed_len(), 0, "confirmed at last");
     assert_eq!(app.sandbox.journal().len(), 1, "executed once");
 }
 

@@ -336,6 +336,16 @@ impl TestApp {
         (delivery.routing_key.to_string(), body)
     }
 
+    /// Takes every event waiting, until none arrives for `quiet`; returns
+    /// how many there were.
+    pub async fn drain_events(&mut self, quiet: Duration) -> usize {
+        let mut taken = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(quiet, self.events.next()).await {
+            taken += 1;
+        }
+        taken
+    }
+
     /// Asserts that no event arrives within `wait`.
     pub async fn assert_no_event(&mut self, wait: Duration) {
         if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, self.events.next()).await {
