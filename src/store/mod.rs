@@ -126,6 +126,11 @@ pub struct Store {
     stats: Arc<SyncStats>,
     /// Cluster mode: writes go to the state log (see `journal.rs`).
     journal: Option<Arc<Journal>>,
+    /// For a flush made by the writer itself (see [`Store::flush_inline`]).
+    db: sled::Db,
+    /// `store.group_commit_linger_us`: a configured wait is always the
+    /// syncer's.
+    linger: Duration,
 }
 
 type Tx = sled::transaction::TransactionalTree;
@@ -186,6 +191,8 @@ impl Store {
             syncer: tx,
             stats: stats.clone(),
             journal,
+            db: db.clone(),
+            linger,
         };
         let syncer_stats = stats.clone();
         std::thread::Builder::new()
@@ -397,7 +404,10 @@ impl Store {
     pub async fn sync(&self) -> Result<(), StoreError> {
         match &self.journal {
             Some(journal) => journal.sync(None).await,
-            None => self.ask_syncer(SyncRequest::Sync).await,
+            None => match self.flush_inline() {
+                Some(done) => done,
+                None => self.ask_syncer(SyncRequest::Sync).await,
+            },
         }
     }
 
@@ -408,7 +418,10 @@ impl Store {
     pub async fn sync_refund(&self, refund_id: &str) -> Result<(), StoreError> {
         match &self.journal {
             Some(journal) => journal.sync(Some(refund_id)).await,
-            None => self.ask_syncer(SyncRequest::Sync).await,
+            None => match self.flush_inline() {
+                Some(done) => done,
+                None => self.ask_syncer(SyncRequest::Sync).await,
+            },
         }
     }
 
@@ -634,6 +647,22 @@ impl Store {
     /// test, a supervisor) can open the store again.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.ask_syncer(SyncRequest::Close).await
+    }
+
+    /// At light load (the syncer's last flush served fewer than four
+    /// writers) and when no flush is under way, the writer flushes itself
+    /// on its own thread: handing a lone request to the syncer and back
+    /// costs two thread wake-ups, 0.5 ms of a refund's 52 at 50 ms provider
+    /// latency. The flush blocks the runtime thread for about 0.3 ms; under
+    /// load the syncer's batches take over, which cost far less per writer.
+    fn flush_inline(&self) -> Option<Result<(), StoreError>> {
+        if !self.linger.is_zero() || self.stats.busy() {
+            return None;
+        }
+        let _flushing = self.stats.flushing.try_lock().ok()?;
+        let result = self.db.flush().map(|_| ()).map_err(StoreError::Sled);
+        self.stats.count_flush(1);
+        Some(result)
     }
 
     async fn ask_syncer(&self, request: fn(SyncReply) -> SyncRequest) -> Result<(), StoreError> {

@@ -2,7 +2,7 @@
 //! durable with one `flush()` for all the requests waiting. Each caller is answered only by a flush that began after its
 //! request arrived, hence after its write.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -14,6 +14,24 @@ pub struct SyncStats {
     pub flushes: AtomicU64,
     /// `sync()` requests answered.
     pub requests: AtomicU64,
+    /// Writers the syncer's last flush served.
+    last_batch: AtomicUsize,
+    /// Held during every flush, the syncer's and a writer's own.
+    pub(super) flushing: std::sync::Mutex<()>,
+}
+
+impl SyncStats {
+    /// Whether the syncer's last flush served enough writers to mean load.
+    pub(super) fn busy(&self) -> bool {
+        self.last_batch.load(Ordering::Relaxed) >= BUSY_BATCH
+    }
+
+    /// Counts one flush serving `writers`.
+    pub(super) fn count_flush(&self, writers: usize) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(writers as u64, Ordering::Relaxed);
+        crate::metrics::store_flush(writers);
+    }
 }
 
 pub(super) type SyncReply = oneshot::Sender<Result<(), String>>;
@@ -93,12 +111,12 @@ pub(super) fn run_syncer(
             }
         }
         last_batch = batch.len();
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        crate::metrics::store_flush(batch.len());
+        stats.last_batch.store(last_batch, Ordering::Relaxed);
+        let result = {
+            let _flushing = stats.flushing.lock().unwrap_or_else(|p| p.into_inner());
+            db.flush().map(|_| ()).map_err(|e| e.to_string())
+        };
+        stats.count_flush(batch.len());
         if closing {
             // Let go of the database before answering, so that whoever
             // asked can open the directory again right away (sled's lock
