@@ -71,36 +71,62 @@ pub async fn sweep_outbox_periodically(worker: Worker, every: Duration, mut shut
     }
 }
 
-/// Refreshes the store gauges every few seconds, off the async runtime,
-/// and reports refunds pending for longer than their account allows (each
-/// once, when it becomes overdue).
+/// Refreshes the store gauges, off the async runtime, and reports refunds
+/// pending for longer than their account allows (each once, when it becomes
+/// overdue). Every few seconds, or less often when the walk over every
+/// record is long: it waits at least twenty times what the walk took, so the
+/// census never takes more than 5 % of a core however many records are kept.
 pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut shutdown: Shutdown) {
     let mut reported = std::collections::HashSet::new();
     loop {
         let counting = store.clone();
         let limits = settings.clone();
+        let started = std::time::Instant::now();
         let scan = tokio::task::spawn_blocking(move || {
-            let counts = counting.counts()?;
-            let overdue = counting.pending_overdue(|p| limits.pending_alert_after(p))?;
+            let census = counting.census(|p| limits.pending_alert_after(p))?;
             crate::metrics::store_extra(counting.tombstone_count(), counting.unconfirmed_len());
-            Ok::<_, crate::store::StoreError>((counts, overdue))
+            Ok::<_, crate::store::StoreError>(census)
         })
         .await;
-        if let Ok(Ok(((all, in_doubt, unfinished), overdue))) = scan {
-            crate::metrics::store_counts(all, in_doubt, unfinished);
-            crate::metrics::pending_overdue(overdue.len());
-            let new: Vec<&String> = overdue
+        let took = started.elapsed();
+        if let Ok(Ok(census)) = scan {
+            crate::metrics::store_counts(census.records, census.in_doubt, census.unfinished);
+            crate::metrics::pending_overdue(census.overdue.len());
+            let new: Vec<&String> = census
+                .overdue
                 .iter()
                 .filter(|id| !reported.contains(*id))
                 .collect();
             if !new.is_empty() {
                 warn!(refund_ids = ?new, "refunds pending longer than pending_alert_after_secs: check them with the provider");
             }
-            reported = overdue.into_iter().collect();
+            reported = census.overdue.into_iter().collect();
         }
         tokio::select! {
             _ = shutdown.triggered() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(census_pause(took)) => {}
         }
+    }
+}
+
+/// The pause after a census that took `took`.
+fn census_pause(took: Duration) -> Duration {
+    (took * 20).max(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_census_waits_twenty_times_its_length() {
+        assert_eq!(
+            census_pause(Duration::from_millis(10)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            census_pause(Duration::from_secs(1)),
+            Duration::from_secs(20)
+        );
     }
 }

@@ -99,6 +99,19 @@ pub enum Known {
     Tombstone(Box<Tombstone>),
 }
 
+/// What [`Store::census`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Census {
+    /// Records kept.
+    pub records: usize,
+    /// Records in doubt.
+    pub in_doubt: usize,
+    /// Records attempting or not yet sent.
+    pub unfinished: usize,
+    /// Pending refunds that waited longer than their account allows.
+    pub overdue: Vec<String>,
+}
+
 /// What [`Store::claim`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
@@ -574,20 +587,38 @@ impl Store {
         })
     }
 
-    /// Counts of all records, in-doubt ones, and unfinished ones
-    /// (attempting or not yet sent). Blocking: walks the tree.
-    pub fn counts(&self) -> Result<(usize, usize, usize), StoreError> {
-        let (mut all, mut in_doubt, mut unfinished) = (0, 0, 0);
-        for record in self.records() {
-            all += 1;
-            match record?.state {
-                RefundState::InDoubt { .. } => in_doubt += 1,
-                RefundState::Attempting { .. } | RefundState::NotSent { .. } => unfinished += 1,
-                RefundState::Pending { .. } => {}
-                RefundState::Finished { .. } => {}
+    /// The store's gauges and the overdue pending refunds, in one walk of
+    /// the records that reads only their state (not the whole record: the
+    /// walk runs every few seconds over every record kept). Blocking.
+    pub fn census(&self, limit: impl Fn(&str) -> Option<Duration>) -> Result<Census, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let mut census = Census::default();
+        for item in self.refunds.iter() {
+            let (key, value) = item?;
+            let peek: record::Peek<'_> =
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    refund_id: String::from_utf8_lossy(&key).to_string(),
+                    source,
+                })?;
+            census.records += 1;
+            match peek.state.state.as_ref() {
+                "in_doubt" => census.in_doubt += 1,
+                "attempting" | "not_sent" => census.unfinished += 1,
+                "pending" => {
+                    let since = peek.state.since.as_deref().unwrap_or_default();
+                    let waited = OffsetDateTime::parse(since, &Rfc3339).map(|t| now - t);
+                    if let (Ok(waited), Some(limit)) = (waited, limit(&peek.command.provider)) {
+                        if waited.unsigned_abs() > limit {
+                            census
+                                .overdue
+                                .push(String::from_utf8_lossy(&key).to_string());
+                        }
+                    }
+                }
+                _ => {}
             }
         }
-        Ok((all, in_doubt, unfinished))
+        Ok(census)
     }
 
     /// Pending refunds whose wait exceeds `limit(provider)`. Blocking.
@@ -822,6 +853,55 @@ mod tests {
             .is_empty());
         store.mark_published("r1", &done.event_id).expect("mark");
         assert_eq!(store.unconfirmed_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_census_reads_states_and_finds_overdue_pending_refunds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let event = |id: &str| OutcomeEvent::new(id, Status::Pending, &Default::default(), 1);
+        let put = |id: &str, state: RefundState| {
+            let mut record = RefundRecord::attempting(&command(id));
+            record.state = state;
+            store.put(&record).expect("put");
+        };
+        put("a", RefundState::Attempting { since: "x".into() });
+        put("n", RefundState::NotSent { reason: "r".into() });
+        put("d", RefundState::InDoubt { event: event("d") });
+        put("f", RefundState::Finished { event: event("f") });
+        put(
+            "late",
+            RefundState::Pending {
+                event: event("late"),
+                since: "2020-01-01T00:00:00Z".into(),
+            },
+        );
+        put(
+            "fresh",
+            RefundState::Pending {
+                event: event("fresh"),
+                since: crate::event::now_rfc3339(),
+            },
+        );
+        let census = store
+            .census(|provider| (provider == "p").then_some(Duration::from_secs(3600)))
+            .expect("census");
+        assert_eq!(
+            census,
+            Census {
+                records: 6,
+                in_doubt: 1,
+                unfinished: 2,
+                overdue: vec!["late".to_string()],
+            }
+        );
+        // The same answer as the full decode.
+        let overdue = store
+            .pending_overdue(|_| Some(Duration::from_secs(3600)))
+            .expect("overdue");
+        assert_eq!(overdue, census.overdue);
+        // No limit for the account: never overdue.
+        assert!(store.census(|_| None).expect("census").overdue.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
