@@ -10,7 +10,8 @@
 //! a write on disk before they go on (before a provider call, before an event
 //! is published) call [`Store::sync`], which hands the request to the
 //! group-commit syncer (`syncer.rs`): one disk sync serves every message that
-//! was written meanwhile.
+//! was written meanwhile (at light load the caller flushes itself, which
+//! saves two thread wake-ups).
 //!
 //! Trees: `refunds` (one record per refund), `tombstones` (what is left of
 //! a finished refund after `store.retention`), `originals` (the over-refund

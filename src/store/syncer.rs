@@ -1,6 +1,9 @@
 //! Group commit: one syncer thread makes every write made before a request
-//! durable with one `flush()` for all the requests waiting. Each caller is answered only by a flush that began after its
-//! request arrived, hence after its write.
+//! durable with one `flush()` for all the requests waiting. Each caller is
+//! answered only by a flush that began after its request arrived, hence
+//! after its write. Under load the syncer lingers before each flush for more
+//! writers; at light load a writer flushes on its own thread instead
+//! (`Store::flush_inline`), and the two never flush at once (`flushing`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
