@@ -28,10 +28,12 @@ use tracing::{debug, warn};
 /// The partition a command body belongs to (0 when it has no readable
 /// `refund_id`: the pipeline there dead-letters it).
 pub fn partition_of_body(body: &[u8], partitions: u32) -> u32 {
-    match refund_id_of(body) {
-        Some(id) => partition_of(&id, partitions),
-        None => 0,
-    }
+    partition_for(refund_id_of(body).as_deref(), partitions)
+}
+
+/// The partition of a body's `refund_id` as [`refund_id_of`] read it.
+fn partition_for(refund_id: Option<&str>, partitions: u32) -> u32 {
+    refund_id.map_or(0, |id| partition_of(id, partitions))
 }
 
 /// The body's `refund_id`, when it has a readable, non-blank one.
@@ -207,11 +209,10 @@ pub async fn run(
                 let prefix = commands_queue.clone();
                 let checks = checks.clone();
                 moving.spawn(async move {
-                    // One parse of the body: the id names the partition
-                    // (0 without one, as in `partition_of_body`).
+                    // One parse of the body: the id names the partition.
                     let id = refund_id_of(&delivery.data);
                     let refund_id = id.as_deref().unwrap_or_default();
-                    let p = id.as_deref().map_or(0, |id| partition_of(id, partitions));
+                    let p = partition_for(id.as_deref(), partitions);
                     match forward(&publish, &prefix, p, &delivery, timeout).await {
                         Ok(()) => {
                             debug!(refund_id, partition = p, redelivered = delivery.redelivered, "command moved to its partition");
