@@ -56,9 +56,9 @@ const BUSY_BATCH: usize = 4;
 /// by the square of the ratio longer when it served more...
 const BUSY_LINGER: Duration = Duration::from_micros(200);
 
-/// ...up to this. A flush costs the syncer, sled's I/O thread pool (whose
-/// every job wakes all its idle threads) and the disk far more than the
-/// wait costs a refund that is not waiting on a slow provider.
+/// ...up to this. A flush (the buffer's write and the disk sync, on the
+/// syncer's thread with our patched sled) costs far more than the wait
+/// costs a refund that is not waiting on a slow provider.
 const MAX_ADAPTIVE_LINGER: Duration = Duration::from_millis(1);
 
 /// The wait before the next flush: `configured` when set; otherwise none
