@@ -1016,9 +1016,6 @@ pub(in crate::pagecache) fn flush(iobufs: &Arc<IoBufs>) -> Result<usize> {
     make_stable(iobufs, max_reserved_lsn)
 }
 
-/// Attempt to seal the current IO buffer, possibly
-/// writing it to disk if there are no other writers
-/// operating on it.
 /// refund-worker patch: `maybe_seal_and_write_iobuf` for a thread that
 /// will wait for the buffer to be stable (`make_stable`): when sealing falls
 /// to it, it writes the buffer on its own thread instead of handing the
@@ -1034,6 +1031,9 @@ fn write_sealed_inline(
     seal_and_write_iobuf(iobufs, iobuf, header, false, true)
 }
 
+/// Attempt to seal the current IO buffer, possibly
+/// writing it to disk if there are no other writers
+/// operating on it.
 pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     iobufs: &Arc<IoBufs>,
     iobuf: &Arc<IoBuf>,
