@@ -76,8 +76,10 @@ fn linger_after(last_batch: usize, configured: Duration) -> Duration {
     if !configured.is_zero() || last_batch < BUSY_BATCH {
         return configured;
     }
-    let ratio = last_batch.min(64) as u32;
-    (BUSY_LINGER * ratio * ratio / (BUSY_BATCH * BUSY_BATCH) as u32).min(MAX_ADAPTIVE_LINGER)
+    // Capped so that the product stays small; from 9 writers on the
+    // bound applies anyway.
+    let batch = last_batch.min(64) as u32;
+    (BUSY_LINGER * batch * batch / (BUSY_BATCH * BUSY_BATCH) as u32).min(MAX_ADAPTIVE_LINGER)
 }
 
 /// Adds a request's reply to the batch; true if it asks the syncer to stop.
