@@ -385,9 +385,8 @@ async fn session(
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let worker = worker.clone();
-                    let publisher = publisher.clone();
-                    in_flight.spawn(async move { worker.handle(&publisher, delivery).await });
+                    let (worker, publisher, channel) = (worker.clone(), publisher.clone(), channel.clone());
+                    in_flight.spawn(async move { worker.handle(&publisher, &channel, delivery).await });
                 }
                 Some(Err(e)) => break SessionEnd::Lost(format!("consumer error: {e}")),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".into()),

@@ -150,6 +150,34 @@ fn check_url(field: &'static str, url: &str) -> Result<(), AccountError> {
     }
 }
 
+/// A provider's URL, parsed once when its integration is built rather than
+/// by the HTTP client on every request (the parse was 2 % of the worker's
+/// CPU per refund). A URL that does not parse (configuration validation
+/// refuses those) is handed to the client as text, which fails the request
+/// as it always did.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    parsed: Option<reqwest::Url>,
+    text: String,
+}
+
+impl Endpoint {
+    pub(crate) fn new(text: String) -> Self {
+        Endpoint {
+            parsed: reqwest::Url::parse(&text).ok(),
+            text,
+        }
+    }
+
+    /// A POST to this URL.
+    pub(crate) fn post(&self, http: &reqwest::Client) -> reqwest::RequestBuilder {
+        match &self.parsed {
+            Some(url) => http.post(url.clone()),
+            None => http.post(self.text.as_str()),
+        }
+    }
+}
+
 /// Timeouts of the provider HTTP client.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpTimeouts {

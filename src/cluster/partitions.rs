@@ -237,9 +237,9 @@ async fn consume(
         };
         running.fetch_add(1, Ordering::SeqCst);
         let (worker, publisher) = (shared.worker.clone(), shared.publisher.clone());
-        let (running, done) = (running.clone(), done.clone());
+        let (running, done, channel) = (running.clone(), done.clone(), channel.clone());
         tokio::spawn(async move {
-            worker.handle(&publisher, delivery).await;
+            worker.handle(&publisher, &channel, delivery).await;
             drop(slot);
             running.fetch_sub(1, Ordering::SeqCst);
             done.notify_waiters();

@@ -7,7 +7,7 @@
 pub mod wire;
 
 use super::{check_url, AccountError};
-use super::{post_form, ProviderOutcome};
+use super::{post_form, Endpoint, ProviderOutcome};
 use crate::command::RefundCommand;
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -16,13 +16,19 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct CreditGuard {
     account: CreditGuardAccount,
+    endpoint: Endpoint,
     http: reqwest::Client,
 }
 
 impl CreditGuard {
     /// Builds the integration.
     pub fn new(account: CreditGuardAccount, http: reqwest::Client) -> Self {
-        CreditGuard { account, http }
+        let endpoint = Endpoint::new(account.base_url.clone());
+        CreditGuard {
+            account,
+            endpoint,
+            http,
+        }
     }
 
     /// Whether a repeated request is deduplicated by the gateway.
@@ -57,7 +63,7 @@ impl CreditGuard {
             ("password", self.account.password.expose()),
             ("int_in", xml.as_str()),
         ];
-        let request = self.http.post(&self.account.base_url).form(&form);
+        let request = self.endpoint.post(&self.http).form(&form);
         let request = super::with_trace(request, traceparent, &self.account.policy);
         post_form(request, |body| wire::classify(command.operation, body)).await
     }

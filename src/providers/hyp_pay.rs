@@ -6,7 +6,7 @@
 pub mod wire;
 
 use super::{check_url, AccountError};
-use super::{post_form, ProviderOutcome};
+use super::{post_form, Endpoint, ProviderOutcome};
 use crate::command::{Operation, RefundCommand};
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -15,13 +15,19 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct HypPay {
     account: HypPayAccount,
+    endpoint: Endpoint,
     http: reqwest::Client,
 }
 
 impl HypPay {
     /// Builds the integration.
     pub fn new(account: HypPayAccount, http: reqwest::Client) -> Self {
-        HypPay { account, http }
+        let endpoint = Endpoint::new(account.base_url.clone());
+        HypPay {
+            account,
+            endpoint,
+            http,
+        }
     }
 
     /// Checks what Hyp Pay needs: `transaction.id`, an amount for refunds,
@@ -46,7 +52,7 @@ impl HypPay {
                 }
             }
         };
-        let request = self.http.post(&self.account.base_url).form(&form.fields());
+        let request = self.endpoint.post(&self.http).form(&form.fields());
         let request = super::with_trace(request, traceparent, &self.account.policy);
         post_form(request, |body| wire::classify(command.operation, body)).await
     }

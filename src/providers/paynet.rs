@@ -7,7 +7,7 @@
 pub mod wire;
 
 use super::{check_url, AccountError};
-use super::{classify_send_error, ProviderOutcome};
+use super::{classify_send_error, Endpoint, ProviderOutcome};
 use crate::command::RefundCommand;
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -16,6 +16,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct Paynet {
     account: PaynetAccount,
+    /// `{base_url}/v1/transaction/reversed_request`.
+    endpoint: Endpoint,
     http: reqwest::Client,
 }
 
@@ -30,7 +32,15 @@ pub fn callback_url(public_url: &str, refund_id: &str, token: &str) -> String {
 impl Paynet {
     /// Builds the integration.
     pub fn new(account: PaynetAccount, http: reqwest::Client) -> Self {
-        Paynet { account, http }
+        let endpoint = Endpoint::new(format!(
+            "{}/v1/transaction/reversed_request",
+            account.base_url.trim_end_matches('/')
+        ));
+        Paynet {
+            account,
+            endpoint,
+            http,
+        }
     }
 
     /// Checks the command before any call.
@@ -54,13 +64,9 @@ impl Paynet {
                 }
             }
         };
-        let url = format!(
-            "{}/v1/transaction/reversed_request",
-            self.account.base_url.trim_end_matches('/')
-        );
         let request = self
-            .http
-            .post(url)
+            .endpoint
+            .post(&self.http)
             .header(
                 reqwest::header::AUTHORIZATION,
                 format!("Basic {}", self.account.secret_key.expose()),

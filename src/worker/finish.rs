@@ -66,7 +66,7 @@ impl Worker {
     /// the module's doc); the slot is held until the event's confirm.
     async fn ack_early(&self, inbound: Inbound<'_>) -> Option<OwnedSemaphorePermit> {
         let slot = self.early_acks.as_ref()?.clone().try_acquire_owned().ok()?;
-        self.ack(inbound.delivery, inbound.arrived).await;
+        self.ack(inbound);
         Some(slot)
     }
 
