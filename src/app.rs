@@ -386,7 +386,7 @@ async fn session(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (worker, publisher, channel) = (worker.clone(), publisher.clone(), channel.clone());
-                    in_flight.spawn(async move { worker.handle(&publisher, &channel, delivery).await });
+                    in_flight.spawn(async move { worker.handle(&publisher, channel, delivery).await });
                 }
                 Some(Err(e)) => break SessionEnd::Lost(format!("consumer error: {e}")),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".into()),

@@ -52,8 +52,9 @@ pub(super) enum SyncRequest {
 const BUSY_BATCH: usize = 4;
 
 /// Under load (when `store.group_commit_linger_us` is 0) a flush waits
-/// this long for more writers when the last flush served `BUSY_BATCH`, and
-/// by the square of the ratio longer when it served more...
+/// this long for more writers when the last flush served `BUSY_BATCH`
+/// writers, and longer by the square of (writers / `BUSY_BATCH`) when it
+/// served more...
 const BUSY_LINGER: Duration = Duration::from_micros(200);
 
 /// ...up to this. A flush (the buffer's write and the disk sync, on the

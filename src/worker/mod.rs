@@ -130,7 +130,8 @@ impl Worker {
 
     /// Processes one delivery and acks it, or puts it back when it could not
     /// be finished.
-    pub async fn handle(&self, publisher: &Publisher, channel: &Channel, delivery: Delivery) {
+    /// `channel` is the one the delivery came on; its ack goes there.
+    pub async fn handle(&self, publisher: &Publisher, channel: Channel, delivery: Delivery) {
         let ack = Ack::new(channel, &delivery);
         // The refund's span: a child of the publisher's span when the
         // command carries a valid `traceparent` (see `trace.rs`).
@@ -274,9 +275,9 @@ struct Ack {
 }
 
 impl Ack {
-    fn new(channel: &Channel, delivery: &Delivery) -> Self {
+    fn new(channel: Channel, delivery: &Delivery) -> Self {
         Ack {
-            channel: channel.clone(),
+            channel,
             tag: delivery.delivery_tag,
             sent: AtomicBool::new(false),
         }
