@@ -48,6 +48,16 @@ impl Store {
         Ok(())
     }
 
+    /// The refund's outbox mark, if its event is still unconfirmed.
+    pub fn outbox_mark(&self, refund_id: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        let key = refund_id.as_bytes();
+        let bytes = match self.overlay(TreeId::Outbox, key) {
+            Some(pending) => pending,
+            None => self.outbox.get(key)?.map(|value| value.to_vec()),
+        };
+        Ok(bytes.and_then(|bytes| parse_outbox(refund_id, &bytes)))
+    }
+
     /// Events recorded at least `min_age` ago and not confirmed since.
     /// Blocking: walks the outbox (small: only unconfirmed events).
     pub fn unconfirmed(&self, min_age: Duration) -> Result<Vec<OutboxEntry>, StoreError> {

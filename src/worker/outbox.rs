@@ -41,6 +41,13 @@ impl Worker {
                 }
             }
             let _guard = self.locks.lock(&entry.refund_id).await;
+            // The delivery that recorded the event may have published it
+            // and taken the mark off while this sweep waited for the lock
+            // (the first sweep takes marks of any age): then it is done.
+            let mark = self.store.outbox_mark(&entry.refund_id)?;
+            if mark.is_none_or(|mark| mark.event_id != entry.event_id) {
+                continue;
+            }
             let event = self
                 .store
                 .get(&entry.refund_id)?
