@@ -276,6 +276,14 @@ impl Providers {
             .timeout(timeouts.request)
             .connect_timeout(timeouts.connect)
             .user_agent(concat!("refund-worker/", env!("CARGO_PKG_VERSION")))
+            // A refund request is never sent anywhere but its account's
+            // `base_url`: a 307/308 would re-send the POST to wherever the
+            // answer points, and a 301/302/303 would turn it into a GET
+            // whose answer was then classified as the refund's. None of the
+            // providers' pages mentions a redirect of their API, so a 3xx
+            // means a wrong `base_url`: the refund is parked as
+            // misconfigured, naming the status.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let by_name = accounts
             .iter()

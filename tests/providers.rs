@@ -303,3 +303,48 @@ async fn a_paynet_command_redelivered_while_pending_is_not_sent_again() {
     assert_eq!(app.sandbox.requests(), 1);
     assert_eq!(app.sandbox.journal().len(), 1);
 }
+
+/// A provider URL that answers with a redirect: the refund is not sent
+/// where the redirect points (a 307 would re-send the POST there), it is
+/// parked as misconfigured with the status named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_but_parked_as_misconfigured() {
+    use refund_worker::providers::ProviderAccount;
+    use support::header;
+    // Points every request at the sandbox's real Hyp Pay endpoint.
+    let target = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+    let moved = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let moved_url = format!("http://{}/p/", moved.local_addr().expect("addr"));
+    let to = target.clone();
+    let redirect = axum::Router::new().fallback(move || {
+        let location = to.get().cloned().unwrap_or_default();
+        async move {
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, location)],
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(moved, redirect).await });
+    let app = TestApp::start_with(Default::default(), |s| {
+        let mut account = s.providers["hyp_pay"].clone();
+        if let ProviderAccount::HypPay(a) = &mut account {
+            let _ = target.set(a.base_url.clone());
+            a.base_url = moved_url.clone();
+        }
+        s.providers.insert("hyp_moved".into(), account);
+    })
+    .await;
+    app.publish(&support::HYP_REFUND.replace("\"hyp_pay\"", "\"hyp_moved\""))
+        .await;
+    let (_, headers) = app.next_dead_letter().await;
+    assert_eq!(
+        header(&headers, "x-refund-error-kind").as_deref(),
+        Some("provider_misconfigured")
+    );
+    let error = header(&headers, "x-refund-error").unwrap_or_default();
+    assert!(error.contains("HTTP 307"), "{error}");
+    assert_eq!(app.sandbox.requests(), 0, "the redirect was followed");
+}
