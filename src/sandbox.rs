@@ -8,6 +8,7 @@
 //! `GET journal`, `GET originals`, `POST originals` (add seed entries),
 //! `POST faults` (queue faults), `POST latency` (`{"ms": 50}`).
 
+mod clock;
 pub mod creditguard;
 pub mod hyp_pay;
 pub mod paynet;
@@ -452,19 +453,8 @@ async fn set_latency(State(sandbox): State<Sandbox>, Json(l): Json<Latency>) -> 
     "ok\n"
 }
 
-/// Waits `latency`, to within a few hundredths of a millisecond. tokio's
-/// timer rounds every sleep up to its next millisecond tick (0.5–1.5 ms
-/// late), which would make a "50 ms provider" a 51 ms one and put the
-/// sandbox's own error into every latency-bound figure. So the timer takes
-/// the bulk and a blocking-pool thread the last stretch.
+/// Waits `latency`, to within a few hundredths of a millisecond (see
+/// `clock.rs`: tokio's timer would add a millisecond or two).
 async fn wait_precisely(latency: std::time::Duration) {
-    let deadline = std::time::Instant::now() + latency;
-    let coarse = latency.saturating_sub(std::time::Duration::from_millis(2));
-    if !coarse.is_zero() {
-        tokio::time::sleep(coarse).await;
-    }
-    let rest = deadline.saturating_duration_since(std::time::Instant::now());
-    if !rest.is_zero() {
-        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
-    }
+    clock::sleep_until(std::time::Instant::now() + latency).await;
 }
