@@ -239,7 +239,7 @@ async fn consume(
         let (worker, publisher) = (shared.worker.clone(), shared.publisher.clone());
         let (running, done, channel) = (running.clone(), done.clone(), channel.clone());
         tokio::spawn(async move {
-            worker.handle(&publisher, channel, delivery).await;
+            worker.handle(&publisher, channel, delivery, None).await;
             drop(slot);
             running.fetch_sub(1, Ordering::SeqCst);
             done.notify_waiters();

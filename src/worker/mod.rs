@@ -59,7 +59,7 @@ use lapin::Channel;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info_span, warn, Instrument};
 
 /// Why a delivery could not be finished; it goes back to the queue.
@@ -131,8 +131,16 @@ impl Worker {
     /// Processes one delivery and acks it, or puts it back when it could not
     /// be finished.
     /// `channel` is the one the delivery came on; its ack goes there.
-    pub async fn handle(&self, publisher: &Publisher, channel: Channel, delivery: Delivery) {
-        let ack = Ack::new(channel, &delivery);
+    /// `slot`, when given, is let go with the ack (or when the delivery is
+    /// put back): the consumer's count of deliveries being processed.
+    pub async fn handle(
+        &self,
+        publisher: &Publisher,
+        channel: Channel,
+        delivery: Delivery,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let ack = Ack::new(channel, &delivery, slot);
         // The refund's span: a child of the publisher's span when the
         // command carries a valid `traceparent` (see `trace.rs`).
         let parent = TraceContext::from_headers(delivery.properties.headers().as_ref());
@@ -272,14 +280,18 @@ struct Ack {
     channel: Channel,
     tag: DeliveryTag,
     sent: AtomicBool,
+    /// The consumer's processing slot, let go with the ack (see
+    /// `app.rs`: the delivery after this one may already be here).
+    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Ack {
-    fn new(channel: Channel, delivery: &Delivery) -> Self {
+    fn new(channel: Channel, delivery: &Delivery, slot: Option<OwnedSemaphorePermit>) -> Self {
         Ack {
             channel,
             tag: delivery.delivery_tag,
             sent: AtomicBool::new(false),
+            slot: std::sync::Mutex::new(slot),
         }
     }
 
@@ -293,6 +305,7 @@ impl Ack {
         if self.sent.swap(true, Ordering::SeqCst) {
             return Ok(false);
         }
+        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
         // One poll queues the frame (or fails at once on a closed channel);
         // what is left is the wait for its write.
         match self
