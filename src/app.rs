@@ -352,6 +352,13 @@ async fn session(
     // is a little wider (see `lookahead`).
     let slots = Arc::new(Semaphore::new(usize::from(amqp.prefetch)));
     let mut slot = None;
+    // Shared by every delivery of the session: one reference count each
+    // instead of a deep clone (the accounts' map, the channel's handles).
+    let (worker, publisher, channel) = (
+        Arc::new(worker.clone()),
+        Arc::new(publisher),
+        Arc::new(channel),
+    );
     let tag = format!("refund-worker-{}", std::process::id());
     // Exclusive: each worker's store is the only record of its refunds, so
     // a second worker on the same queue would pay a duplicate again. The
@@ -375,7 +382,7 @@ async fn session(
         }
         Err(e) => return Err(e),
     };
-    worker.set_side_publisher(Some(publisher.clone()));
+    worker.set_side_publisher(Some(Publisher::clone(&publisher)));
     health.set_broker(true);
     health.set_consuming(true);
     info!(

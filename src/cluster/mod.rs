@@ -322,8 +322,8 @@ pub async fn session(
     health.set_broker(true);
     health.set_consuming(true);
     let shared = Shared {
-        worker: worker.clone(),
-        publisher,
+        worker: Arc::new(worker.clone()),
+        publisher: Arc::new(publisher),
         log,
         journal: journal.clone(),
         slots: replica.slots.clone(),

@@ -38,10 +38,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 /// What every partition consumer shares.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    /// The pipeline.
-    pub worker: Worker,
-    /// The session's confirmed publisher.
-    pub publisher: Publisher,
+    /// The pipeline (in an `Arc`: cloned for every delivery).
+    pub worker: Arc<Worker>,
+    /// The session's confirmed publisher (likewise).
+    pub publisher: Arc<Publisher>,
     /// The state log.
     pub log: StateLog,
     /// The store's journal.
@@ -132,6 +132,8 @@ async fn consume(
     p: u32,
     mut asked: watch::Receiver<Ask>,
 ) -> Result<(), ClusterError> {
+    // Shared by this partition's deliveries (each acks on it).
+    let channel = Arc::new(channel);
     channel
         .basic_qos(shared.prefetch, BasicQosOptions::default())
         .await?;

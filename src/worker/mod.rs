@@ -136,7 +136,7 @@ impl Worker {
     pub async fn handle(
         &self,
         publisher: &Publisher,
-        channel: Channel,
+        channel: Arc<Channel>,
         delivery: Delivery,
         slot: Option<OwnedSemaphorePermit>,
     ) {
@@ -277,7 +277,7 @@ struct Inbound<'d> {
 /// is not waited for: an ack lost with its connection means a redelivery,
 /// which the record answers (re-publishing the recorded event).
 struct Ack {
-    channel: Channel,
+    channel: Arc<Channel>,
     tag: DeliveryTag,
     sent: AtomicBool,
     /// The consumer's processing slot, let go with the ack (see
@@ -286,7 +286,7 @@ struct Ack {
 }
 
 impl Ack {
-    fn new(channel: Channel, delivery: &Delivery, slot: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(channel: Arc<Channel>, delivery: &Delivery, slot: Option<OwnedSemaphorePermit>) -> Self {
         Ack {
             channel,
             tag: delivery.delivery_tag,
