@@ -420,16 +420,17 @@ async fn session(
     Ok(end)
 }
 
-/// Deliveries the broker may send beyond `amqp.prefetch`: a quarter of it,
-/// at most four. They wait in the consumer until a delivery being
-/// processed is acked, so a freed slot starts its next refund at once
-/// instead of a broker round trip later (at 50 ms provider latency,
+/// Deliveries the broker may send beyond `amqp.prefetch`: a quarter of it.
+/// They are the refunds whose outcome is durable and whose event waits for
+/// the broker's confirm (their delivery is acked after it, see
+/// `worker/finish.rs`), and deliveries waiting in the consumer until a
+/// processing slot is free, so that a freed slot starts its next refund at
+/// once instead of a broker round trip later (at 50 ms provider latency,
 /// prefetch 16 went from 288 to 300 refunds a second, measured). At most
-/// `amqp.prefetch` refunds are processed at once either way. Kept small:
-/// at 0 ms and prefetch 256 a lookahead of 32 took peak RSS from 60 to
-/// 62-64 MiB. Cluster mode keeps its partitions' windows at the prefetch.
+/// `amqp.prefetch` refunds are processed at once either way. Cluster mode
+/// keeps its partitions' windows at the prefetch.
 fn lookahead(prefetch: u16) -> u16 {
-    prefetch.div_ceil(4).min(4)
+    prefetch.div_ceil(4)
 }
 
 /// Waits for in-flight deliveries, up to [`DRAIN_DEADLINE`]. Those still

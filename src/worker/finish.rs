@@ -1,12 +1,13 @@
-//! Stage 4, finish: the outcome is written and synced, together with its
-//! event's outbox mark; the delivery is acked, then the event is published
-//! with a confirm. Acking before the confirm is safe because the mark stays
-//! until the confirm: if the confirm never comes (broker lost, process
-//! killed), the outbox publishes the event again, with the same `event_id`
-//! (`outbox.rs`). It frees the broker's prefetch slot a confirm earlier
-//! (about 1 ms), which at 50 ms per provider call is 2 % more refunds per
-//! second. At most a quarter of `amqp.prefetch` refunds wait for a confirm
-//! that way; the others ack after theirs, as everything else does.
+//! Stage 4, finish: the outcome is written and synced; the event is
+//! published with a confirm, and the delivery acked after it. Until then
+//! the unacked delivery is the event's outbox: put back when the confirm
+//! fails, redelivered after a crash, it finds the recorded outcome and
+//! publishes the same event (same `event_id`) again. So the outcome needs
+//! no outbox mark in single-node mode (cluster mode writes one: the state
+//! log carries it to the replica that takes the partition over). The
+//! delivery's processing slot is let go as soon as the outcome is durable
+//! (`app.rs`: the broker's window holds the refunds waiting for a confirm),
+//! so the wait for the confirm does not delay the next refund.
 //! Rejections are published without a record (they depend on the message
 //! and on configuration, and a corrected command may re-use the id).
 
@@ -18,7 +19,6 @@ use crate::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use std::time::Instant;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 impl Worker {
@@ -42,7 +42,7 @@ impl Worker {
             Status::Succeeded => LedgerChange::Mark(Reservation::Succeeded),
             _ => LedgerChange::Release,
         };
-        self.store.commit(record, change)?;
+        self.store.commit_delivered(record, change)?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
@@ -52,22 +52,14 @@ impl Worker {
             latency_ms = started.elapsed().as_millis() as u64,
             "refund outcome"
         );
-        let early = self.ack_early(inbound).await;
-        match self.publish_recorded(publisher, &event).await {
-            Err(e) if early.is_some() => {
-                warn!(error = %e, "event not confirmed after its delivery was acked; the outbox publishes it again");
-                Ok(())
-            }
-            result => result,
+        // Only the broker's confirm is left: the next delivery may start.
+        inbound.ack.release_slot();
+        if self.store.journal().is_some() {
+            // Cluster mode: the outcome carries its outbox mark.
+            return self.publish_recorded(publisher, &event).await;
         }
-    }
-
-    /// Acks the delivery now if one of the early-ack slots is free (see
-    /// the module's doc); the slot is held until the event's confirm.
-    async fn ack_early(&self, inbound: Inbound<'_>) -> Option<OwnedSemaphorePermit> {
-        let slot = self.early_acks.as_ref()?.clone().try_acquire_owned().ok()?;
-        self.ack(inbound);
-        Some(slot)
+        publisher.publish_event(&event).await?;
+        Ok(())
     }
 
     /// The provider accepted the refund and will post its answer later

@@ -13,20 +13,19 @@
 //!                        Attempting ───▶ a previous process crashed mid-call: unknown
 //!          ─▶ admit    the account's gate: breaker, share of the slots, limits
 //!          ─▶ attempt  provider call, in-process retries, classification
-//!          ─▶ finish   outcome recorded (synced) ─▶ ack ─▶ event published (confirmed)
+//!          ─▶ finish   outcome recorded (synced) ─▶ event published (confirmed) ─▶ ack
 //!          ─▶ park     delay queues, dead letters, in doubt
 //! resolve    an operator settles an in-doubt refund, releases or abandons one
 //! callbacks  Paynet posts the final answer of a pending (or doubtful) refund
-//! outbox     events recorded but not confirmed are published again
+//! outbox     events that answer no delivery, recorded but not confirmed, are published again
 //! ```
 //!
 //! Every decision comes from the stored record, so a redelivery, a restart
 //! and a replay from the dead-letter queue take the same path. Nothing here
-//! acks before what the command produced is safe: confirmed by the broker,
-//! or (a final outcome) durable in the record with its event in the outbox,
-//! which publishes it again if its confirm never comes (see `finish.rs`). A
-//! failure to store or publish before that puts the delivery back (after a
-//! pause) for a later try.
+//! acks before what the command produced is safe: durable in the record
+//! and confirmed by the broker (see `finish.rs`). A failure to store or
+//! publish before that puts the delivery back (after a pause) for a later
+//! try, and its redelivery publishes the recorded event.
 //! `docs/architecture.md` has the whole picture.
 
 mod admit;
@@ -59,7 +58,7 @@ use lapin::Channel;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info_span, warn, Instrument};
 
 /// Why a delivery could not be finished; it goes back to the queue.
@@ -87,10 +86,6 @@ pub struct Worker {
     /// The current session's publisher, for events that do not answer a
     /// delivery (operator resolutions, provider callbacks, the outbox).
     side: Arc<std::sync::Mutex<Option<Publisher>>>,
-    /// Slots for refunds whose delivery was acked before their event's
-    /// confirm ([`early_ack_slots`]); `None` in cluster mode, where a
-    /// partition is handed over only once its refunds are acked.
-    early_acks: Option<Arc<Semaphore>>,
 }
 
 impl Worker {
@@ -101,8 +96,6 @@ impl Worker {
             providers,
             locks: RefundLocks::default(),
             side: Arc::default(),
-            early_acks: (!settings.cluster.enabled)
-                .then(|| Arc::new(Semaphore::new(early_ack_slots(settings.amqp.prefetch)))),
             settings,
         }
     }
@@ -183,10 +176,9 @@ impl Worker {
             let result = Box::pin(self.process(publisher, inbound)).await;
             metrics::in_flight(-1.0);
             match result {
-                // A no-op when `finish` acked it already.
                 Ok(()) => self.ack(inbound),
-                // Never after an ack (`finish` acks only once nothing can
-                // fail any more), but a nack after one must not be sent.
+                // Only this function acks, so never; but a nack after an
+                // ack must not be sent.
                 Err(e) if ack.sent() => error!(error = %e, "delivery failed after its ack"),
                 Err(e) => {
                     error!(error = %e, "delivery not finished; putting it back");
@@ -248,18 +240,7 @@ impl Worker {
     }
 }
 
-/// How many refunds may wait for their event's confirm after their
-/// delivery was acked (see `finish.rs`): a quarter of the prefetch. A
-/// confirm takes about a millisecond, so even at 50 ms per provider call and
-/// prefetch 64 only one or two wait at a time; the bound matters under
-/// overload, where each of them holds its delivery, record and event
-/// beyond the prefetch (measured at 0 ms and prefetch 256: a bound of the
-/// whole prefetch took peak RSS from 58-63 to 68 MiB).
-fn early_ack_slots(prefetch: u16) -> usize {
-    usize::from(prefetch).div_ceil(4)
-}
-
-/// A delivery, its ack and when it arrived, for the stages that may ack it.
+/// A delivery, its ack (with its processing slot) and when it arrived.
 #[derive(Clone, Copy)]
 struct Inbound<'d> {
     delivery: &'d Delivery,
@@ -280,8 +261,9 @@ struct Ack {
     channel: Arc<Channel>,
     tag: DeliveryTag,
     sent: AtomicBool,
-    /// The consumer's processing slot, let go with the ack (see
-    /// `app.rs`: the delivery after this one may already be here).
+    /// The consumer's processing slot (see `app.rs`: the delivery after
+    /// this one may already be here), let go once the outcome is durable
+    /// or with the ack.
     slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
@@ -295,6 +277,12 @@ impl Ack {
         }
     }
 
+    /// Lets the next delivery start: what is left of this one is the wait
+    /// for its event's confirm, which the broker's window bounds.
+    fn release_slot(&self) {
+        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
     /// Whether the ack was sent.
     fn sent(&self) -> bool {
         self.sent.load(Ordering::SeqCst)
@@ -305,7 +293,7 @@ impl Ack {
         if self.sent.swap(true, Ordering::SeqCst) {
             return Ok(false);
         }
-        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.release_slot();
         // One poll queues the frame (or fails at once on a closed channel);
         // what is left is the wait for its write.
         match self
