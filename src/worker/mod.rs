@@ -55,7 +55,6 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, DeliveryTag};
 use lapin::Channel;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
@@ -171,15 +170,11 @@ impl Worker {
             let inbound = Inbound {
                 delivery: &delivery,
                 ack: &ack,
-                arrived,
             };
             let result = Box::pin(self.process(publisher, inbound)).await;
             metrics::in_flight(-1.0);
             match result {
-                Ok(()) => self.ack(inbound),
-                // Only this function acks, so never; but a nack after an
-                // ack must not be sent.
-                Err(e) if ack.sent() => error!(error = %e, "delivery failed after its ack"),
+                Ok(()) => self.ack(&delivery, &ack, arrived),
                 Err(e) => {
                     error!(error = %e, "delivery not finished; putting it back");
                     tokio::time::sleep(REQUEUE_PAUSE).await;
@@ -197,12 +192,13 @@ impl Worker {
         context.scope(work).await
     }
 
-    /// Acks a delivery, once (a second ack of the same delivery does
-    /// nothing), and measures it.
-    fn ack(&self, inbound: Inbound<'_>) {
-        match inbound.ack.send() {
-            Ok(true) => {
-                if let Some(published) = inbound.delivery.properties.timestamp() {
+    /// Acks a delivery and measures it. Only [`Worker::handle`] acks, once
+    /// `process` succeeded, so a delivery is acked once and never nacked
+    /// after its ack.
+    fn ack(&self, delivery: &Delivery, ack: &Ack, arrived: Instant) {
+        match ack.send() {
+            Ok(()) => {
+                if let Some(published) = delivery.properties.timestamp() {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs_f64())
@@ -210,9 +206,8 @@ impl Worker {
                     let took = (now - *published as f64).max(0.0);
                     metrics::end_to_end(Duration::from_secs_f64(took));
                 }
-                metrics::processing(inbound.arrived.elapsed());
+                metrics::processing(arrived.elapsed());
             }
-            Ok(false) => {}
             // The channel is gone: the broker redelivers, and the record
             // turns the redelivery into a re-publication.
             Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
@@ -240,17 +235,15 @@ impl Worker {
     }
 }
 
-/// A delivery, its ack (with its processing slot) and when it arrived.
+/// A delivery and its ack (with its processing slot, which `finish` lets
+/// go early).
 #[derive(Clone, Copy)]
 struct Inbound<'d> {
     delivery: &'d Delivery,
     ack: &'d Ack,
-    arrived: Instant,
 }
 
-/// A delivery's ack, sent at most once (a second `basic.ack` of a tag is a
-/// channel error that would close the channel and every delivery on it),
-/// straight on the channel the delivery came from.
+/// A delivery's ack, sent straight on the channel the delivery came from.
 ///
 /// Not through `delivery.acker`: that hands each ack to lapin's internal
 /// task, which then queues the frame and resolves the acker's promise once
@@ -260,7 +253,6 @@ struct Inbound<'d> {
 struct Ack {
     channel: Arc<Channel>,
     tag: DeliveryTag,
-    sent: AtomicBool,
     /// The consumer's processing slot (see `app.rs`: the delivery after
     /// this one may already be here), let go once the outcome is durable
     /// or with the ack.
@@ -272,7 +264,6 @@ impl Ack {
         Ack {
             channel,
             tag: delivery.delivery_tag,
-            sent: AtomicBool::new(false),
             slot: std::sync::Mutex::new(slot),
         }
     }
@@ -283,16 +274,8 @@ impl Ack {
         drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Whether the ack was sent.
-    fn sent(&self) -> bool {
-        self.sent.load(Ordering::SeqCst)
-    }
-
-    /// Queues the ack frame; `Ok(false)` if it was sent before.
-    fn send(&self) -> Result<bool, lapin::Error> {
-        if self.sent.swap(true, Ordering::SeqCst) {
-            return Ok(false);
-        }
+    /// Queues the ack frame.
+    fn send(&self) -> Result<(), lapin::Error> {
         self.release_slot();
         // One poll queues the frame (or fails at once on a closed channel);
         // what is left is the wait for its write.
@@ -302,7 +285,7 @@ impl Ack {
             .now_or_never()
         {
             Some(Err(e)) => Err(e),
-            Some(Ok(())) | None => Ok(true),
+            Some(Ok(())) | None => Ok(()),
         }
     }
 }
