@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cli::ops::{DlqCommand, RefundsCommand};
 use refund_worker::client;
-use refund_worker::config::{ConfigError, LogFormat};
+use refund_worker::config::{ConfigError, LogFormat, Settings};
 use refund_worker::sandbox::{SandboxConfig, Seed};
 use refund_worker::secret::Secret;
 use std::path::PathBuf;
@@ -266,13 +266,29 @@ fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Run { config, log_format } = cli.command {
+        // The worker's runtime is sized by its configuration
+        // (`runtime.worker_threads`), so the configuration comes first.
+        let settings = Settings::load(config.as_deref())?;
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Ok(threads) = usize::try_from(settings.runtime.worker_threads) {
+            if threads > 0 {
+                builder.worker_threads(threads);
+            }
+        }
+        let runtime = builder
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return runtime.block_on(cli::run::run(settings, log_format));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config, log_format } => cli::run::run(config, log_format).await,
+            Command::Run { .. } => unreachable!("handled above"),
             Command::Sandbox {
                 addr,
                 seed,

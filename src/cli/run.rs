@@ -5,13 +5,8 @@
 use refund_worker::app::App;
 use refund_worker::config::{LogFormat, Settings};
 use refund_worker::{shutdown, telemetry};
-use std::path::PathBuf;
 
-pub(crate) async fn run(
-    config: Option<PathBuf>,
-    log_format: Option<LogFormat>,
-) -> anyhow::Result<()> {
-    let settings = Settings::load(config.as_deref())?;
+pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let telemetry = telemetry::init_with(
         log_format.unwrap_or(settings.log.format),
         &settings.log.filter,
