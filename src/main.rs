@@ -271,10 +271,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         // (`runtime.worker_threads`), so the configuration comes first.
         let settings = Settings::load(config.as_deref())?;
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Ok(threads) = usize::try_from(settings.runtime.worker_threads) {
-            if threads > 0 {
-                builder.worker_threads(threads);
-            }
+        if let Some(threads) = settings.runtime_threads() {
+            builder.worker_threads(threads);
         }
         let runtime = builder
             .enable_all()

@@ -110,32 +110,23 @@ pub struct Settings {
 /// broker sessions. Blocking work has threads of its own either way: the
 /// store's syncer (disk flushes), lapin's I/O loop, tokio's blocking pool
 /// (pruning, reports).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RuntimeSettings {
-    /// Threads that run tasks; 0: one per CPU core. Default 1: a refund's
-    /// CPU work is many small steps between waits, and on a second thread
-    /// they cost more in wake-ups and hand-offs than the parallelism gives
-    /// back (README, Performance: 9 % less CPU per refund at prefetch 64,
-    /// the same throughput). One thread carries about 10 000 refunds a
-    /// second; raise it only for more than that.
-    #[serde(
-        default = "default_worker_threads",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub worker_threads: u64,
+    /// Threads that run tasks; 0: one per CPU core. Unset: one thread up to
+    /// [`ONE_THREAD_UP_TO_PREFETCH`] deliveries at once, one per core above
+    /// (see [`Settings::runtime_threads`]).
+    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    pub worker_threads: Option<u64>,
 }
 
-impl Default for RuntimeSettings {
-    fn default() -> Self {
-        RuntimeSettings {
-            worker_threads: default_worker_threads(),
-        }
-    }
-}
-
-fn default_worker_threads() -> u64 {
-    1
-}
+/// Up to this `amqp.prefetch` an unset `runtime.worker_threads` means one
+/// thread. A refund's CPU work is many small steps between waits; on a
+/// second thread they cost more in wake-ups and hand-offs than the
+/// parallelism gives back (README, Performance, sixth round: 9 % less CPU
+/// per refund at prefetch 64, 11 % at 16, the same throughput). At
+/// prefetch 256 one thread queues too much: 3 % fewer refunds a second at
+/// 0 ms provider latency, 9 % at 50 ms.
+pub const ONE_THREAD_UP_TO_PREFETCH: u16 = 64;
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKER_THREADS: u64 = 1024;
@@ -442,6 +433,18 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
 }
 
 impl Settings {
+    /// The async runtime's worker threads: `None` for one per CPU core.
+    /// `runtime.worker_threads` when set (0: one per core); unset, one
+    /// thread when `amqp.prefetch` is at most [`ONE_THREAD_UP_TO_PREFETCH`].
+    pub fn runtime_threads(&self) -> Option<usize> {
+        match self.runtime.worker_threads {
+            Some(0) => None,
+            Some(threads) => usize::try_from(threads).ok(),
+            None if self.amqp.prefetch <= ONE_THREAD_UP_TO_PREFETCH => Some(1),
+            None => None,
+        }
+    }
+
     /// Reads the layers: defaults, `file` if given, environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, None)
@@ -524,14 +527,15 @@ impl Settings {
 
     /// Checks values that deserialise fine but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.runtime.worker_threads > MAX_WORKER_THREADS {
-            return Err(invalid(
-                "runtime.worker_threads",
-                format!(
-                    "must be at most {MAX_WORKER_THREADS} (0: one per CPU core), not {}",
-                    self.runtime.worker_threads
-                ),
-            ));
+        if let Some(threads) = self.runtime.worker_threads {
+            if threads > MAX_WORKER_THREADS {
+                return Err(invalid(
+                    "runtime.worker_threads",
+                    format!(
+                        "must be at most {MAX_WORKER_THREADS} (0: one per CPU core), not {threads}"
+                    ),
+                ));
+            }
         }
         let urls: Vec<&str> = crate::secret::url_list(&self.amqp.url).collect();
         if urls.is_empty() {
@@ -957,7 +961,8 @@ mod tests {
         assert_eq!(s.store.retention().tombstones, DAY * 20);
         assert_eq!(s.store.outbox_sweep_every(), Duration::from_secs(3));
         assert_eq!(s.store.group_commit_linger_us, 250);
-        assert_eq!(s.runtime.worker_threads, 3);
+        assert_eq!(s.runtime.worker_threads, Some(3));
+        assert_eq!(s.runtime_threads(), Some(3));
         assert_eq!(s.http.callback_max_body_bytes, 2048);
         assert_eq!(s.http.callback_timeout_ms, 1500);
         assert_eq!(s.retry.max_attempts, 5);
@@ -1077,29 +1082,42 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_has_one_thread_unless_configured_and_a_typo_is_refused() {
-        let env = |threads: Option<&str>| {
+    fn the_runtime_has_one_thread_up_to_prefetch_64_unless_configured() {
+        let env = |prefetch: &str, threads: Option<&str>| {
             [
                 ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", Some("hyp_pay")),
-                ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", Some("0010131918")),
+                (
+                    "REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF",
+                    Some("0010131918"),
+                ),
                 ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", Some("p")),
+                ("REFUND_WORKER__AMQP__PREFETCH", Some(prefetch)),
                 ("REFUND_WORKER__RUNTIME__WORKER_THREADS", threads),
             ]
             .into_iter()
             .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
             .collect()
         };
-        let s = Settings::load_from(None, Some(env(None))).expect("valid");
-        assert_eq!(s.runtime.worker_threads, 1);
-        // 0: one per CPU core.
-        let s = Settings::load_from(None, Some(env(Some("0")))).expect("valid");
-        assert_eq!(s.runtime.worker_threads, 0);
-        let err = Settings::load_from(None, Some(env(Some("20000"))))
+        let threads = |prefetch: &str, threads: Option<&str>| {
+            Settings::load_from(None, Some(env(prefetch, threads)))
+                .expect("valid")
+                .runtime_threads()
+        };
+        // Unset: one thread up to prefetch 64, one per core above.
+        assert_eq!(threads("64", None), Some(1));
+        assert_eq!(threads("16", None), Some(1));
+        assert_eq!(threads("65", None), None);
+        assert_eq!(threads("256", None), None);
+        // Set: as given, whatever the prefetch; 0 is one per core.
+        assert_eq!(threads("256", Some("1")), Some(1));
+        assert_eq!(threads("16", Some("4")), Some(4));
+        assert_eq!(threads("16", Some("0")), None);
+        let err = Settings::load_from(None, Some(env("64", Some("20000"))))
             .expect_err("refused")
             .to_string();
         assert!(err.contains("runtime.worker_threads"), "{err}");
         assert!(err.contains("20000"), "{err}");
-        let err = Settings::load_from(None, Some(env(Some("two"))))
+        let err = Settings::load_from(None, Some(env("64", Some("two"))))
             .expect_err("refused")
             .to_string();
         assert!(err.contains("worker_threads"), "{err}");
