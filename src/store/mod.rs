@@ -708,8 +708,9 @@ impl Store {
     /// costs two thread wake-ups, 0.5 ms of a refund's 52 at 50 ms provider
     /// latency. The flush blocks the runtime thread for about 0.3 ms; under
     /// load the syncer's batches take over, which cost far less per writer.
-    /// Only on a runtime with more than one thread (`runtime.worker_threads`;
-    /// the default, one, sends every flush to the syncer).
+    /// Only on a runtime with more than one thread (`runtime.worker_threads`:
+    /// up to the default prefetch the runtime has one, and every flush is
+    /// the syncer's).
     fn flush_inline(&self) -> Option<Result<(), StoreError>> {
         if !self.inline_flush || !self.linger.is_zero() || self.stats.busy() {
             return None;
