@@ -933,19 +933,7 @@ mod tests {
     async fn one_flush_serves_many_concurrent_syncs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .put(&RefundRecord::attempting(&command(&format!("r{i}"))))
-                    .expect("put");
-                store.sync().await.expect("sync");
-            }));
-        }
-        for t in tasks {
-            t.await.expect("task");
-        }
+        write_and_sync(&store, 200, false).await;
         let flushes = store.stats().flushes.load(Ordering::Relaxed);
         let requests = store.stats().requests.load(Ordering::Relaxed);
         assert_eq!(requests, 200);
@@ -959,20 +947,31 @@ mod tests {
     async fn on_one_runtime_thread_the_syncer_does_the_flushes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
+        write_and_sync(&store, 50, true).await;
+        let flushes = store.stats().flushes.load(Ordering::Relaxed);
+        assert!(flushes < 25, "{flushes} flushes for 50 syncs");
+    }
+
+    /// `n` concurrent tasks, each writing a record and waiting for its sync
+    /// (`sync_refund`, which may flush on the writer's thread, or `sync`).
+    async fn write_and_sync(store: &Store, n: usize, per_refund: bool) {
         let mut tasks = Vec::new();
-        for i in 0..50 {
+        for i in 0..n {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
+                let id = format!("r{i}");
                 store
-                    .put(&RefundRecord::attempting(&command(&format!("r{i}"))))
+                    .put(&RefundRecord::attempting(&command(&id)))
                     .expect("put");
-                store.sync_refund(&format!("r{i}")).await.expect("sync");
+                if per_refund {
+                    store.sync_refund(&id).await.expect("sync");
+                } else {
+                    store.sync().await.expect("sync");
+                }
             }));
         }
         for t in tasks {
             t.await.expect("task");
         }
-        let flushes = store.stats().flushes.load(Ordering::Relaxed);
-        assert!(flushes < 25, "{flushes} flushes for 50 syncs");
     }
 }
