@@ -345,13 +345,16 @@ impl Store {
     /// back when the confirm fails, redelivered after a crash, it publishes
     /// the recorded event again. Saves two of a refund's four writes. Cluster
     /// mode marks anyway (the state log carries the mark to the replica that
-    /// takes the partition over).
+    /// takes the partition over). Returns whether the outcome was marked, so
+    /// that its publisher takes the mark off after the confirm.
     pub fn commit_delivered(
         &self,
         record: &RefundRecord,
         change: LedgerChange,
-    ) -> Result<(), StoreError> {
-        self.write_outcome(record, change, self.journal.is_some())
+    ) -> Result<bool, StoreError> {
+        let mark = self.journal.is_some();
+        self.write_outcome(record, change, mark)?;
+        Ok(mark)
     }
 
     fn write_outcome(

@@ -42,7 +42,7 @@ impl Worker {
             Status::Succeeded => LedgerChange::Mark(Reservation::Succeeded),
             _ => LedgerChange::Release,
         };
-        self.store.commit_delivered(record, change)?;
+        let marked = self.store.commit_delivered(record, change)?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
@@ -54,7 +54,7 @@ impl Worker {
         );
         // Only the broker's confirm is left: the next delivery may start.
         inbound.ack.release_slot();
-        if self.store.journal().is_some() {
+        if marked {
             // Cluster mode: the outcome carries its outbox mark.
             return self.publish_recorded(publisher, &event).await;
         }
