@@ -1,8 +1,10 @@
 //! Logging and tracing, set up in one place. Text on a terminal, JSON
-//! otherwise (or as configured); `RUST_LOG` overrides the configured
-//! filter. With `telemetry.otlp_endpoint` set, the refund spans are also
+//! lines otherwise (or as configured; `json.rs` writes them); `RUST_LOG`
+//! overrides the configured filter. With `telemetry.otlp_endpoint` set, the refund spans are also
 //! exported over OTLP/HTTP (protobuf) through the opentelemetry crates, with
 //! the caller's `traceparent` as their parent (see `trace.rs`).
+
+mod json;
 
 use crate::config::LogFormat;
 use opentelemetry::trace::TracerProvider as _;
@@ -63,9 +65,8 @@ pub fn init_with(
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let fmt = if json {
-        fmt.json()
-            .flatten_event(true)
-            .with_current_span(true)
+        fmt.fmt_fields(json::JsonSpanFields)
+            .event_format(json::JsonLines)
             .boxed()
     } else {
         fmt.boxed()
