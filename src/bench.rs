@@ -221,8 +221,6 @@ fn bench_settings(
         path = "{store}"
         [http]
         addr = "127.0.0.1:{http_port}"
-        [log]
-        filter = "warn"
         [providers.hyp_pay]
         kind = "hyp_pay"
         base_url = "{sandbox_url}/p/"
@@ -420,12 +418,13 @@ async fn worker_round(
         &format!("b{name}"),
     )
     .await?;
+    // The worker logs at its default level (one `info` line per refund),
+    // as it does in production, into a file as a log collector would read.
     let log = std::fs::File::create(dir.path().join(format!("worker-{name}.log")))?;
     let mut child = std::process::Command::new(&options.worker_exe)
         .arg("run")
         .arg("--config")
         .arg(store.with_extension("toml"))
-        .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
