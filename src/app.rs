@@ -421,8 +421,8 @@ async fn session(
 }
 
 /// Deliveries the broker may send beyond `amqp.prefetch`: a quarter of it.
-/// They are the refunds whose outcome is durable and whose event waits for
-/// the broker's confirm (their delivery is acked after it, see
+/// They are the refunds whose outcome is written and whose event waits for
+/// its sync and the broker's confirm (their delivery is acked after it, see
 /// `worker/finish.rs`), and deliveries waiting in the consumer until a
 /// processing slot is free, so that a freed slot starts its next refund at
 /// once instead of a broker round trip later (at 50 ms provider latency,

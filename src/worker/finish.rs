@@ -5,9 +5,10 @@
 //! publishes the same event (same `event_id`) again. So the outcome needs
 //! no outbox mark in single-node mode (cluster mode writes one: the state
 //! log carries it to the replica that takes the partition over). The
-//! delivery's processing slot is let go as soon as the outcome is durable
-//! (`app.rs`: the broker's window holds the refunds waiting for a confirm),
-//! so the wait for the confirm does not delay the next refund.
+//! delivery's processing slot is let go as soon as the outcome is written
+//! (`app.rs`: the broker's window holds the refunds still finishing), so
+//! neither the outcome's sync nor the wait for the confirm delays the next
+//! refund, whose claim joins the same flush.
 //! Rejections are published without a record (they depend on the message
 //! and on configuration, and a corrected command may re-use the id).
 
@@ -43,6 +44,11 @@ impl Worker {
             _ => LedgerChange::Release,
         };
         let marked = self.store.commit_delivered(record, change)?;
+        // The provider call is over: the next delivery may start, and its
+        // claim shares this outcome's flush (the group commit) instead of
+        // waiting for it. The delivery stays unacked, and the broker's
+        // window (`app.rs`) bounds the refunds still finishing.
+        inbound.ack.release_slot();
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, event.status.as_str());
         info!(
@@ -52,8 +58,6 @@ impl Worker {
             latency_ms = started.elapsed().as_millis() as u64,
             "refund outcome"
         );
-        // Only the broker's confirm is left: the next delivery may start.
-        inbound.ack.release_slot();
         if marked {
             // Cluster mode: the outcome carries its outbox mark.
             return self.publish_recorded(publisher, &event).await;
