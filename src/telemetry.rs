@@ -1,8 +1,9 @@
 //! Logging and tracing, set up in one place. Text on a terminal, JSON
 //! lines otherwise (or as configured; `json.rs` writes them); `RUST_LOG`
-//! overrides the configured filter. With `telemetry.otlp_endpoint` set, the refund spans are also
-//! exported over OTLP/HTTP (protobuf) through the opentelemetry crates, with
-//! the caller's `traceparent` as their parent (see `trace.rs`).
+//! overrides the configured filter. With `telemetry.otlp_endpoint` set,
+//! the refund spans are also exported over OTLP/HTTP (protobuf) through the
+//! opentelemetry crates, with the caller's `traceparent` as their parent
+//! (see `trace.rs`).
 
 mod json;
 
