@@ -317,6 +317,28 @@ mod tests {
     }
 
     #[test]
+    fn a_log_record_keeps_its_own_target_and_no_log_fields() {
+        use tracing_log::log;
+        let lines = logged(|| {
+            let record = log::Record::builder()
+                .args(format_args!("pagecache started"))
+                .level(log::Level::Warn)
+                .target("sled::pagecache")
+                .module_path(Some("sled::pagecache"))
+                .file(Some("pagecache.rs"))
+                .line(Some(7))
+                .build();
+            tracing_log::format_trace(&record).expect("dispatched");
+        });
+        assert_eq!(lines.len(), 1);
+        let line = lines[0].as_object().expect("an object");
+        assert_eq!(line["target"], "sled::pagecache");
+        assert_eq!(line["message"], "pagecache started");
+        assert_eq!(line["level"], "WARN");
+        assert!(line.keys().all(|k| !k.starts_with("log.")), "{line:?}");
+    }
+
+    #[test]
     fn an_event_outside_spans_and_a_span_without_fields() {
         let lines = logged(|| {
             tracing::warn!("no span");
