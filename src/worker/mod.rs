@@ -254,8 +254,8 @@ struct Ack {
     channel: Arc<Channel>,
     tag: DeliveryTag,
     /// The consumer's processing slot (see `app.rs`: the delivery after
-    /// this one may already be here), let go once the outcome is durable
-    /// or with the ack.
+    /// this one may already be here), let go once the outcome is written
+    /// (`finish`) or with the ack.
     slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
@@ -268,8 +268,9 @@ impl Ack {
         }
     }
 
-    /// Lets the next delivery start: what is left of this one is the wait
-    /// for its event's confirm, which the broker's window bounds.
+    /// Lets the next delivery start: what is left of this one is the
+    /// outcome's sync and the wait for its event's confirm, which the
+    /// broker's window bounds.
     fn release_slot(&self) {
         drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
