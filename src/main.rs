@@ -265,26 +265,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// A multi-thread runtime with `threads` workers (`None`: one per core).
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn execute(cli: Cli) -> anyhow::Result<()> {
     if let Command::Run { config, log_format } = cli.command {
         // The worker's runtime is sized by its configuration
         // (`runtime.worker_threads`), so the configuration comes first.
         let settings = Settings::load(config.as_deref())?;
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(threads) = settings.runtime_threads() {
-            builder.worker_threads(threads);
-        }
-        let runtime = builder
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        return runtime.block_on(cli::run::run(settings, log_format));
+        return runtime(settings.runtime_threads())?.block_on(cli::run::run(settings, log_format));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    runtime(None)?.block_on(async move {
         match cli.command {
             Command::Run { .. } => unreachable!("handled above"),
             Command::Sandbox {

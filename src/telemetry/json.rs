@@ -20,10 +20,11 @@ use std::fmt::{self, Write};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_log::NormalizeEvent;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
 /// Formats a span's fields as the inside of a JSON object, so that a
 /// later field is appended and an event copies them without parsing.
@@ -31,11 +32,7 @@ use tracing_subscriber::registry::LookupSpan;
 pub(crate) struct JsonSpanFields;
 
 impl<'w> FormatFields<'w> for JsonSpanFields {
-    fn format_fields<R: tracing_subscriber::field::RecordFields>(
-        &self,
-        mut writer: Writer<'w>,
-        fields: R,
-    ) -> fmt::Result {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         let mut visitor = JsonVisitor::new(&mut writer, true);
         fields.record(&mut visitor);
         visitor.result
@@ -101,9 +98,9 @@ where
 }
 
 /// `{` the span's recorded fields `,"name":` its name `}`.
-fn write_span<'a, R: tracing_subscriber::registry::LookupSpan<'a>>(
+fn write_span<'a, R: LookupSpan<'a>>(
     writer: &mut Writer<'_>,
-    span: &tracing_subscriber::registry::SpanRef<'a, R>,
+    span: &SpanRef<'a, R>,
 ) -> fmt::Result {
     writer.write_char('{')?;
     let extensions = span.extensions();
