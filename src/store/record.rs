@@ -292,11 +292,13 @@ struct TokenPool {
 impl TokenPool {
     fn take(&mut self) -> [u8; 16] {
         if self.next + 16 > self.bytes.len() {
-            // The OS random source does not fail on Linux; were it to, the
-            // pool keeps the zeros its takes leave behind, and an all-zero
-            // token only makes callbacks for those refunds guessable, never
-            // pays twice. The next empty pool tries again.
-            let _ = getrandom::fill(&mut self.bytes);
+            if getrandom::fill(&mut self.bytes).is_err() {
+                // The OS random source does not fail on Linux. Were it to,
+                // this one token is all zeros, which only makes callbacks
+                // for this refund guessable, never pays twice; the pool
+                // stays empty, so the next token tries again.
+                return [0; 16];
+            }
             self.next = 0;
         }
         let mut token = [0u8; 16];
