@@ -109,10 +109,12 @@ impl App {
         } else {
             Store::open_sized(&settings.store.path, linger, cache)
         };
-        let store = opened.map_err(|source| AppError::Store {
-            path: settings.store.path.display().to_string(),
-            source,
-        })?;
+        let store = opened
+            .map_err(|source| AppError::Store {
+                path: settings.store.path.display().to_string(),
+                source,
+            })?
+            .with_record_format(settings.store.record_format);
         let replica = settings
             .cluster
             .enabled

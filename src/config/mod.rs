@@ -275,6 +275,13 @@ pub struct StoreSettings {
         deserialize_with = "crate::lenient::u64"
     )]
     pub cache_mib: u64,
+    /// The form new records are written in: `compact` (the default) or
+    /// `json`, which versions before the compact form can read (keep it
+    /// while a rollback to one of them must stay possible). Records in
+    /// either form are always read. Cluster mode writes JSON whatever this
+    /// says.
+    #[serde(default)]
+    pub record_format: crate::store::RecordFormat,
 }
 
 fn default_cache_mib() -> u64 {

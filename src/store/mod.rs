@@ -21,10 +21,11 @@
 //! leaves them disagreeing.
 //!
 //! Module map: `record.rs` (the record, its states, the tombstone),
-//! `ledger.rs` (the over-refund arithmetic, pure), `prune.rs` (retention),
+//! `codec.rs` (how a record is laid out on disk), `ledger.rs` (the over-refund arithmetic, pure), `prune.rs` (retention),
 //! `syncer.rs` (group commit). The store sits on top of all of them; none
 //! imports it.
 
+mod codec;
 pub mod journal;
 pub mod ledger;
 mod outbox;
@@ -32,6 +33,7 @@ mod prune;
 mod record;
 mod syncer;
 
+pub use codec::{DecodeError, RecordFormat};
 use outbox::outbox_value;
 pub use outbox::OutboxEntry;
 pub use prune::{PruneReport, Retention};
@@ -63,7 +65,7 @@ pub enum StoreError {
         /// The key.
         refund_id: String,
         /// The decoding error.
-        source: serde_json::Error,
+        source: DecodeError,
     },
     /// The syncer task is gone (the runtime is shutting down).
     #[error("store: the syncer task has stopped")]
@@ -140,6 +142,10 @@ pub struct Store {
     stats: Arc<SyncStats>,
     /// Cluster mode: writes go to the state log (see `journal.rs`).
     journal: Option<Arc<Journal>>,
+    /// The form new records are written in (`codec.rs`). Always JSON in
+    /// cluster mode: the state log carries records to replicas that may
+    /// run an older version during a rolling upgrade.
+    format: RecordFormat,
     /// For a flush made by the writer itself (see [`Store::flush_inline`]).
     db: sled::Db,
     /// `store.group_commit_linger_us`: a configured wait is always the
@@ -210,6 +216,11 @@ impl Store {
             meta: db.open_tree("cluster")?,
             syncer: tx,
             stats: stats.clone(),
+            format: if journal.is_some() {
+                RecordFormat::Json
+            } else {
+                RecordFormat::Compact
+            },
             journal,
             db: db.clone(),
             linger,
@@ -224,14 +235,30 @@ impl Store {
         Ok(store)
     }
 
+    /// Writes new records in `format` (`store.record_format`). Cluster mode
+    /// keeps JSON whatever is asked (see the `format` field).
+    pub fn with_record_format(mut self, format: RecordFormat) -> Self {
+        if self.journal.is_none() {
+            self.format = format;
+        }
+        self
+    }
+
+    /// A record in this store's form.
+    fn encode_record(&self, record: &RefundRecord) -> Vec<u8> {
+        codec::encode(record, self.format)
+    }
+
     /// Reads a record.
     pub fn get(&self, refund_id: &str) -> Result<Option<RefundRecord>, StoreError> {
         if let Some(pending) = self.overlay(TreeId::Refunds, refund_id.as_bytes()) {
-            return pending.map(|bytes| decode(refund_id, &bytes)).transpose();
+            return pending
+                .map(|bytes| decode_record(refund_id, &bytes))
+                .transpose();
         }
         match self.refunds.get(refund_id.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => decode(refund_id, &bytes).map(Some),
+            Some(bytes) => decode_record(refund_id, &bytes).map(Some),
         }
     }
 
@@ -263,7 +290,7 @@ impl Store {
             return self.claim_replicated(journal, record);
         }
         let key = record.refund_id.as_bytes();
-        let bytes = encode(record);
+        let bytes = self.encode_record(record);
         let ledger = record
             .command
             .original_amount
@@ -276,7 +303,7 @@ impl Store {
             {
                 Ok(()) => Ok(Claim::Claimed),
                 Err(cas) => match cas.current {
-                    Some(existing) => Ok(Claim::Exists(Box::new(decode(
+                    Some(existing) => Ok(Claim::Exists(Box::new(decode_record(
                         &record.refund_id,
                         &existing,
                     )?))),
@@ -286,7 +313,7 @@ impl Store {
         };
         let claim = (&self.refunds, &self.originals).transaction(|(refunds, originals)| {
             if let Some(existing) = refunds.get(key)? {
-                let existing = decode(&record.refund_id, &existing).map_err(abort)?;
+                let existing = decode_record(&record.refund_id, &existing).map_err(abort)?;
                 return Ok(Claim::Exists(Box::new(existing)));
             }
             let (ledger_key, original) = &ledger;
@@ -315,7 +342,7 @@ impl Store {
             return self.annotate(record);
         }
         self.refunds
-            .insert(record.refund_id.as_bytes(), encode(record))?;
+            .insert(record.refund_id.as_bytes(), self.encode_record(record))?;
         Ok(())
     }
 
@@ -324,11 +351,12 @@ impl Store {
     pub fn annotate(&self, record: &RefundRecord) -> Result<(), StoreError> {
         if let Some(journal) = &self.journal {
             let id = &record.refund_id;
-            journal.write(|w| w.put(id, TreeId::Refunds, id, Some(encode(record)), None));
+            let bytes = self.encode_record(record);
+            journal.write(|w| w.put(id, TreeId::Refunds, id, Some(bytes), None));
             return Ok(());
         }
         self.refunds
-            .insert(record.refund_id.as_bytes(), encode(record))?;
+            .insert(record.refund_id.as_bytes(), self.encode_record(record))?;
         Ok(())
     }
 
@@ -367,7 +395,7 @@ impl Store {
             return self.commit_replicated(journal, record, change);
         }
         let key = record.refund_id.as_bytes();
-        let bytes = encode(record);
+        let bytes = self.encode_record(record);
         let outbox = record
             .state
             .event()
@@ -502,7 +530,7 @@ impl Store {
         let id = &record.refund_id;
         journal.write(|w| {
             if let Some(existing) = w.read(TreeId::Refunds, &self.refunds, id.as_bytes())? {
-                return Ok(Claim::Exists(Box::new(decode(id, &existing)?)));
+                return Ok(Claim::Exists(Box::new(decode_record(id, &existing)?)));
             }
             if let Some(original) = record.command.original_amount {
                 let key = ledger_key(&record.command);
@@ -528,7 +556,13 @@ impl Store {
                     Some(change),
                 );
             }
-            w.put(id, TreeId::Refunds, id, Some(encode(record)), None);
+            w.put(
+                id,
+                TreeId::Refunds,
+                id,
+                Some(self.encode_record(record)),
+                None,
+            );
             Ok(Claim::Claimed)
         })
     }
@@ -562,7 +596,13 @@ impl Store {
                 .event()
                 .map(|event| outbox_value(&event.event_id, unix_now()).into_bytes());
             w.put(id, TreeId::Outbox, id, mark, None);
-            w.put(id, TreeId::Refunds, id, Some(encode(record)), None);
+            w.put(
+                id,
+                TreeId::Refunds,
+                id,
+                Some(self.encode_record(record)),
+                None,
+            );
             Ok(())
         })
     }
@@ -611,7 +651,7 @@ impl Store {
     pub fn records(&self) -> impl Iterator<Item = Result<RefundRecord, StoreError>> + '_ {
         self.refunds.iter().map(|item| {
             let (key, value) = item?;
-            decode(&String::from_utf8_lossy(&key), &value)
+            decode_record(&String::from_utf8_lossy(&key), &value)
         })
     }
 
@@ -632,19 +672,18 @@ impl Store {
         let mut census = Census::default();
         for item in self.refunds.iter() {
             let (key, value) = item?;
-            let peek: record::Peek<'_> =
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
-                    refund_id: String::from_utf8_lossy(&key).to_string(),
-                    source,
-                })?;
+            let peek = codec::glance(&value).map_err(|source| StoreError::Corrupt {
+                refund_id: String::from_utf8_lossy(&key).to_string(),
+                source,
+            })?;
             census.records += 1;
-            match peek.state.state.as_ref() {
+            match peek.state.as_ref() {
                 "in_doubt" => census.in_doubt += 1,
                 "attempting" | "not_sent" => census.unfinished += 1,
                 "pending" => {
-                    let since = peek.state.since.as_deref().unwrap_or_default();
+                    let since = peek.since.as_deref().unwrap_or_default();
                     let waited = OffsetDateTime::parse(since, &Rfc3339).map(|t| now - t);
-                    if let (Ok(waited), Some(limit)) = (waited, limit(&peek.command.provider)) {
+                    if let (Ok(waited), Some(limit)) = (waited, limit(&peek.provider)) {
                         if waited.unsigned_abs() > limit {
                             census
                                 .overdue
@@ -747,6 +786,14 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 fn decode<T: serde::de::DeserializeOwned>(refund_id: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         refund_id: refund_id.to_string(),
+        source: source.into(),
+    })
+}
+
+/// A record in either of its forms (`codec.rs`).
+fn decode_record(refund_id: &str, bytes: &[u8]) -> Result<RefundRecord, StoreError> {
+    codec::decode(bytes).map_err(|source| StoreError::Corrupt {
+        refund_id: refund_id.to_string(),
         source,
     })
 }
@@ -754,7 +801,7 @@ fn decode<T: serde::de::DeserializeOwned>(refund_id: &str, bytes: &[u8]) -> Resu
 fn corrupt_ledger(key: &str, source: serde_json::Error) -> StoreError {
     StoreError::Corrupt {
         refund_id: format!("ledger {key}"),
-        source,
+        source: source.into(),
     }
 }
 
@@ -819,6 +866,47 @@ mod tests {
         let record = store.get("r1").expect("get").expect("present");
         assert_eq!(record.attempts, 1);
         assert_eq!(store.records().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn records_in_either_form_are_read_counted_and_rewritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compact = Store::open(dir.path()).expect("open");
+        let json = compact.clone().with_record_format(RecordFormat::Json);
+        let first_byte = |id: &str| compact.refunds.get(id).expect("io").expect("present")[0];
+        // As an older version (or `record_format = "json"`) wrote it.
+        let old = RefundRecord::attempting(&command("old"));
+        assert_eq!(json.claim(&old).expect("claim"), Claim::Claimed);
+        let new = RefundRecord::attempting(&command("new"));
+        assert_eq!(compact.claim(&new).expect("claim"), Claim::Claimed);
+        assert_eq!(first_byte("old"), b'{');
+        assert_eq!(first_byte("new"), 1);
+        for store in [&compact, &json] {
+            assert_eq!(store.get("old").expect("get"), Some(old.clone()));
+            assert_eq!(store.get("new").expect("get"), Some(new.clone()));
+            assert_eq!(store.records().count(), 2);
+            assert_eq!(store.census(|_| None).expect("census").unfinished, 2);
+            match store.claim(&old).expect("claim") {
+                Claim::Exists(existing) => assert_eq!(*existing, old),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Written again, a record takes the writer's form.
+        compact.put(&old).expect("put");
+        assert_eq!(first_byte("old"), 1);
+        json.put(&new).expect("put");
+        assert_eq!(first_byte("new"), b'{');
+        // Cluster mode keeps JSON whatever is asked: replicas of an older
+        // version may read the state log.
+        let replicated = tempfile::tempdir().expect("tempdir");
+        let replica = Store::open_replicated(
+            replicated.path(),
+            Journal::new(1, Duration::from_secs(1)),
+            DEFAULT_CACHE,
+        )
+        .expect("open")
+        .with_record_format(RecordFormat::Compact);
+        assert_eq!(replica.format, RecordFormat::Json);
     }
 
     #[tokio::test]

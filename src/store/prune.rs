@@ -10,7 +10,7 @@
 //! counted, logged and skipped.
 
 use super::record::Tombstone;
-use super::{decode, encode, RefundRecord, RefundState, Store, StoreError};
+use super::{decode, decode_record, encode, RefundRecord, RefundState, Store, StoreError};
 use crate::store::ledger::OriginalLedger;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
@@ -56,7 +56,7 @@ impl Store {
         for item in self.refunds.iter() {
             let (key, value) = item?;
             let refund_id = String::from_utf8_lossy(&key).to_string();
-            let record: RefundRecord = match decode(&refund_id, &value) {
+            let record: RefundRecord = match decode_record(&refund_id, &value) {
                 Ok(record) => record,
                 Err(_) => {
                     report.unreadable.push(refund_id);
