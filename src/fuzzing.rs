@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("paynet_answer", paynet_answer),
     ("paynet_callback", paynet_callback),
     ("dead_letter_headers", dead_letter_headers),
+    ("store_record", store_record),
 ];
 
 /// A refund command body.
@@ -93,4 +94,19 @@ pub fn dead_letter_headers(data: &[u8]) {
     let properties = BasicProperties::default().with_headers(headers);
     let message = crate::dlq::describe_message(rest.to_vec(), properties);
     let _ = serde_json::to_string(&message);
+}
+
+/// A stored refund record, in either form (`store/codec.rs`): what a
+/// damaged disk could hand the store. Whatever decodes comes back the same
+/// through the compact form, and the census's glance agrees with it.
+pub fn store_record(data: &[u8]) {
+    use crate::store::codec::{decode, encode, glance, RecordFormat};
+    let _ = glance(data);
+    if let Ok(record) = decode(data) {
+        let compact = encode(&record, RecordFormat::Compact);
+        assert_eq!(decode(&compact).ok().as_ref(), Some(&record));
+        let seen = glance(&compact).expect("glance of a record just encoded");
+        assert_eq!(seen.state, record.state.name());
+        assert_eq!(seen.provider, record.command.provider);
+    }
 }

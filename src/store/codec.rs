@@ -69,7 +69,7 @@ pub enum DecodeError {
 type Result<T> = std::result::Result<T, DecodeError>;
 
 /// Encodes `record` in `format`.
-pub(super) fn encode(record: &RefundRecord, format: RecordFormat) -> Vec<u8> {
+pub(crate) fn encode(record: &RefundRecord, format: RecordFormat) -> Vec<u8> {
     match format {
         // Serialising plain data with serde_json cannot fail.
         RecordFormat::Json => serde_json::to_vec(record).unwrap_or_default(),
@@ -78,7 +78,7 @@ pub(super) fn encode(record: &RefundRecord, format: RecordFormat) -> Vec<u8> {
 }
 
 /// Decodes a record in either form.
-pub(super) fn decode(bytes: &[u8]) -> Result<RefundRecord> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<RefundRecord> {
     match bytes.first() {
         Some(&COMPACT_V1) => decode_compact(bytes),
         _ => Ok(serde_json::from_slice(bytes)?),
@@ -88,14 +88,14 @@ pub(super) fn decode(bytes: &[u8]) -> Result<RefundRecord> {
 /// What the census reads of a record: its state's name, since when it is
 /// pending, its account.
 #[derive(Debug, PartialEq)]
-pub(super) struct Glance<'a> {
-    pub(super) state: Cow<'a, str>,
-    pub(super) since: Option<Cow<'a, str>>,
-    pub(super) provider: Cow<'a, str>,
+pub(crate) struct Glance<'a> {
+    pub(crate) state: Cow<'a, str>,
+    pub(crate) since: Option<Cow<'a, str>>,
+    pub(crate) provider: Cow<'a, str>,
 }
 
 /// Reads only what the census needs, in either form.
-pub(super) fn glance(bytes: &[u8]) -> Result<Glance<'_>> {
+pub(crate) fn glance(bytes: &[u8]) -> Result<Glance<'_>> {
     if bytes.first() != Some(&COMPACT_V1) {
         let peek: Peek<'_> = serde_json::from_slice(bytes)?;
         return Ok(Glance {
@@ -715,5 +715,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A finished record with fixed values: its compact bytes are
+    /// `fuzz/seeds/store_record/finished.bin` (also a fuzzing seed).
+    fn pinned() -> RefundRecord {
+        let command = RefundCommand::parse(
+            br#"{"refund_id":"rf-example-hyp-refund-1","provider":"hyp_pay","operation":"refund",
+                "transaction":{"id":"12290620"},"amount":{"minor":1050,"currency":"ILS"},
+                "order_id":"ord-991","reason":"customer request","metadata":{"ticket":"CS-4411"}}"#,
+        )
+        .expect("command");
+        let at = "2026-11-29T20:00:00.123456789Z".to_string();
+        let mut event =
+            OutcomeEvent::new(&command.refund_id, Status::Succeeded, &command.echo(), 1);
+        event.performed = Some(Operation::Refund);
+        event.provider_transaction_id = Some("12290621".into());
+        event.provider_code = Some("0".into());
+        event.occurred_at = "2026-11-29T20:00:00.200000001Z".into();
+        RefundRecord {
+            refund_id: command.refund_id.clone(),
+            payload_hash: command.payload_hash(),
+            state: RefundState::Finished { event },
+            attempts: 1,
+            callback_token: "00112233445566778899aabbccddeeff".into(),
+            in_doubt_episodes: 0,
+            created_at: at.clone(),
+            updated_at: "2026-11-29T20:00:00.200000001Z".into(),
+            history: vec![
+                HistoryEntry {
+                    at,
+                    note: "attempt 1 started".into(),
+                },
+                HistoryEntry {
+                    at: "2026-11-29T20:00:00.200000001Z".into(),
+                    note: "outcome succeeded".into(),
+                },
+            ],
+            command,
+        }
+    }
+
+    #[test]
+    fn the_compact_layout_of_version_1_does_not_change() {
+        // Records already on disk must stay readable: a change to the
+        // layout needs a new format byte, not an edit of this one.
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/store_record");
+        let stored = std::fs::read(format!("{seeds}/finished.bin")).expect("pinned record");
+        assert_eq!(decode(&stored).expect("decode"), pinned());
+        assert_eq!(encode(&pinned(), RecordFormat::Compact), stored);
+        // The other seed: a pending record as JSON, as older versions wrote it.
+        let json = std::fs::read(format!("{seeds}/json-record.json")).expect("json seed");
+        let record = decode(&json).expect("decode");
+        assert_eq!(record.state.name(), "pending");
+        assert_eq!(record.history.len(), 2);
     }
 }

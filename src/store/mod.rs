@@ -25,7 +25,7 @@
 //! `syncer.rs` (group commit). The store sits on top of all of them; none
 //! imports it.
 
-mod codec;
+pub(crate) mod codec;
 pub mod journal;
 pub mod ledger;
 mod outbox;
