@@ -21,9 +21,9 @@
 //! leaves them disagreeing.
 //!
 //! Module map: `record.rs` (the record, its states, the tombstone),
-//! `codec.rs` (how a record is laid out on disk), `ledger.rs` (the over-refund arithmetic, pure), `prune.rs` (retention),
-//! `syncer.rs` (group commit). The store sits on top of all of them; none
-//! imports it.
+//! `codec.rs` (how a record is laid out on disk), `ledger.rs` (the
+//! over-refund arithmetic, pure), `prune.rs` (retention), `syncer.rs`
+//! (group commit). The store sits on top of all of them; none imports it.
 
 pub(crate) mod codec;
 pub mod journal;
