@@ -122,6 +122,16 @@ const PENDING: u8 = 2;
 const FINISHED: u8 = 3;
 const IN_DOUBT: u8 = 4;
 
+fn state_tag(state: &RefundState) -> u8 {
+    match state {
+        RefundState::Attempting { .. } => ATTEMPTING,
+        RefundState::NotSent { .. } => NOT_SENT,
+        RefundState::Pending { .. } => PENDING,
+        RefundState::Finished { .. } => FINISHED,
+        RefundState::InDoubt { .. } => IN_DOUBT,
+    }
+}
+
 fn state_name(tag: u8) -> Result<&'static str> {
     Ok(match tag {
         ATTEMPTING => "attempting",
@@ -137,33 +147,16 @@ fn encode_compact(record: &RefundRecord) -> Vec<u8> {
     let mut w = Writer::default();
     w.out.push(COMPACT_V1);
     let command = &record.command;
+    w.byte(state_tag(&record.state));
+    w.str(&command.provider);
     match &record.state {
-        RefundState::Attempting { since } => {
-            w.byte(ATTEMPTING);
-            w.str(&command.provider);
-            w.str(since);
-        }
-        RefundState::NotSent { reason } => {
-            w.byte(NOT_SENT);
-            w.str(&command.provider);
-            w.str(reason);
-        }
+        RefundState::Attempting { since } => w.str(since),
+        RefundState::NotSent { reason } => w.str(reason),
         RefundState::Pending { event, since } => {
-            w.byte(PENDING);
-            w.str(&command.provider);
             w.str(since);
             w.event(event);
         }
-        RefundState::Finished { event } => {
-            w.byte(FINISHED);
-            w.str(&command.provider);
-            w.event(event);
-        }
-        RefundState::InDoubt { event } => {
-            w.byte(IN_DOUBT);
-            w.str(&command.provider);
-            w.event(event);
-        }
+        RefundState::Finished { event } | RefundState::InDoubt { event } => w.event(event),
     }
     w.str(&record.refund_id);
     w.hex(&record.payload_hash);

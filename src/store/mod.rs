@@ -556,13 +556,8 @@ impl Store {
                     Some(change),
                 );
             }
-            w.put(
-                id,
-                TreeId::Refunds,
-                id,
-                Some(self.encode_record(record)),
-                None,
-            );
+            let bytes = self.encode_record(record);
+            w.put(id, TreeId::Refunds, id, Some(bytes), None);
             Ok(Claim::Claimed)
         })
     }
@@ -596,13 +591,8 @@ impl Store {
                 .event()
                 .map(|event| outbox_value(&event.event_id, unix_now()).into_bytes());
             w.put(id, TreeId::Outbox, id, mark, None);
-            w.put(
-                id,
-                TreeId::Refunds,
-                id,
-                Some(self.encode_record(record)),
-                None,
-            );
+            let bytes = self.encode_record(record);
+            w.put(id, TreeId::Refunds, id, Some(bytes), None);
             Ok(())
         })
     }
