@@ -36,7 +36,7 @@
 //! as their bytes. JSON that the command carries as is (`transaction`,
 //! `installments`, `metadata`) is stored as its JSON text.
 
-use super::record::{HistoryEntry, Peek, RefundRecord, RefundState};
+use super::record::{HistoryEntry, RefundRecord, RefundState};
 use crate::command::{Operation, RefundCommand};
 use crate::event::{EventError, OutcomeEvent, Status};
 use crate::money::Amount;
@@ -93,6 +93,32 @@ pub(crate) struct Glance<'a> {
     pub(crate) state: Cow<'a, str>,
     pub(crate) since: Option<Cow<'a, str>>,
     pub(crate) provider: Cow<'a, str>,
+}
+
+/// The parts of a JSON record that the census reads; decoding only these
+/// skips the event, the history and every other string.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow)]
+    state: PeekState<'a>,
+    #[serde(borrow)]
+    command: PeekCommand<'a>,
+}
+
+/// A state's tag and, for `pending`, since when.
+#[derive(serde::Deserialize)]
+struct PeekState<'a> {
+    #[serde(borrow)]
+    state: Cow<'a, str>,
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+}
+
+/// A command's provider account.
+#[derive(serde::Deserialize)]
+struct PeekCommand<'a> {
+    #[serde(borrow)]
+    provider: Cow<'a, str>,
 }
 
 /// Reads only what the census needs, in either form.

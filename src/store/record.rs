@@ -65,32 +65,6 @@ impl RefundState {
     }
 }
 
-/// The parts of a stored record that the store's census reads; decoding
-/// only these skips the event, the history and every other string.
-#[derive(Deserialize)]
-pub(super) struct Peek<'a> {
-    #[serde(borrow)]
-    pub(super) state: PeekState<'a>,
-    #[serde(borrow)]
-    pub(super) command: PeekCommand<'a>,
-}
-
-/// A state's tag and, for `pending`, since when.
-#[derive(Deserialize)]
-pub(super) struct PeekState<'a> {
-    #[serde(borrow)]
-    pub(super) state: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    pub(super) since: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// A command's provider account.
-#[derive(Deserialize)]
-pub(super) struct PeekCommand<'a> {
-    #[serde(borrow)]
-    pub(super) provider: std::borrow::Cow<'a, str>,
-}
-
 /// One line of a refund's history, for operators.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
