@@ -108,8 +108,8 @@ pub struct Settings {
 
 /// The async runtime that runs the pipeline, the HTTP listener and the
 /// broker sessions. Blocking work has threads of its own either way: the
-/// store's syncer (disk flushes), lapin's I/O loop, tokio's blocking pool
-/// (pruning, reports).
+/// store's syncer (disk flushes) and tokio's blocking pool (pruning,
+/// reports). The broker connections' I/O loops run on it.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RuntimeSettings {
     /// Threads that run tasks; 0: one per CPU core. Unset: one thread up to
@@ -122,11 +122,14 @@ pub struct RuntimeSettings {
 /// Up to this `amqp.prefetch` an unset `runtime.worker_threads` means one
 /// thread. A refund's CPU work is many small steps between waits; on a
 /// second thread they cost more in wake-ups and hand-offs than the
-/// parallelism gives back (README, Performance, sixth round: 9 % less CPU
-/// per refund at prefetch 64, 11 % at 16, the same throughput). At
-/// prefetch 256 one thread queues too much: 3 % fewer refunds a second at
-/// 0 ms provider latency, 9 % at 50 ms.
-pub const ONE_THREAD_UP_TO_PREFETCH: u16 = 64;
+/// parallelism gives back (README, Performance: at prefetch 16, 0.129
+/// against 0.152 CPU ms per refund, the same throughput). From prefetch 64
+/// one thread queues refunds now that the broker connections' I/O runs on
+/// the runtime too (ninth round: 6 299–7 136 against 7 026–7 504 refunds a
+/// second at 0 ms, the ratio to the relay 0.47–0.56 against 0.52–0.57),
+/// and at 256 it did before (3 % fewer refunds a second at 0 ms, 9 % at
+/// 50 ms, sixth round).
+pub const ONE_THREAD_UP_TO_PREFETCH: u16 = 32;
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKER_THREADS: u64 = 1024;
@@ -1110,10 +1113,11 @@ mod tests {
                 .expect("valid")
                 .runtime_threads()
         };
-        // Unset: one thread up to prefetch 64, one per core above.
-        assert_eq!(threads("64", None), Some(1));
+        // Unset: one thread up to prefetch 32, one per core above.
+        assert_eq!(threads("32", None), Some(1));
         assert_eq!(threads("16", None), Some(1));
-        assert_eq!(threads("65", None), None);
+        assert_eq!(threads("33", None), None);
+        assert_eq!(threads("64", None), None);
         assert_eq!(threads("256", None), None);
         // Set: as given, whatever the prefetch; 0 is one per core.
         assert_eq!(threads("256", Some("1")), Some(1));

@@ -741,8 +741,8 @@ impl Store {
     /// latency. The flush blocks the runtime thread for about 0.3 ms; under
     /// load the syncer's batches take over, which cost far less per writer.
     /// Only on a runtime with more than one thread (`runtime.worker_threads`:
-    /// up to the default prefetch the runtime has one, and every flush is
-    /// the syncer's).
+    /// up to prefetch 32 the runtime has one, and every flush is the
+    /// syncer's).
     fn flush_inline(&self) -> Option<Result<(), StoreError>> {
         if !self.inline_flush || !self.linger.is_zero() || self.stats.busy() {
             return None;
