@@ -376,6 +376,9 @@ impl<
                         if self.connecting() && io_err {
                             break;
                         }
+                        // The thread would go round again at once; a task
+                        // lets the runtime's other tasks run first.
+                        yield_now().await;
                         continue;
                     }
                 };
