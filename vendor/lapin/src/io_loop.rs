@@ -313,8 +313,8 @@ impl<
     /// the thread's in `start`: connect (with retries), run passes until the
     /// connection stops, reconnect when recovering, close the stream. Where
     /// the thread blocks on a socket event the task awaits it, and after a
-    /// pass that found work it yields, so that the runtime's other tasks
-    /// run between passes.
+    /// pass that found work (or failed) it yields, so that the runtime's
+    /// other tasks run between passes.
     pub(crate) fn spawn(self) {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
