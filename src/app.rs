@@ -17,8 +17,7 @@ use crate::http::{self, Health, Listeners};
 use crate::providers::Providers;
 use crate::secret::redact_url;
 use crate::shutdown::Shutdown;
-use crate::store::journal::Journal;
-use crate::store::Store;
+use crate::store::{SledOptions, Store};
 use crate::worker::Worker;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
@@ -55,11 +54,8 @@ pub enum AppError {
         source: std::io::Error,
     },
     /// Another worker consumes the commands queue.
-    #[error("another worker is consuming the queue {0}: one worker per queue in single-node mode (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. to run several replicas of one deployment, set cluster.enabled, cluster.replica_id and cluster.partitions on each (README: \"Running more than one replica\")")]
+    #[error("another worker is consuming the queue {0}: one worker per queue with store.backend = \"sled\" (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. To run several replicas of one deployment, give them a shared PostgreSQL database (store.backend = \"postgres\", docs/replicas.md)")]
     AnotherWorker(String),
-    /// Cluster mode refused to start (the reason names the key).
-    #[error("cluster mode: {0}")]
-    Cluster(String),
     /// The broker's TLS certificate is not trusted.
     #[error("the broker's TLS certificate is not trusted ({0}); give its CA in amqp.tls_ca_path (PEM) or fix amqp.url")]
     UntrustedBroker(String),
@@ -75,8 +71,6 @@ pub struct App {
     worker: Worker,
     listener: Listeners,
     health: Arc<Health>,
-    /// Cluster mode's per-process state.
-    replica: Option<crate::cluster::Replica>,
 }
 
 impl App {
@@ -96,29 +90,16 @@ impl App {
                 Err(_) => {}
             }
         }
-        let linger = Duration::from_micros(settings.store.group_commit_linger_us);
-        let cache = settings.store.cache_mib.saturating_mul(1 << 20);
-        let opened = if settings.cluster.enabled {
-            let partitions = u32::try_from(settings.cluster.partitions).unwrap_or(1);
-            let read_back = Duration::from_millis(settings.amqp.confirm_timeout_ms);
-            Store::open_replicated(
-                &settings.store.path,
-                Journal::new(partitions, read_back),
-                cache,
-            )
-        } else {
-            Store::open_sized(&settings.store.path, linger, cache)
+        let options = SledOptions {
+            linger: Duration::from_micros(settings.store.group_commit_linger_us),
+            cache_bytes: settings.store.cache_mib.saturating_mul(1 << 20),
+            format: settings.store.record_format,
         };
-        let store = opened
-            .map_err(|source| AppError::Store {
+        let store =
+            Store::open_sled(&settings.store.path, options).map_err(|source| AppError::Store {
                 path: settings.store.path.display().to_string(),
                 source,
-            })?
-            .with_record_format(settings.store.record_format);
-        let replica = settings
-            .cluster
-            .enabled
-            .then(|| crate::cluster::Replica::new(&settings));
+            })?;
         let bind = |addr: String| async move {
             TcpListener::bind(&addr)
                 .await
@@ -147,7 +128,6 @@ impl App {
             settings,
             listener,
             health: Arc::new(Health::default()),
-            replica,
         })
     }
 
@@ -171,13 +151,11 @@ impl App {
             worker,
             listener,
             health,
-            replica,
         } = self;
         let http_task = tokio::spawn(http::serve(
             listener,
             health.clone(),
             worker.clone(),
-            replica.as_ref().map(crate::cluster::Replica::forwarder),
             shutdown.clone(),
         ));
         let store_metrics = tokio::spawn(background::refresh_store_metrics(
@@ -209,67 +187,37 @@ impl App {
         let mut fatal = None;
         loop {
             let mut stop = shutdown.clone();
-            let next = match &replica {
-                Some(replica) => {
-                    match crate::cluster::session(
-                        replica,
-                        &settings,
-                        &worker,
-                        &health,
-                        stop.clone(),
-                    )
-                    .await
-                    {
-                        Ok(crate::cluster::End::Shutdown) => Next::Stop,
-                        Ok(crate::cluster::End::Lost(reason)) => {
-                            warn!(%reason, "broker session lost; reconnecting");
-                            crate::broker::prefer_next_node();
-                            Next::Reconnect { fresh: true }
-                        }
-                        Err(crate::cluster::ClusterError::Refused(reason)) => {
-                            error!(%reason, "refusing to run");
-                            Next::Fatal(AppError::Cluster(reason))
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "broker unreachable; retrying");
-                            crate::broker::prefer_next_node();
+            let next =
+                match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
+                    Ok(SessionEnd::Shutdown) => Next::Stop,
+                    Ok(SessionEnd::Lost(reason)) => {
+                        consumed = true;
+                        warn!(%reason, "broker session lost; reconnecting");
+                        Next::Reconnect { fresh: true }
+                    }
+                    Ok(SessionEnd::Refused(reason)) if !consumed => {
+                        // Our own previous connection may linger for a moment
+                        // after a restart; a second worker does not go away.
+                        refusals += 1;
+                        warn!(%reason, refusals, "the commands queue is in exclusive use");
+                        if refusals >= START_REFUSALS {
+                            let queue = settings.amqp.commands_queue.clone();
+                            error!(%queue, "another worker consumes the commands queue; stopping");
+                            Next::Fatal(AppError::AnotherWorker(queue))
+                        } else {
                             Next::Reconnect { fresh: false }
                         }
                     }
-                }
-                None => {
-                    match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
-                        Ok(SessionEnd::Shutdown) => Next::Stop,
-                        Ok(SessionEnd::Lost(reason)) => {
-                            consumed = true;
-                            warn!(%reason, "broker session lost; reconnecting");
-                            Next::Reconnect { fresh: true }
-                        }
-                        Ok(SessionEnd::Refused(reason)) if !consumed => {
-                            // Our own previous connection may linger for a
-                            // moment after a restart; a second worker does not
-                            // go away.
-                            refusals += 1;
-                            warn!(%reason, refusals, "the commands queue is in exclusive use");
-                            if refusals >= START_REFUSALS {
-                                let queue = settings.amqp.commands_queue.clone();
-                                error!(%queue, "another worker consumes the commands queue; stopping");
-                                Next::Fatal(AppError::AnotherWorker(queue))
-                            } else {
-                                Next::Reconnect { fresh: false }
-                            }
-                        }
-                        Ok(SessionEnd::Refused(reason)) => {
-                            warn!(%reason, "the commands queue is in exclusive use; retrying");
-                            Next::Reconnect { fresh: false }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "broker unreachable; retrying");
-                            Next::Reconnect { fresh: false }
-                        }
+                    Ok(SessionEnd::Refused(reason)) => {
+                        warn!(%reason, "the commands queue is in exclusive use; retrying");
+                        Next::Reconnect { fresh: false }
                     }
-                }
-            };
+                    Err(e) => {
+                        warn!(error = %e, "broker unreachable; retrying");
+                        broker::prefer_next_node();
+                        Next::Reconnect { fresh: false }
+                    }
+                };
             match next {
                 Next::Stop => break,
                 Next::Fatal(error) => {
@@ -429,8 +377,7 @@ async fn session(
 /// processing slot is free, so that a freed slot starts its next refund at
 /// once instead of a broker round trip later (at 50 ms provider latency,
 /// prefetch 16 went from 288 to 300 refunds a second, measured). At most
-/// `amqp.prefetch` refunds are processed at once either way. Cluster mode
-/// keeps its partitions' windows at the prefetch.
+/// `amqp.prefetch` refunds are processed at once either way.
 fn lookahead(prefetch: u16) -> u16 {
     prefetch.div_ceil(4)
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// Runs a pruning pass every `every`, on the blocking pool, so processing
-/// never waits for it. A pass that fails is logged and tried again later.
+/// Runs a pruning pass every `every`, off the delivery path. A pass that
+/// fails is logged and tried again later.
 pub async fn prune_periodically(
     store: Store,
     retention: Retention,
@@ -24,10 +24,9 @@ pub async fn prune_periodically(
             _ = shutdown.triggered() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let store = store.clone();
         let now = time::OffsetDateTime::now_utc();
-        match tokio::task::spawn_blocking(move || store.prune(now, retention)).await {
-            Ok(Ok(report)) => {
+        match store.prune(now, retention).await {
+            Ok(report) => {
                 crate::metrics::pruned(report.tombstoned);
                 for key in &report.unreadable {
                     warn!(
@@ -45,8 +44,7 @@ pub async fn prune_periodically(
                     );
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "pruning failed"),
-            Err(e) => warn!(error = %e, "pruning task failed"),
+            Err(e) => warn!(error = %e, "pruning failed"),
         }
     }
 }
@@ -71,7 +69,7 @@ pub async fn sweep_outbox_periodically(worker: Worker, every: Duration, mut shut
     }
 }
 
-/// Refreshes the store gauges, off the async runtime, and reports refunds
+/// Refreshes the store gauges and reports refunds
 /// pending for longer than their account allows (each once, when it becomes
 /// overdue). Every few seconds, or less often when the walk over every
 /// record is long: it waits at least twenty times what the walk took, so the
@@ -79,17 +77,12 @@ pub async fn sweep_outbox_periodically(worker: Worker, every: Duration, mut shut
 pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut shutdown: Shutdown) {
     let mut reported = std::collections::HashSet::new();
     loop {
-        let counting = store.clone();
         let limits = settings.clone();
         let started = std::time::Instant::now();
-        let scan = tokio::task::spawn_blocking(move || {
-            let census = counting.census(|p| limits.pending_alert_after(p))?;
-            crate::metrics::store_extra(counting.tombstone_count(), counting.unconfirmed_len());
-            Ok::<_, crate::store::StoreError>(census)
-        })
-        .await;
+        let scan = store.census(move |p| limits.pending_alert_after(p)).await;
         let took = started.elapsed();
-        if let Ok(Ok(census)) = scan {
+        if let Ok(census) = scan {
+            crate::metrics::store_extra(census.tombstones, census.unconfirmed);
             crate::metrics::store_counts(census.records, census.in_doubt, census.unfinished);
             crate::metrics::pending_overdue(census.overdue.len());
             let new: Vec<&String> = census

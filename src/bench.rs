@@ -12,7 +12,6 @@
 pub mod plot;
 pub mod pressure;
 pub mod relay;
-pub mod replicas;
 
 use crate::broker::topology;
 use crate::config::{Settings, DEFAULT_TOML};

@@ -62,10 +62,10 @@ pub async fn connect_with(amqp: &AmqpSettings, name: &str) -> Result<Connection,
 /// [`prefer_next_node`]).
 static FIRST_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The next connection tries the next node in `amqp.url` first. Cluster
-/// mode calls it when a session fails: a node that accepts connections can
-/// still be unfit (its replica of the state log not running), and trying
-/// it first every time would keep the replica there.
+/// The next connection tries the next node in `amqp.url` first: called
+/// when a session fails, so that a node that accepts connections but
+/// cannot serve (a quorum queue's member down on it) is not tried first
+/// every time.
 pub fn prefer_next_node() {
     FIRST_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }

@@ -14,7 +14,6 @@ pub mod background;
 pub mod bench;
 pub mod broker;
 pub mod client;
-pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod dlq;

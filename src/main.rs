@@ -172,13 +172,6 @@ enum Command {
         /// Pressure: seconds the provider is down.
         #[arg(long, default_value_t = 60)]
         outage_secs: u64,
-        /// Cluster mode instead: one worker in single-node mode, one
-        /// replica and this many replicas on a private 3-node cluster (or
-        /// --amqp-url with every node's URL, comma-separated), then the
-        /// takeover time after a replica's SIGKILL. E.g.
-        /// `bench --replicas 3 --latency-ms 50,200 --prefetch 64 --n 6000`.
-        #[arg(long)]
-        replicas: Option<usize>,
         /// Worker and relay drains per configuration, taking turns (the
         /// relay alone varies by about a quarter between runs).
         #[arg(long, default_value_t = 3)]
@@ -369,7 +362,6 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 pressure,
                 burst,
                 outage_secs,
-                replicas,
                 rounds,
                 worker_exe,
             } => {
@@ -391,14 +383,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     },
                     rounds,
                 };
-                match replicas {
-                    Some(replicas) => {
-                        refund_worker::bench::replicas::run(&options, replicas.max(1)).await?;
-                    }
-                    None => {
-                        refund_worker::bench::run(&options).await?;
-                    }
-                }
+                refund_worker::bench::run(&options).await?;
                 Ok(())
             }
         }

@@ -83,7 +83,7 @@ impl ProviderOutcome {
 /// One configured provider account, ready to execute commands.
 /// One provider account, selected by a command's `provider` field
 /// (`[providers.<name>]` in the configuration, with its `kind`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ProviderAccount {
     /// Hyp Pay terminal.

@@ -7,7 +7,7 @@
 //! its sum is the provider's to tell.
 
 use crate::event::Status;
-use crate::store::{RefundState, Store, StoreError};
+use crate::store::{RefundRecord, RefundState, Tombstone};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use time::Date;
@@ -65,8 +65,15 @@ pub fn parse_day(text: &str) -> Result<Date, String> {
     Date::parse(text.trim(), &format).map_err(|_| format!("{text:?} is not a date like 2026-11-23"))
 }
 
-/// The report for the days `from..=to`. Blocking: walks the store.
-pub fn build(store: &Store, from: Date, to: Date) -> Result<Vec<ReportRow>, StoreError> {
+/// The report for the days `from..=to` over `records` and the
+/// `tombstones` of pruned refunds (by refund id). A refund being pruned can
+/// have both for a moment: the record counts.
+pub fn tally(
+    records: impl Iterator<Item = RefundRecord>,
+    tombstones: impl Iterator<Item = (String, Tombstone)>,
+    from: Date,
+    to: Date,
+) -> Vec<ReportRow> {
     let mut rows: BTreeMap<(String, String, String), ReportRow> = BTreeMap::new();
     let mut count =
         |provider: &str, at: &str, amount: Option<&crate::money::Amount>, status: Status| {
@@ -90,13 +97,8 @@ pub fn build(store: &Store, from: Date, to: Date) -> Result<Vec<ReportRow>, Stor
             };
             tally.add(amount.map(|a| a.minor));
         };
-    // A refund being pruned can have both for a moment: the record counts.
     let mut recorded = std::collections::HashSet::new();
-    for record in store.records() {
-        let Ok(record) = record else {
-            // Reported by the pruning pass; a report skips it.
-            continue;
-        };
+    for record in records {
         recorded.insert(record.refund_id.clone());
         if let Some(event) = record.state.event() {
             let status = match &record.state {
@@ -112,16 +114,13 @@ pub fn build(store: &Store, from: Date, to: Date) -> Result<Vec<ReportRow>, Stor
             );
         }
     }
-    for tombstone in store.tombstones() {
-        let Ok((refund_id, t)) = tombstone else {
-            continue;
-        };
+    for (refund_id, t) in tombstones {
         if recorded.contains(&refund_id) {
             continue;
         }
         count(&t.provider, &t.occurred_at, t.amount.as_ref(), t.status);
     }
-    Ok(rows.into_values().collect())
+    rows.into_values().collect()
 }
 
 /// The report as CSV (one header line).

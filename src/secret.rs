@@ -44,6 +44,16 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        String::json_schema(generator)
+    }
+}
+
 /// The URLs of a secret that holds one URL or several separated by commas
 /// (`amqp.url`: one per node of a cluster), in the order given.
 pub fn url_list(url: &Secret) -> impl Iterator<Item = &str> {

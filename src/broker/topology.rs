@@ -3,7 +3,7 @@
 //! same, so a fresh broker needs no manual set-up and a running one is left
 //! as it is.
 
-use crate::config::{AmqpSettings, Settings};
+use crate::config::{AmqpSettings, Settings, StoreBackend};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -33,7 +33,7 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
             )
             .await?;
     }
-    let quorum = settings.cluster.enabled;
+    let quorum = settings.store.backend == StoreBackend::Postgres;
     channel
         .queue_declare(
             amqp.dead_letter_queue.as_str().into(),
@@ -81,7 +81,8 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), lapin
     Ok(())
 }
 
-/// Cluster mode: a quorum queue (replicated, survives a node's loss). One
+/// Replicas (the PostgreSQL backend): a quorum queue (replicated, survives
+/// a node's loss), which competing consumers share. One
 /// that dead-letters does so at least once (the default for quorum queues
 /// is at most once, which can drop a waiting refund when a node is down),
 /// which RabbitMQ allows only with `reject-publish` overflow.

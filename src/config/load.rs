@@ -78,6 +78,29 @@ impl Layers {
         )
     }
 
+    /// Refuses a key that no setting reads, naming the first one found (and
+    /// how many more there are).
+    pub(super) fn refuse_unknown(&self, config: &config::Config) -> Result<(), ConfigError> {
+        let unknown = super::keys::unknown(config);
+        let Some(first) = unknown.first() else {
+            return Ok(());
+        };
+        let mut hint = first
+            .hint
+            .as_ref()
+            .map(|h| format!(": {h}"))
+            .unwrap_or_default();
+        if unknown.len() > 1 {
+            let others: Vec<&str> = unknown[1..].iter().map(|u| u.key.as_str()).collect();
+            hint.push_str(&format!(" (also unknown: {})", others.join(", ")));
+        }
+        Err(ConfigError::Unknown {
+            origin: self.origin(&first.key),
+            key: first.key.clone(),
+            hint,
+        })
+    }
+
     /// Where the value of `key` (dotted, e.g. `providers.hyp_pay.pass_p`)
     /// came from: the last layer that sets it.
     pub(super) fn origin(&self, key: &str) -> String {

@@ -6,6 +6,7 @@
 
 pub use crate::duration::parse as parse_duration;
 
+mod keys;
 mod load;
 
 pub use crate::providers::creditguard::CreditGuardAccount;
@@ -51,6 +52,16 @@ pub enum ConfigError {
         /// What went wrong.
         problem: String,
     },
+    /// A key no setting reads (a typo, a key of another version).
+    #[error("unknown configuration key `{key}` (set by {origin}){hint}")]
+    Unknown {
+        /// Dotted key as set.
+        key: String,
+        /// Where it was set.
+        origin: String,
+        /// `: did you mean …?`, or what to do instead; may be empty.
+        hint: String,
+    },
     /// An error with the layer its value came from.
     #[error("{error} (set by {origin})")]
     Located {
@@ -78,7 +89,7 @@ pub struct ToolSettings {
 }
 
 /// All settings of one worker process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct Settings {
     /// Broker connection and topology names.
     pub amqp: AmqpSettings,
@@ -98,9 +109,6 @@ pub struct Settings {
     /// Provider accounts by name.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderAccount>,
-    /// More than one replica (off: the single-node default).
-    #[serde(default)]
-    pub cluster: ClusterSettings,
     /// The async runtime's threads.
     #[serde(default)]
     pub runtime: RuntimeSettings,
@@ -110,7 +118,7 @@ pub struct Settings {
 /// broker sessions. Blocking work has threads of its own either way: the
 /// store's syncer (disk flushes) and tokio's blocking pool (pruning,
 /// reports). The broker connections' I/O loops run on it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct RuntimeSettings {
     /// Threads that run tasks; 0: one per CPU core. Unset: one thread up to
     /// [`ONE_THREAD_UP_TO_PREFETCH`] deliveries at once, one per core above
@@ -134,78 +142,10 @@ pub const ONE_THREAD_UP_TO_PREFETCH: u16 = 32;
 /// More threads than this is a typo, not a machine.
 const MAX_WORKER_THREADS: u64 = 1024;
 
-/// Cluster mode: several replicas share the work through partition queues
-/// and share the state through a replicated log (`src/cluster/`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClusterSettings {
-    /// Off by default: one worker, its own store, classic queues.
-    #[serde(default, deserialize_with = "crate::lenient::bool")]
-    pub enabled: bool,
-    /// A stable name, unique per replica (e.g. a StatefulSet pod name).
-    #[serde(default)]
-    pub replica_id: Option<String>,
-    /// P, the number of partitions; fixed for the life of a deployment.
-    #[serde(
-        default = "default_partitions",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub partitions: u64,
-    /// How often a replica says it is alive (milliseconds).
-    #[serde(
-        default = "default_heartbeat_ms",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub heartbeat_ms: u64,
-    /// A replica not heard from for this long (milliseconds) is gone: its
-    /// partitions go to the others.
-    #[serde(
-        default = "default_member_timeout_ms",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub member_timeout_ms: u64,
-    /// A partition or router consumer with nothing in flight that received
-    /// nothing for this long (milliseconds) closes its channel and
-    /// subscribes again (`cluster/partitions.rs` says why).
-    #[serde(
-        default = "default_resubscribe_idle_ms",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub resubscribe_idle_ms: u64,
-}
-
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        ClusterSettings {
-            enabled: false,
-            replica_id: None,
-            partitions: default_partitions(),
-            heartbeat_ms: default_heartbeat_ms(),
-            member_timeout_ms: default_member_timeout_ms(),
-            resubscribe_idle_ms: default_resubscribe_idle_ms(),
-        }
-    }
-}
-
-fn default_partitions() -> u64 {
-    16
-}
-
-fn default_heartbeat_ms() -> u64 {
-    1000
-}
-
-fn default_member_timeout_ms() -> u64 {
-    3500
-}
-
-fn default_resubscribe_idle_ms() -> u64 {
-    30_000
-}
-
 /// Broker settings. Queue and exchange names are configuration, not
 /// constants, so that a later partitioned deployment can run several
 /// consumers with their own names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct AmqpSettings {
     /// `amqp://user:pass@host:port/vhost`; secret because it holds a password.
     pub url: Secret,
@@ -223,7 +163,8 @@ pub struct AmqpSettings {
     pub dead_letter_queue: String,
     /// Prefix of the delay queues (`<prefix>.30s`, ...).
     pub delay_queue_prefix: String,
-    /// Larger bodies are dead-lettered unread.
+    /// Larger bodies are dead-lettered (with a `rejected` event when their
+    /// `refund_id` can be read).
     pub max_body_bytes: usize,
     /// How long to wait for a publisher confirm.
     pub confirm_timeout_ms: u64,
@@ -241,9 +182,67 @@ pub struct AmqpSettings {
     pub tls_ca_path: Option<PathBuf>,
 }
 
+/// Where refunds are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded store in `store.path`: one worker process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by any number of replicas.
+    Postgres,
+}
+
+/// `store.postgres.*`: the shared database of the replicas.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database` (secret: it holds a
+    /// password; `REFUND_WORKER__STORE__POSTGRES__URL` or its `_FILE`).
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Connections in this replica's pool.
+    #[serde(
+        default = "default_max_connections",
+        deserialize_with = "crate::lenient::u64"
+    )]
+    pub max_connections: u64,
+    /// How long a replica that stopped renewing its lease (killed, frozen,
+    /// cut off) still owns its refunds; after that another replica settles
+    /// what it was attempting. Renewed every third of it.
+    #[serde(
+        default = "default_lease",
+        deserialize_with = "crate::duration::required"
+    )]
+    pub lease: Duration,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            url: None,
+            max_connections: default_max_connections(),
+            lease: default_lease(),
+        }
+    }
+}
+
+fn default_max_connections() -> u64 {
+    16
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// Store settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct StoreSettings {
+    /// `sled` (the default) or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The PostgreSQL backend.
+    #[serde(default)]
+    pub postgres: PostgresSettings,
     /// The sled directory.
     pub path: PathBuf,
     /// Finished records older than this become tombstones (`30d`, `12h`,
@@ -281,8 +280,7 @@ pub struct StoreSettings {
     /// The form new records are written in: `compact` (the default) or
     /// `json`, which versions before the compact form can read (keep it
     /// while a rollback to one of them must stay possible). Records in
-    /// either form are always read. Cluster mode writes JSON whatever this
-    /// says.
+    /// either form are always read.
     #[serde(default)]
     pub record_format: crate::store::RecordFormat,
 }
@@ -321,7 +319,7 @@ impl StoreSettings {
 }
 
 /// HTTP listener settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct HttpSettings {
     /// The private listener: health, readiness, metrics, operator API (and
     /// provider callbacks when `callback_addr` is not set).
@@ -365,7 +363,7 @@ fn default_callback_timeout() -> u64 {
 }
 
 /// In-process retry policy for not-sent requests.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
@@ -383,7 +381,7 @@ pub struct RetrySettings {
 }
 
 /// HTTP client settings for provider calls.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct ProviderHttpSettings {
     /// Whole-request timeout.
     pub timeout_ms: u64,
@@ -392,7 +390,7 @@ pub struct ProviderHttpSettings {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct LogSettings {
     /// `auto`, `text` or `json`.
     pub format: LogFormat,
@@ -401,7 +399,7 @@ pub struct LogSettings {
 }
 
 /// Span export (OpenTelemetry).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct TelemetrySettings {
     /// Base URL of an OTLP/HTTP collector (`http://collector:4318`); the
     /// refund spans go to `<url>/v1/traces`. Unset: no export.
@@ -410,7 +408,7 @@ pub struct TelemetrySettings {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Text on a terminal, JSON otherwise.
@@ -466,6 +464,7 @@ impl Settings {
         let layers = Layers::new(file, None)?;
         let loaded = (|| {
             let config = layers.builder().build()?;
+            layers.refuse_unknown(&config)?;
             Ok::<_, ConfigError>(ToolSettings {
                 amqp: config.get("amqp")?,
                 http: config.get("http")?,
@@ -481,58 +480,13 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let layers = Layers::new(file, env)?;
         let loaded = (|| {
-            let settings: Settings = layers.builder().build()?.try_deserialize()?;
+            let config = layers.builder().build()?;
+            layers.refuse_unknown(&config)?;
+            let settings: Settings = config.try_deserialize()?;
             settings.validate()?;
             Ok::<_, ConfigError>(settings)
         })();
         loaded.map_err(|e| layers.locate(e))
-    }
-
-    fn validate_cluster(&self) -> Result<(), ConfigError> {
-        let cluster = &self.cluster;
-        if !cluster.enabled {
-            return Ok(());
-        }
-        match cluster.replica_id.as_deref().map(str::trim) {
-            None | Some("") => return Err(invalid(
-                "cluster.replica_id",
-                "missing: cluster mode needs a stable name unique per replica (e.g. the pod name)",
-            )),
-            Some(id)
-                if id.len() > 100
-                    || !id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
-            {
-                return Err(invalid(
-                    "cluster.replica_id",
-                    "use at most 100 characters from a-z, A-Z, 0-9, '-', '_' and '.'",
-                ))
-            }
-            Some(_) => {}
-        }
-        if !(1..=1024).contains(&cluster.partitions) {
-            return Err(invalid(
-                "cluster.partitions",
-                format!("must be between 1 and 1024, not {}", cluster.partitions),
-            ));
-        }
-        if cluster.heartbeat_ms == 0 {
-            return Err(invalid("cluster.heartbeat_ms", "must be at least 1"));
-        }
-        if cluster.member_timeout_ms <= 2 * cluster.heartbeat_ms {
-            return Err(invalid(
-                "cluster.member_timeout_ms",
-                "must be more than twice cluster.heartbeat_ms",
-            ));
-        }
-        if cluster.resubscribe_idle_ms < 1000 {
-            return Err(invalid(
-                "cluster.resubscribe_idle_ms",
-                format!("must be at least 1000, not {}", cluster.resubscribe_idle_ms),
-            ));
-        }
-        Ok(())
     }
 
     /// Checks values that deserialise fine but cannot work.
@@ -662,7 +616,6 @@ impl Settings {
                 ));
             }
         }
-        self.validate_cluster()?;
         if self.retry.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
         }
@@ -819,54 +772,89 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cluster_keys_come_from_the_environment_and_are_checked() {
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let base = [
             ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
             ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
             ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
-            ("REFUND_WORKER__CLUSTER__ENABLED", "true"),
         ];
-        let load = |extra: &[(&str, &str)]| {
-            let env = base
-                .iter()
-                .chain(extra)
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            Settings::load_from(None, Some(env))
-        };
-        let s = load(&[
-            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "refund-worker-0"),
-            ("REFUND_WORKER__CLUSTER__PARTITIONS", "32"),
-            ("REFUND_WORKER__CLUSTER__RESUBSCRIBE_IDLE_MS", "2000"),
-        ])
-        .expect("valid");
-        assert_eq!(s.cluster.resubscribe_idle_ms, 2000);
-        assert!(s.cluster.enabled);
-        assert_eq!(s.cluster.replica_id.as_deref(), Some("refund-worker-0"));
-        assert_eq!(s.cluster.partitions, 32);
-        let err = load(&[]).expect_err("no id").to_string();
-        assert!(err.contains("cluster.replica_id"), "{err}");
-        let err = load(&[
-            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "a"),
-            ("REFUND_WORKER__CLUSTER__PARTITIONS", "0"),
-        ])
-        .expect_err("no partitions")
+        let env = base
+            .iter()
+            .chain(pairs)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, Some(env))
+    }
+
+    #[test]
+    fn an_unknown_key_stops_start_up_naming_it_its_origin_and_the_closest_key() {
+        let err = load_env(&[(
+            "REFUND_WORKER__HTTP__OPERATOR_TOKN",
+            "x".repeat(20).as_str(),
+        )])
+        .expect_err("typo")
         .to_string();
-        assert!(err.contains("cluster.partitions"), "{err}");
-        let err = load(&[("REFUND_WORKER__CLUSTER__REPLICA_ID", "a b")])
-            .expect_err("bad id")
+        assert!(
+            err.contains("unknown configuration key `http.operator_tokn`"),
+            "{err}"
+        );
+        assert!(err.contains("REFUND_WORKER__HTTP__OPERATOR_TOKN"), "{err}");
+        assert!(err.contains("did you mean http.operator_token?"), "{err}");
+        let err = load_env(&[("REFUND_WORKER__STORE__RETENTON", "30d")])
+            .expect_err("typo")
             .to_string();
-        assert!(err.contains("cluster.replica_id"), "{err}");
-        let err = load(&[
-            ("REFUND_WORKER__CLUSTER__REPLICA_ID", "a"),
-            ("REFUND_WORKER__CLUSTER__RESUBSCRIBE_IDLE_MS", "10"),
-        ])
-        .expect_err("too eager")
-        .to_string();
-        assert!(err.contains("cluster.resubscribe_idle_ms"), "{err}");
-        // Off by default: nothing is required.
-        assert!(!with(HYP).expect("valid").cluster.enabled);
+        assert!(err.contains("did you mean store.retention?"), "{err}");
+        // An account's keys depend on its kind: `dedupe_requests` is
+        // CreditGuard's.
+        let err = load_env(&[("REFUND_WORKER__PROVIDERS__HYP_PAY__DEDUPE_REQUESTS", "true")])
+            .expect_err("not a Hyp Pay key")
+            .to_string();
+        assert!(err.contains("providers.hyp_pay.dedupe_requests"), "{err}");
+        let err = load_env(&[("REFUND_WORKER__PROVIDERS__HYP_PAY__BREAKER__COOLDOWM", "5s")])
+            .expect_err("typo")
+            .to_string();
+        assert!(
+            err.contains("did you mean providers.hyp_pay.breaker.cooldown?"),
+            "{err}"
+        );
+        // In a file too; nothing close: no suggestion.
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, "[amqp]\nzzz = 1\n").expect("write");
+        let env = [
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let err = Settings::load_from(Some(&file), Some(env))
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("`amqp.zzz`"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(!err.contains("did you mean"), "{err}");
+        // Every key the defaults set is known.
+        load_env(&[]).expect("the defaults are all known keys");
+    }
+
+    #[test]
+    fn the_retired_cluster_keys_stop_start_up_naming_store_backend() {
+        let env = [
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__MASOF", "0010131918"),
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__PASS_P", "from-env"),
+            ("REFUND_WORKER__CLUSTER__ENABLED", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let err = Settings::load_from(None, Some(env))
+            .expect_err("cluster keys")
+            .to_string();
+        assert!(err.contains("cluster.enabled"), "{err}");
+        assert!(err.contains("store.backend"), "{err}");
     }
 
     #[test]

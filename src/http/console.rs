@@ -37,10 +37,6 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/console/resolve/{id}", post(resolve))
         .route("/console/replay/{id}", post(replay))
         .route("/console/edit/{id}", post(edit))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            super::forward::owner_only,
-        ))
         .route_layer(middleware::from_fn_with_state(state, require_operator));
     Router::new()
         .route("/console/login", get(login_page).post(login))
@@ -75,9 +71,6 @@ fn token_of(request: &Request) -> Option<String> {
 }
 
 async fn require_operator(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if super::operator::signed_by_a_replica(&request) {
-        return next.run(request).await;
-    }
     let Some(expected) = &state.operator_token else {
         crate::metrics::operator_refused("off");
         return error(
@@ -175,32 +168,33 @@ async fn page(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Html
     }
     body.push_str("</table>");
     // Records: in doubt, pending overdue.
-    let store = worker.store().clone();
+    let store = worker.store();
     let settings = worker.settings().clone();
-    let scan = tokio::task::spawn_blocking(move || {
-        let mut doubt = Vec::new();
-        let mut overdue = Vec::new();
-        let late = store
-            .pending_overdue(|p| settings.pending_alert_after(p))
-            .unwrap_or_default();
-        for record in store.records().flatten() {
-            match &record.state {
-                RefundState::InDoubt { event } => doubt.push((record.clone(), event.clone())),
-                RefundState::Pending { since, .. } if late.contains(&record.refund_id) => overdue
-                    .push((
-                        record.refund_id.clone(),
-                        record.command.provider.clone(),
-                        since.clone(),
-                    )),
-                _ => {}
+    let doubt: Vec<_> = store
+        .list(Some("in_doubt".into()), 1000)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|record| match &record.state {
+            RefundState::InDoubt { event } => Some((record.clone(), event.clone())),
+            _ => None,
+        })
+        .collect();
+    let late = store
+        .census(move |p| settings.pending_alert_after(p))
+        .await
+        .map(|c| c.overdue)
+        .unwrap_or_default();
+    let mut overdue = Vec::new();
+    for id in late {
+        if let Ok(Some(record)) = store.get(&id).await {
+            if let RefundState::Pending { since, .. } = &record.state {
+                overdue.push((id, record.command.provider.clone(), since.clone()));
             }
         }
-        let today = time::OffsetDateTime::now_utc().date();
-        let report = crate::report::build(&store, today, today).unwrap_or_default();
-        (doubt, overdue, report)
-    })
-    .await;
-    let (doubt, overdue, report) = scan.unwrap_or_default();
+    }
+    let today = time::OffsetDateTime::now_utc().date();
+    let report = store.report(today, today).await.unwrap_or_default();
     body.push_str("<h2>In doubt</h2>");
     if doubt.is_empty() {
         body.push_str("<p>None.</p>");
@@ -358,7 +352,7 @@ async fn resolve(
             .worker
             .resolve(&id, resolution)
             .await
-            .map(|r| format!("{id} resolved: now {}", crate::worker::record_status(&r)))
+            .map(|r| format!("{id} resolved: now {}", r.status()))
             .map_err(|e| e.to_string())
     }
     .await;
@@ -400,7 +394,7 @@ async fn replay_work(state: AppState, id: String) -> Result<String, String> {
                 false,
                 async |rid: &str| {
                     // Unknown or in doubt: never replay on a guess.
-                    match store.lookup(rid) {
+                    match store.lookup(rid).await {
                         Ok(Some(crate::store::Known::Record(r))) => {
                             matches!(r.state, RefundState::InDoubt { .. })
                         }
@@ -456,7 +450,7 @@ async fn edit_work(state: AppState, id: String, f: EditForm) -> Result<String, S
         &decision,
         false,
         async |rid: &str| {
-            Ok(matches!(store.get(rid), Ok(Some(r)) if matches!(r.state, RefundState::InDoubt { .. })))
+            Ok(matches!(store.get(rid).await, Ok(Some(r)) if matches!(r.state, RefundState::InDoubt { .. })))
         },
         async |rid: &str, command: &serde_json::Value, decision: &Decision, changes: &str| {
             worker

@@ -14,10 +14,8 @@
 
 mod callbacks;
 mod console;
-mod forward;
 mod operator;
 
-use crate::cluster::forward::Forwarder;
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 use crate::worker::Worker;
@@ -62,8 +60,6 @@ struct AppState {
     operator_token: Option<Secret>,
     callback_max_body: usize,
     callback_timeout: Duration,
-    /// Cluster mode: sends a request to the refund's owner.
-    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// The bound listeners.
@@ -76,13 +72,7 @@ pub struct Listeners {
 }
 
 /// Serves until shutdown.
-pub async fn serve(
-    listeners: Listeners,
-    health: Arc<Health>,
-    worker: Worker,
-    forwarder: Option<Arc<Forwarder>>,
-    shutdown: Shutdown,
-) {
+pub async fn serve(listeners: Listeners, health: Arc<Health>, worker: Worker, shutdown: Shutdown) {
     crate::metrics::install();
     let settings = worker.settings();
     let state = AppState {
@@ -92,7 +82,6 @@ pub async fn serve(
         callback_timeout: Duration::from_millis(settings.http.callback_timeout_ms),
         health,
         worker,
-        forwarder: forwarder.clone(),
     };
     let private = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -100,20 +89,9 @@ pub async fn serve(
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .merge(operator::routes(state.clone()))
         .merge(console::routes(state.clone()));
-    if let Some(forwarder) = &forwarder {
-        // Requests other replicas forward here run through every route.
-        let everything = private
-            .clone()
-            .merge(callbacks::routes(state.clone()))
-            .with_state(state.clone());
-        forwarder.set_handler(Arc::new(move |request, signed| {
-            let app = everything.clone();
-            Box::pin(forward::run(app, request, signed))
-        }));
-    }
     match listeners.callbacks {
         Some(public) => {
-            let public_app = callbacks::routes(state.clone()).with_state(state.clone());
+            let public_app = callbacks::routes().with_state(state.clone());
             let private_app = private.with_state(state);
             let mut stop = shutdown.clone();
             let public_task = tokio::spawn(async move {
@@ -125,9 +103,7 @@ pub async fn serve(
             let _ = public_task.await;
         }
         None => {
-            let app = private
-                .merge(callbacks::routes(state.clone()))
-                .with_state(state);
+            let app = private.merge(callbacks::routes()).with_state(state);
             run(listeners.private, app, shutdown).await;
         }
     }
@@ -157,22 +133,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             )
         })
         .collect();
-    let mut body = serde_json::json!({
+    let body = serde_json::json!({
         "broker_connected": health.broker.load(Ordering::Relaxed),
         "consuming": health.consuming.load(Ordering::Relaxed),
         "store_open": true,
+        "store_backend": state.worker.store().backend(),
         "providers": providers,
     });
-    if let Some(journal) = state.worker.store().journal() {
-        body["cluster"] = serde_json::json!({
-            "replica_id": state.worker.settings().cluster.replica_id,
-            "partitions": journal.partitions(),
-            // Consumed now (by the assignment), and taken over in the state
-            // log (this replica wrote them last).
-            "partitions_assigned": journal.assigned(),
-            "partitions_owned": journal.held(),
-        });
-    }
     let status = if health.ready() {
         StatusCode::OK
     } else {

@@ -16,20 +16,10 @@
 //! * `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report
 //!   (see `report.rs`).
 
-use super::forward::Forwarded;
 use super::{error, AppState};
-
-/// A request another replica authenticated and forwarded here, signed
-/// with the operator token (cluster mode).
-pub(super) fn signed_by_a_replica(request: &Request) -> bool {
-    request
-        .extensions()
-        .get::<Forwarded>()
-        .is_some_and(|f| f.signed)
-}
 use crate::secret::constant_time_eq;
-use crate::store::{Known, RefundRecord};
-use crate::worker::{record_status, Decision, Resolution, ResolveError};
+use crate::store::Known;
+use crate::worker::{Decision, Resolution, ResolveError};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -49,19 +39,10 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/refunds/{id}/release", post(release_refund))
         .route("/refunds/{id}/amend", post(amend_refund))
         .route("/report", get(report))
-        // Inner: runs after the token check, so only an authenticated
-        // request is forwarded to the refund's owner (cluster mode).
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            super::forward::owner_only,
-        ))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if signed_by_a_replica(&request) {
-        return next.run(request).await;
-    }
     let path = request.uri().path().to_string();
     let Some(expected) = &state.operator_token else {
         warn!(%path, "operator request refused: the operator API is off (no http.operator_token)");
@@ -98,7 +79,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
 }
 
 async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.worker.store().lookup(&id) {
+    match state.worker.store().lookup(&id).await {
         Ok(Some(Known::Record(record))) => Json(record).into_response(),
         // A pruned refund: what is left of it, in the record's shape.
         Ok(Some(Known::Tombstone(t))) => Json(serde_json::json!({
@@ -122,28 +103,9 @@ struct ListQuery {
 }
 
 async fn list_refunds(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
-    let store = state.worker.store().clone();
     let limit = q.limit.unwrap_or(1000);
-    let listed = tokio::task::spawn_blocking(move || {
-        let mut out: Vec<RefundRecord> = Vec::new();
-        for record in store.records() {
-            let record = record?;
-            if q.status
-                .as_deref()
-                .is_none_or(|s| s == record_status(&record))
-            {
-                out.push(record);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok::<_, crate::store::StoreError>(out)
-    })
-    .await;
-    match listed {
-        Ok(Ok(records)) => Json(records).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match state.worker.store().list(q.status, limit).await {
+        Ok(records) => Json(records).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -211,10 +173,8 @@ async fn report(State(state): State<AppState>, Query(q): Query<ReportQuery>) -> 
         (Err(e), _) => return error(StatusCode::BAD_REQUEST, format!("from: {e}")),
         (_, Err(e)) => return error(StatusCode::BAD_REQUEST, format!("to: {e}")),
     };
-    let store = state.worker.store().clone();
-    match tokio::task::spawn_blocking(move || crate::report::build(&store, from, to)).await {
-        Ok(Ok(rows)) => Json(rows).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match state.worker.store().report(from, to).await {
+        Ok(rows) => Json(rows).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

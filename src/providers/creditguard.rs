@@ -70,7 +70,7 @@ impl CreditGuard {
 }
 
 /// CreditGuard credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct CreditGuardAccount {
     /// The full Relay URL, `https://<host>/xpo/Relay`.
     pub base_url: String,

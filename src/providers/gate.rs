@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Per-account limits and breaker settings (`providers.<name>.…`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct AccountPolicy {
     /// Requests in flight to this account at most.
     #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
@@ -39,7 +39,7 @@ pub struct AccountPolicy {
 }
 
 /// `providers.<name>.breaker.…`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct BreakerSettings {
     /// Consecutive not-sent or unknown answers that open the breaker
     /// (0 turns it off).

@@ -67,7 +67,7 @@ impl HypPay {
 }
 
 /// Hyp Pay credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct HypPayAccount {
     /// Full action URL, default `https://pay.hyp.co.il/p/`.
     #[serde(default = "default_hyp_pay_url")]

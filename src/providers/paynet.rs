@@ -90,7 +90,7 @@ impl Paynet {
 }
 
 /// Paynet credentials and endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct PaynetAccount {
     /// The API root, `https://api.paynet.com.tr`.
     #[serde(default = "default_paynet_url")]

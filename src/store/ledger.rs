@@ -88,6 +88,10 @@ pub enum LedgerChange {
     Mark(Reservation),
     /// The refund will not be paid (declined, abandoned): free its amount.
     Release,
+    /// The provider says it paid a refund recorded as not paid (a
+    /// contradicting callback): its amount is reserved again, as this,
+    /// whether or not the reservation was released meanwhile.
+    Restore(Reservation),
 }
 
 impl OriginalLedger {
@@ -129,8 +133,10 @@ impl OriginalLedger {
         Ok(())
     }
 
-    /// Applies a change to one refund's entry; true if anything changed.
-    pub fn apply(&mut self, refund_id: &str, change: LedgerChange) -> bool {
+    /// Applies a change to the entry of `command`'s refund; true if
+    /// anything changed.
+    pub fn apply(&mut self, command: &RefundCommand, change: LedgerChange) -> bool {
+        let refund_id = command.refund_id.as_str();
         let changed = match change {
             LedgerChange::Keep => false,
             LedgerChange::Release => self.refunds.remove(refund_id).is_some(),
@@ -141,6 +147,12 @@ impl OriginalLedger {
                 }
                 _ => false,
             },
+            LedgerChange::Restore(state) => {
+                let amount = requested_amount(command, self.original_amount);
+                self.refunds
+                    .insert(command.refund_id.clone(), (amount, state))
+                    != Some((amount, state))
+            }
         };
         if changed {
             self.updated_at = now_rfc3339();
@@ -194,14 +206,22 @@ mod tests {
         assert_eq!((over.reserved, over.requested), (6000, 5000));
         assert_eq!(ledger.reserve(&refund("c", 4000), 10000), Ok(()));
         // "a" was declined: its 6000 are free again.
-        assert!(ledger.apply("a", LedgerChange::Release));
+        assert!(ledger.apply(&refund("a", 6000), LedgerChange::Release));
         assert_eq!(ledger.reserve(&refund("b", 5000), 10000), Ok(()));
-        assert!(ledger.apply("b", LedgerChange::Mark(Reservation::Succeeded)));
-        assert!(!ledger.apply("b", LedgerChange::Mark(Reservation::Succeeded)));
+        let paid = LedgerChange::Mark(Reservation::Succeeded);
+        assert!(ledger.apply(&refund("b", 5000), paid));
+        assert!(!ledger.apply(&refund("b", 5000), paid));
         assert_eq!(ledger.reserved(), 9000);
         assert_eq!(ledger.refunds["b"].1, Reservation::Succeeded);
         assert!(!ledger.settled());
-        assert!(ledger.apply("c", LedgerChange::Release));
+        assert!(ledger.apply(&refund("c", 4000), LedgerChange::Release));
         assert!(ledger.settled());
+        // The provider paid "a" after all: its amount stands again, even
+        // past the original (the guard refuses new refunds, never the
+        // provider's word).
+        let restore = LedgerChange::Restore(Reservation::Succeeded);
+        assert!(ledger.apply(&refund("a", 6000), restore));
+        assert!(!ledger.apply(&refund("a", 6000), restore));
+        assert_eq!(ledger.reserved(), 11000);
     }
 }

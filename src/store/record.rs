@@ -74,6 +74,28 @@ pub struct HistoryEntry {
     pub note: String,
 }
 
+/// What one provider request carried, recorded before it left: after a
+/// crash or a lost answer, whether repeating it is safe is decided from
+/// this, never from today's configuration (an account renamed, pointed at
+/// another terminal or switched to deduplication since).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptTrace {
+    /// The attempt's number (1 for the first).
+    pub number: u32,
+    /// The account's kind (`hyp_pay`, `creditguard`, `paynet`).
+    pub kind: String,
+    /// The provider's deduplication id the request carried (CreditGuard
+    /// `requestId` with `mayBeDuplicate`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The terminal the request went to, where the kind has one
+    /// (CreditGuard's deduplication holds per terminal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<String>,
+    /// When it started (RFC 3339).
+    pub at: String,
+}
+
 /// The stored record of one refund.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefundRecord {
@@ -100,6 +122,20 @@ pub struct RefundRecord {
     pub updated_at: String,
     /// What happened, in order.
     pub history: Vec<HistoryEntry>,
+    /// What the latest attempt carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<AttemptTrace>,
+    /// Attempts whose outcome is unknown: each may have reached the
+    /// provider. While one is listed, nothing settles the refund as "not
+    /// paid" (abandon, an edit) until an operator resolved it or the
+    /// provider answered a repeat of the same request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncertain: Vec<AttemptTrace>,
+    /// The store's revision of this record when it was read or last
+    /// written (PostgreSQL compares it on every write); not stored in the
+    /// record itself.
+    #[serde(skip)]
+    pub revision: i64,
 }
 
 impl RefundRecord {
@@ -120,7 +156,27 @@ impl RefundRecord {
                 at: now,
                 note: "attempt 1 started".into(),
             }],
+            attempt: None,
+            uncertain: Vec::new(),
+            revision: 0,
         }
+    }
+
+    /// The status an operator sees: the event status of a finished refund,
+    /// otherwise the lifecycle state (`attempting`, `not_sent`, `pending`,
+    /// `in_doubt`).
+    pub fn status(&self) -> &'static str {
+        match &self.state {
+            RefundState::Finished { event } => event.status.as_str(),
+            other => other.name(),
+        }
+    }
+
+    /// Whether an attempt may have reached the provider without an answer
+    /// that settles it (the refund is in doubt, or a request with an
+    /// unknown outcome was followed by one that was not sent).
+    pub fn may_have_been_paid_unseen(&self) -> bool {
+        matches!(self.state, RefundState::InDoubt { .. }) || !self.uncertain.is_empty()
     }
 
     /// Moves to `state`, noting why.

@@ -38,13 +38,13 @@ impl Worker {
             return Err(ResolveError::Invalid("refund_id cannot be changed".into()));
         }
         let _guard = self.locks.lock(refund_id).await;
-        let Some(mut record) = self.store.get(refund_id)? else {
+        let Some(mut record) = self.store.get(refund_id).await? else {
             return Ok(false);
         };
         if !matches!(record.state, RefundState::NotSent { .. }) {
             return Err(ResolveError::WrongState {
                 refund_id: refund_id.to_string(),
-                state: super::record_status(&record).to_string(),
+                state: record.status().to_string(),
                 why: "only a refund with nothing sent can be edited".into(),
             });
         }
@@ -65,7 +65,7 @@ impl Worker {
             },
             note,
         );
-        self.store.put(&record)?;
+        self.store.put(&mut record).await?;
         self.store.sync_refund(&record.refund_id).await?;
         warn!(refund_id, %who, changes, "command edited by an operator");
         Ok(true)

@@ -124,7 +124,7 @@ impl Worker {
                         },
                         format!("attempt {attempts} not sent: {reason}"),
                     );
-                    self.store.put(record)?;
+                    self.store.put(record).await?;
                     let delay = delays
                         .next()
                         .map(|d| d.max(retry_after.unwrap_or_default()));

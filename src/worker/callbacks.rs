@@ -61,7 +61,7 @@ impl Worker {
         let callback =
             crate::providers::paynet::wire::parse_callback(body).map_err(CallbackError::Invalid)?;
         let _guard = self.locks.lock(refund_id).await;
-        let Some(mut record) = self.store.get(refund_id)? else {
+        let Some(mut record) = self.store.get(refund_id).await? else {
             warn!(refund_id, "callback for an unknown refund ignored");
             return Err(CallbackError::NotFound);
         };
@@ -130,7 +130,7 @@ impl Worker {
         } else {
             LedgerChange::Release
         };
-        self.store.commit(&record, change)?;
+        self.store.commit(&mut record, change).await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, status.as_str());
         info!(
@@ -162,7 +162,7 @@ impl Worker {
         let refund_id = record.refund_id.clone();
         if event.status == status {
             record.transition(record.state.clone(), format!("repeated {note}"));
-            self.store.annotate(&record)?;
+            self.store.annotate(&mut record).await?;
             self.store.sync_refund(&refund_id).await?;
             // Covers a first publication that failed; same event_id.
             self.publish_outside_delivery(&event)
@@ -181,7 +181,7 @@ impl Worker {
             record.state.clone(),
             format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
         );
-        self.store.annotate(&record)?;
+        self.store.annotate(&mut record).await?;
         self.store.sync_refund(&record.refund_id).await?;
         Ok(CallbackOutcome::Contradicted)
     }

@@ -32,7 +32,7 @@ impl Worker {
         delivery: &Delivery,
         command: &RefundCommand,
     ) -> Result<Option<Claimed<'p>>, PipelineError> {
-        match self.store.lookup(&command.refund_id)? {
+        match self.store.lookup(&command.refund_id).await? {
             None => self.claim_new(publisher, delivery, command).await,
             Some(Known::Tombstone(tombstone)) => {
                 if tombstone.payload_hash != command.payload_hash() {
@@ -54,19 +54,32 @@ impl Worker {
                 Ok(None)
             }
             Some(Known::Record(existing)) => {
-                if existing.payload_hash != command.payload_hash() {
-                    let message = format!(
-                        "refund_id {} was already used for a different command (first seen {}); \
-                         the original refund is not affected",
-                        command.refund_id, existing.created_at
-                    );
-                    self.reject_command(publisher, command, "conflicting_payload", message)
-                        .await?;
-                    return Ok(None);
-                }
-                self.continue_known(publisher, delivery, *existing).await
+                self.on_record(publisher, delivery, command, *existing)
+                    .await
             }
         }
+    }
+
+    /// A refund with a record: the same command continues from it; another
+    /// command re-using the id is rejected and changes nothing.
+    async fn on_record<'p>(
+        &'p self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        command: &RefundCommand,
+        existing: RefundRecord,
+    ) -> Result<Option<Claimed<'p>>, PipelineError> {
+        if existing.payload_hash != command.payload_hash() {
+            let message = format!(
+                "refund_id {} was already used for a different command (first seen {}); \
+                 the original refund is not affected",
+                command.refund_id, existing.created_at
+            );
+            self.reject_command(publisher, command, "conflicting_payload", message)
+                .await?;
+            return Ok(None);
+        }
+        self.continue_known(publisher, delivery, existing).await
     }
 
     /// A refund never seen: today's configuration decides whether it is
@@ -101,7 +114,7 @@ impl Worker {
             return Ok(None);
         };
         let mut fresh = RefundRecord::attempting(command);
-        match self.store.claim(&fresh)? {
+        match self.store.claim(&mut fresh).await? {
             Claim::Claimed => {
                 self.sync_before_call(&mut fresh).await?;
                 debug!("claimed");
@@ -116,11 +129,11 @@ impl Worker {
                     .await?;
                 Ok(None)
             }
-            // We hold the lock and looked just now: only a store shared with
-            // another process could get here. The record decides.
-            Claim::Exists(_) => Err(PipelineError::Store(StoreError::Sled(sled::Error::Io(
-                std::io::Error::other("the refund was claimed concurrently; retrying"),
-            )))),
+            // We hold the lock and looked just now: another replica
+            // claimed it meanwhile. Its record decides.
+            Claim::Exists(existing) => {
+                Box::pin(self.on_record(publisher, delivery, command, *existing)).await
+            }
         }
     }
 
@@ -229,7 +242,7 @@ impl Worker {
             },
             note,
         );
-        self.store.put(record)?;
+        self.store.take_attempt(record).await?;
         self.sync_before_call(record).await
     }
 
@@ -245,7 +258,7 @@ impl Worker {
                 },
                 reason,
             );
-            let _ = self.store.put(record);
+            let _ = self.store.put(record).await;
             return Err(e);
         }
         Ok(())

@@ -43,7 +43,7 @@ impl Worker {
             Status::Succeeded => LedgerChange::Mark(Reservation::Succeeded),
             _ => LedgerChange::Release,
         };
-        let marked = self.store.commit_delivered(record, change)?;
+        self.store.commit(record, change).await?;
         // The provider call is over: the next delivery may start, and its
         // claim shares this outcome's flush (the group commit) instead of
         // waiting for it. The delivery stays unacked, and the broker's
@@ -58,12 +58,7 @@ impl Worker {
             latency_ms = started.elapsed().as_millis() as u64,
             "refund outcome"
         );
-        if marked {
-            // Cluster mode: the outcome carries its outbox mark.
-            return self.publish_recorded(publisher, &event).await;
-        }
-        publisher.publish_event(&event).await?;
-        Ok(())
+        self.publish_recorded(publisher, &event).await
     }
 
     /// The provider accepted the refund and will post its answer later
@@ -81,7 +76,7 @@ impl Worker {
             },
             "accepted by the provider; waiting for its callback",
         );
-        self.store.put(record)?;
+        self.store.put(record).await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "pending");
         info!(
@@ -95,19 +90,16 @@ impl Worker {
     /// Publishes an event that is already durable in the record, then takes
     /// it off the outbox (not synced: losing that mark in a crash only means
     /// one more publication with the same `event_id`, which consumers
-    /// deduplicate). In a cluster reconnect's first minute the mark stays,
-    /// so the sweep publishes the event once more
-    /// ([`Publisher::keep_marks_until`]).
+    /// deduplicate).
     pub(super) async fn publish_recorded(
         &self,
         publisher: &Publisher,
         event: &OutcomeEvent,
     ) -> Result<(), PipelineError> {
         publisher.publish_event(event).await?;
-        if !publisher.keeps_marks() {
-            self.store
-                .mark_published(&event.refund_id, &event.event_id)?;
-        }
+        self.store
+            .mark_published(&event.refund_id, &event.event_id)
+            .await?;
         Ok(())
     }
 
@@ -164,6 +156,7 @@ impl Worker {
         self.publish_side(event).await?;
         self.store
             .mark_published(&event.refund_id, &event.event_id)
+            .await
             .map_err(|e| e.to_string())
     }
 

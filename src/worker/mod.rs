@@ -41,7 +41,7 @@ mod resolve;
 
 pub use callbacks::{CallbackError, CallbackOutcome};
 pub use outbox::SweepReport;
-pub use resolve::{record_status, Decision, Resolution, ResolveError};
+pub use resolve::{Decision, Resolution, ResolveError};
 
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::config::Settings;

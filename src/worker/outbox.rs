@@ -9,9 +9,9 @@
 
 use super::Worker;
 use crate::metrics;
-use crate::store::StoreError;
+use crate::store::{OutboxEntry, StoreError};
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,69 +22,92 @@ pub struct SweepReport {
     pub stale: usize,
     /// Events the broker still did not confirm (left for the next sweep).
     pub failed: usize,
+    /// Marks whose record could not be read (skipped; see the log).
+    pub unreadable: usize,
 }
 
+/// Marks one sweep takes at most; the rest wait for the next sweep.
+const SWEEP_BATCH: usize = 1000;
+
 impl Worker {
-    /// Publishes the events marked unconfirmed at least `min_age` ago.
+    /// Publishes the events marked unconfirmed at least `min_age` ago. A
+    /// record that cannot be read is counted, logged and skipped: it must
+    /// not hold back the events of every other refund.
     pub async fn sweep_outbox(&self, min_age: Duration) -> Result<SweepReport, StoreError> {
-        let store = self.store.clone();
-        let entries = tokio::task::spawn_blocking(move || store.unconfirmed(min_age))
-            .await
-            .map_err(|e| StoreError::Sled(sled::Error::Io(std::io::Error::other(e))))??;
+        let entries = self.store.unconfirmed(min_age, SWEEP_BATCH).await?;
         let mut report = SweepReport::default();
         for entry in entries {
-            if let Some(journal) = self.store.journal() {
-                // Cluster mode: every replica holds every partition's
-                // outbox; the owner publishes.
-                if !journal.holds(journal.partition_of(&entry.refund_id)) {
-                    continue;
-                }
-            }
-            let _guard = self.locks.lock(&entry.refund_id).await;
-            // The delivery that recorded the event may have published it
-            // and taken the mark off while this sweep waited for the lock
-            // (the first sweep takes marks of any age): then it is done.
-            let mark = self.store.outbox_mark(&entry.refund_id)?;
-            if mark.is_none_or(|mark| mark.event_id != entry.event_id) {
-                continue;
-            }
-            let event = self
-                .store
-                .get(&entry.refund_id)?
-                .and_then(|r| r.state.event().cloned());
-            let Some(event) = event else {
-                self.store
-                    .mark_published(&entry.refund_id, &entry.event_id)?;
-                report.stale += 1;
-                continue;
-            };
-            // The mark was written with the record; make both durable
-            // before the event goes out.
-            self.store.sync_refund(&entry.refund_id).await?;
-            match self.publish_outside_delivery(&event).await {
-                Ok(()) => {
-                    // A mark for an older event of the same refund is moot.
-                    self.store
-                        .mark_published(&entry.refund_id, &entry.event_id)?;
-                    report.republished += 1;
-                }
-                Err(e) => {
+            match self.sweep_one(&entry).await {
+                Ok(Swept::Republished) => report.republished += 1,
+                Ok(Swept::Stale) => report.stale += 1,
+                Ok(Swept::Done) => {}
+                Ok(Swept::NotConfirmed(e)) => {
                     warn!(refund_id = entry.refund_id.as_str(), error = %e, "outbox: event still not confirmed");
                     report.failed += 1;
                     // The broker is likely down: try the rest next time.
                     break;
                 }
+                Err(StoreError::Corrupt { refund_id, source }) => {
+                    error!(refund_id = refund_id.as_str(), error = %source, "outbox: the record is unreadable; its event cannot be published until it is repaired");
+                    report.unreadable += 1;
+                }
+                Err(e) => return Err(e),
             }
         }
-        if report.republished > 0 || report.stale > 0 {
+        if report.republished > 0 || report.stale > 0 || report.unreadable > 0 {
             info!(
                 republished = report.republished,
                 stale = report.stale,
                 failed = report.failed,
+                unreadable = report.unreadable,
                 "outbox swept"
             );
         }
         metrics::outbox_republished(report.republished);
         Ok(report)
     }
+
+    async fn sweep_one(&self, entry: &OutboxEntry) -> Result<Swept, StoreError> {
+        let _guard = self.locks.lock(&entry.refund_id).await;
+        // The delivery that recorded the event may have published it and
+        // taken the mark off while this sweep waited for the lock (the
+        // first sweep takes marks of any age): then it is done.
+        let mark = self.store.outbox_mark(&entry.refund_id).await?;
+        if mark.is_none_or(|mark| mark.event_id != entry.event_id) {
+            return Ok(Swept::Done);
+        }
+        let event = self
+            .store
+            .get(&entry.refund_id)
+            .await?
+            .and_then(|r| r.state.event().cloned());
+        let Some(event) = event else {
+            self.store
+                .mark_published(&entry.refund_id, &entry.event_id)
+                .await?;
+            return Ok(Swept::Stale);
+        };
+        // The mark was written with the record; make both durable before
+        // the event goes out.
+        self.store.sync_refund(&entry.refund_id).await?;
+        match self.publish_outside_delivery(&event).await {
+            Ok(()) => {
+                // A mark for an older event of the same refund is moot.
+                self.store
+                    .mark_published(&entry.refund_id, &entry.event_id)
+                    .await?;
+                Ok(Swept::Republished)
+            }
+            Err(e) => Ok(Swept::NotConfirmed(e)),
+        }
+    }
+}
+
+/// What the sweep did with one mark.
+enum Swept {
+    Republished,
+    Stale,
+    /// Published and confirmed by someone else meanwhile.
+    Done,
+    NotConfirmed(String),
 }

@@ -159,7 +159,7 @@ impl Worker {
             },
             reason.clone(),
         );
-        self.store.put(record)?;
+        self.store.put(record).await?;
         self.store.sync_refund(&record.refund_id).await?;
         let now = now_rfc3339();
         let info = DeadLetter {
@@ -203,7 +203,8 @@ impl Worker {
         );
         metrics::outcome(&record.command.provider, "in_doubt");
         self.store
-            .commit(&record, LedgerChange::Mark(Reservation::InDoubt))?;
+            .commit(&mut record, LedgerChange::Mark(Reservation::InDoubt))
+            .await?;
         self.store.sync_refund(&record.refund_id).await?;
         self.publish_recorded(publisher, &event).await?;
         self.park_in_doubt(publisher, delivery, &event).await

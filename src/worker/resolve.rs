@@ -83,7 +83,7 @@ fn who(by: &str, reason: &str) -> Result<String, ResolveError> {
 fn wrong_state(record: &RefundRecord, why: &str) -> ResolveError {
     ResolveError::WrongState {
         refund_id: record.refund_id.clone(),
-        state: record_status(record).to_string(),
+        state: record.status().to_string(),
         why: why.to_string(),
     }
 }
@@ -110,7 +110,8 @@ impl Worker {
         let _guard = self.locks.lock(refund_id).await;
         let mut record = self
             .store
-            .get(refund_id)?
+            .get(refund_id)
+            .await?
             .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
         if !matches!(record.state, RefundState::InDoubt { .. }) {
             return Err(wrong_state(
@@ -127,7 +128,8 @@ impl Worker {
                 note,
             );
             self.store
-                .commit(&record, LedgerChange::Mark(Reservation::InFlight))?;
+                .commit(&mut record, LedgerChange::Mark(Reservation::InFlight))
+                .await?;
             self.store.sync_refund(&record.refund_id).await?;
             warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
             return Ok(record);
@@ -166,7 +168,8 @@ impl Worker {
             ),
         );
         self.store
-            .commit(&record, LedgerChange::Mark(Reservation::Succeeded))?;
+            .commit(&mut record, LedgerChange::Mark(Reservation::Succeeded))
+            .await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "succeeded");
         warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
@@ -190,7 +193,8 @@ impl Worker {
         let _guard = self.locks.lock(refund_id).await;
         let mut record = self
             .store
-            .get(refund_id)?
+            .get(refund_id)
+            .await?
             .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
         match &record.state {
             RefundState::NotSent { .. } | RefundState::InDoubt { .. } => {}
@@ -222,7 +226,9 @@ impl Worker {
             },
             format!("abandoned while {was} {who}; its reservation is released"),
         );
-        self.store.commit(&record, LedgerChange::Release)?;
+        self.store
+            .commit(&mut record, LedgerChange::Release)
+            .await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(&record.command.provider, "failed");
         warn!(refund_id, %who, was, "refund abandoned: it will not be sent");
@@ -243,7 +249,7 @@ impl Worker {
     ) -> Result<Vec<u64>, ResolveError> {
         let who = who(&decision.by, &decision.reason)?;
         let _guard = self.locks.lock(refund_id).await;
-        let mut record = match self.store.lookup(refund_id)? {
+        let mut record = match self.store.lookup(refund_id).await? {
             Some(Known::Record(record)) => Some(*record),
             Some(Known::Tombstone(t)) if t.status == Status::Succeeded => {
                 return Err(ResolveError::WrongState {
@@ -266,25 +272,28 @@ impl Worker {
                 ));
             }
         }
-        let released = self.store.release(refund_id)?;
+        let released = match self.store.release(refund_id).await? {
+            Ok(released) => released,
+            Err(paid) => {
+                return Err(ResolveError::WrongState {
+                    refund_id: refund_id.to_string(),
+                    state: "succeeded".into(),
+                    why: format!(
+                        "its ledger entry of {} stands for a paid refund: it is never released",
+                        paid.amount
+                    ),
+                })
+            }
+        };
         if let Some(record) = &mut record {
             record.transition(
                 record.state.clone(),
                 format!("reservation of {released:?} released {who}"),
             );
-            self.store.annotate(record)?;
+            self.store.annotate(record).await?;
         }
         self.store.sync_refund(refund_id).await?;
         warn!(refund_id, ?released, %who, "over-refund reservation released by an operator");
         Ok(released)
-    }
-}
-
-/// The status an operator sees: the event status of a finished refund,
-/// otherwise the lifecycle state (`attempting`, `not_sent`, `in_doubt`).
-pub fn record_status(record: &RefundRecord) -> &'static str {
-    match &record.state {
-        RefundState::Finished { event } => event.status.as_str(),
-        other => other.name(),
     }
 }

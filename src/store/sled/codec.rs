@@ -6,17 +6,15 @@
 //!   what cluster mode still writes (the state log carries records between
 //!   replicas, which may run different versions during a rolling upgrade).
 //!   `store.record_format = "json"` keeps a single-node worker on it too.
-//! - **Compact** ([`COMPACT_V1`]): the default in single-node mode, about
-//!   a third of the JSON one. A record is written twice per refund and
-//!   sled copies it whole (into its log, into leaf nodes when it
-//!   consolidates or splits them, onto disk) and keeps it in its cache.
-//!   Measured (README, Performance, eighth round): less sled and serde
-//!   work in the profile and 8–9 MiB less peak RSS; the CPU per refund of
-//!   a 0 ms drain moved by less than the test VM's noise.
+//! - **Compact** ([`COMPACT_V1`], [`COMPACT_V2`]): the default, about a
+//!   third of the JSON one. A record is written twice per refund and sled
+//!   copies it whole (into its log, into leaf nodes when it consolidates
+//!   or splits them, onto disk) and keeps it in its cache, so its size is
+//!   sled work and memory (`docs/performance.md`, "Compact records").
 //!
 //! Both are always readable, so a store moves from one to the other record
 //! by record, as refunds are written. A version older than the compact form
-//! cannot read it (README, Operations, Upgrading).
+//! cannot read it (`CHANGELOG.md`).
 //!
 //! The compact layout, in order (every field present; `opt` is a 0/1 byte
 //! and the value when 1):
@@ -25,7 +23,13 @@
 //! 0x01 │ state tag │ provider │ state's fields (since / reason / event)
 //!      │ refund_id │ payload_hash (hex) │ command │ attempts │ callback_token (hex)
 //!      │ in_doubt_episodes │ created_at │ updated_at │ history (count, then at, note)
+//! 0x02 │ the same │ extras (JSON text)
 //! ```
+//!
+//! Version 2 adds the fields that came after version 1 (what each attempt
+//! carried, attempts with an unknown outcome) as one JSON text at the end.
+//! A record that has none of them is still written as version 1, byte for
+//! byte, so that versions that know only version 1 keep reading it.
 //!
 //! The state and the account come first so that the census reads only
 //! them. Integers are LEB128. A string is either a reference to an equal
@@ -36,17 +40,39 @@
 //! as their bytes. JSON that the command carries as is (`transaction`,
 //! `installments`, `metadata`) is stored as its JSON text.
 
-use super::record::{HistoryEntry, RefundRecord, RefundState};
 use crate::command::{Operation, RefundCommand};
 use crate::event::{EventError, OutcomeEvent, Status};
 use crate::money::Amount;
+use crate::store::record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState};
 use std::borrow::Cow;
 
 /// The first byte of a compact record (a JSON record starts with `{`).
 const COMPACT_V1: u8 = 1;
 
+/// The first byte of a compact record with extras at its end.
+const COMPACT_V2: u8 = 2;
+
+/// The fields a version 1 record has no place for.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Extras {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempt: Option<AttemptTrace>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    uncertain: Vec<AttemptTrace>,
+}
+
+impl Extras {
+    fn of(record: &RefundRecord) -> Option<Self> {
+        let extras = Extras {
+            attempt: record.attempt.clone(),
+            uncertain: record.uncertain.clone(),
+        };
+        (extras.attempt.is_some() || !extras.uncertain.is_empty()).then_some(extras)
+    }
+}
+
 /// Which form new records are written in (`store.record_format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordFormat {
     /// The compact binary form.
@@ -81,7 +107,7 @@ pub(crate) fn encode(record: &RefundRecord, format: RecordFormat) -> Vec<u8> {
 /// Decodes a record in either form.
 pub(crate) fn decode(bytes: &[u8]) -> Result<RefundRecord> {
     match bytes.first() {
-        Some(&COMPACT_V1) => decode_compact(bytes),
+        Some(&COMPACT_V1 | &COMPACT_V2) => decode_compact(bytes),
         _ => Ok(serde_json::from_slice(bytes)?),
     }
 }
@@ -123,7 +149,7 @@ struct PeekCommand<'a> {
 
 /// Reads only what the census needs, in either form.
 pub(crate) fn glance(bytes: &[u8]) -> Result<Glance<'_>> {
-    if bytes.first() != Some(&COMPACT_V1) {
+    if !matches!(bytes.first(), Some(&COMPACT_V1 | &COMPACT_V2)) {
         let peek: Peek<'_> = serde_json::from_slice(bytes)?;
         return Ok(Glance {
             state: peek.state.state,
@@ -171,7 +197,12 @@ fn state_name(tag: u8) -> Result<&'static str> {
 
 fn encode_compact(record: &RefundRecord) -> Vec<u8> {
     let mut w = Writer::default();
-    w.out.push(COMPACT_V1);
+    let extras = Extras::of(record);
+    w.out.push(if extras.is_some() {
+        COMPACT_V2
+    } else {
+        COMPACT_V1
+    });
     let command = &record.command;
     w.byte(state_tag(&record.state));
     w.str(&command.provider);
@@ -204,6 +235,9 @@ fn encode_compact(record: &RefundRecord) -> Vec<u8> {
     for entry in &record.history {
         w.str(&entry.at);
         w.str(&entry.note);
+    }
+    if let Some(extras) = extras {
+        w.json(&extras);
     }
     w.out
 }
@@ -257,6 +291,10 @@ fn decode_compact(bytes: &[u8]) -> Result<RefundRecord> {
             note: r.string()?,
         });
     }
+    let extras: Extras = match bytes[0] {
+        COMPACT_V2 => r.json()?,
+        _ => Extras::default(),
+    };
     if r.remaining() != 0 {
         return Err(DecodeError::Compact("bytes after the record"));
     }
@@ -271,6 +309,9 @@ fn decode_compact(bytes: &[u8]) -> Result<RefundRecord> {
         created_at,
         updated_at,
         history,
+        attempt: extras.attempt,
+        uncertain: extras.uncertain,
+        revision: 0,
     })
 }
 
@@ -405,7 +446,7 @@ struct Reader<'b> {
 impl<'b> Reader<'b> {
     /// After the format byte.
     fn new(bytes: &'b [u8]) -> Result<Self> {
-        if bytes.first() != Some(&COMPACT_V1) {
+        if !matches!(bytes.first(), Some(&COMPACT_V1 | &COMPACT_V2)) {
             return Err(DecodeError::Compact("not a compact record"));
         }
         Ok(Reader {
@@ -621,11 +662,23 @@ mod tests {
                     event: full_event(&base, Status::InDoubt),
                 },
             ];
-            for state in states {
+            for (i, state) in states.into_iter().enumerate() {
                 let mut record = base.clone();
                 record.transition(state, "moved on");
                 record.attempts = 300;
                 record.in_doubt_episodes = 2;
+                if i % 2 == 1 {
+                    // Version 2: what the attempts carried.
+                    let trace = AttemptTrace {
+                        number: 299,
+                        kind: "creditguard".into(),
+                        request_id: Some("rf-1".into()),
+                        terminal: Some("0882819014".into()),
+                        at: now_rfc3339(),
+                    };
+                    record.uncertain = vec![trace.clone()];
+                    record.attempt = Some(trace);
+                }
                 all.push(record);
             }
         }
@@ -773,6 +826,9 @@ mod tests {
                 },
             ],
             command,
+            attempt: None,
+            uncertain: Vec::new(),
+            revision: 0,
         }
     }
 
