@@ -6,6 +6,10 @@
 //! * [`Invalid`]: a message with a good `refund_id` whose content is wrong. It
 //!   gets a `refund.rejected` event so the sender learns about it.
 
+mod strict;
+
+pub use strict::{StrictValue, MAX_DEPTH};
+
 use crate::money::{self, Amount};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -46,6 +50,7 @@ pub struct RefundCommand {
     #[serde(default = "default_operation")]
     pub operation: Operation,
     /// Reference to the original charge; its shape depends on the provider kind.
+    #[serde(deserialize_with = "strict::map")]
     pub transaction: Map<String, Value>,
     /// Amount to refund; absent means the full amount where the provider allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +60,11 @@ pub struct RefundCommand {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_amount: Option<u64>,
     /// Installment plan (CreditGuard only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub installments: Option<Value>,
     /// Echoed in events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,7 +73,11 @@ pub struct RefundCommand {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Any JSON, echoed in events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub metadata: Option<Value>,
 }
 
@@ -136,6 +149,11 @@ pub fn check_refund_id(id: &str) -> Result<(), String> {
             "refund_id contains {c:?}; allowed are A-Z a-z 0-9 . _ : -"
         ));
     }
+    // `.` and `..` are path segments every HTTP client removes, so the
+    // refund's callback URL could never reach it.
+    if id.bytes().all(|b| b == b'.') {
+        return Err("refund_id must not be made of dots only".into());
+    }
     Ok(())
 }
 
@@ -161,10 +179,10 @@ impl RefundCommand {
     /// command with a good `refund_id` and bad content (invalid, answered
     /// with an event that echoes what could be read).
     fn parse_diagnosed(body: &[u8]) -> Result<Self, ParseError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| Poison {
-            kind: "malformed",
-            message: format!("body is not JSON: {e}"),
-        })?;
+        let value = match read_strict(body) {
+            Ok(value) => value,
+            Err(refused) => return Err(refused.into_error(body)),
+        };
         let Value::Object(object) = value else {
             return Err(Poison {
                 kind: "malformed",
@@ -280,6 +298,74 @@ impl RefundCommand {
         match self.transaction.get(key) {
             Some(Value::String(s)) if !s.trim().is_empty() => Some(s.as_str()),
             _ => None,
+        }
+    }
+}
+
+/// Why a body could not be read strictly.
+enum Refused {
+    /// Not JSON at all.
+    NotJson(String),
+    /// JSON with a key twice, or nested too deep: where, and what.
+    Strict(String),
+}
+
+fn read_strict(body: &[u8]) -> Result<Value, Refused> {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize::<_, StrictValue>(&mut reader);
+    if value.is_ok() {
+        if let Err(e) = reader.end() {
+            return Err(Refused::NotJson(e.to_string()));
+        }
+    }
+    match value {
+        Ok(StrictValue(value)) => Ok(value),
+        Err(e) if e.inner().is_data() => {
+            let path = e.path().to_string();
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            Err(Refused::Strict(format!("{at}{}", e.into_inner())))
+        }
+        Err(e) => Err(Refused::NotJson(e.into_inner().to_string())),
+    }
+}
+
+impl Refused {
+    /// A refusal names the refund when its `refund_id` can be read (and is
+    /// not itself what is wrong); otherwise the message is poison.
+    fn into_error(self, body: &[u8]) -> ParseError {
+        let message = match self {
+            Refused::NotJson(e) => {
+                return Poison {
+                    kind: "malformed",
+                    message: format!("body is not JSON: {e}"),
+                }
+                .into()
+            }
+            Refused::Strict(message) => message,
+        };
+        let lenient: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
+        let refund_id = lenient
+            .as_ref()
+            .and_then(|o| o.get("refund_id"))
+            .and_then(Value::as_str)
+            .filter(|id| check_refund_id(id).is_ok())
+            .filter(|_| !message.starts_with("the key \"refund_id\""));
+        match (refund_id, &lenient) {
+            (Some(id), Some(object)) => Box::new(Invalid {
+                refund_id: id.to_string(),
+                message: format!("the body is not acceptable JSON: {message}"),
+                echo: Echo::from_object(object),
+            })
+            .into(),
+            _ => Poison {
+                kind: "malformed",
+                message: format!("the body is not acceptable JSON: {message}"),
+            }
+            .into(),
         }
     }
 }
@@ -419,6 +505,80 @@ mod tests {
     }
 
     #[test]
+    fn a_key_twice_is_an_invalid_command_or_poison_when_it_is_the_refund_id() {
+        for (body, needle) in [
+            (
+                r#"{"refund_id":"r1","provider":"p","provider":"q","transaction":{"id":"1"}}"#,
+                "\"provider\" appears twice",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1","id":"2"}}"#,
+                "transaction: the key \"id\" appears twice",
+            ),
+            (
+                r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"metadata":{"a":{"b":1,"b":1}}}"#,
+                "metadata.a: the key \"b\" appears twice",
+            ),
+        ] {
+            match RefundCommand::parse(body.as_bytes()) {
+                Err(ParseError::Invalid(inv)) => {
+                    assert_eq!(inv.refund_id, "r1");
+                    assert!(inv.message.contains(needle), "{body}: {}", inv.message);
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // Which refund is it? Neither can be trusted.
+        let twice =
+            r#"{"refund_id":"r1","refund_id":"r2","provider":"p","transaction":{"id":"1"}}"#;
+        assert!(matches!(
+            RefundCommand::parse(twice.as_bytes()),
+            Err(ParseError::Poison(Poison {
+                kind: "malformed",
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn metadata_nested_deeper_than_a_record_can_hold_is_invalid() {
+        let deep = |n: usize| {
+            format!(
+                r#"{{"refund_id":"r1","provider":"p","transaction":{{"id":"1"}},"metadata":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(RefundCommand::parse(deep(MAX_DEPTH - 1).as_bytes()).is_ok());
+        match RefundCommand::parse(deep(120).as_bytes()) {
+            Err(ParseError::Invalid(inv)) => {
+                assert!(
+                    inv.message.contains("nested deeper than 32"),
+                    "{}",
+                    inv.message
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refund_ids_of_dots_only_are_poison() {
+        for id in [".", ".."] {
+            let body =
+                format!(r#"{{"refund_id":"{id}","provider":"p","transaction":{{"id":"1"}}}}"#);
+            assert!(matches!(
+                RefundCommand::parse(body.as_bytes()),
+                Err(ParseError::Poison(Poison {
+                    kind: "invalid_refund_id",
+                    ..
+                }))
+            ));
+        }
+        assert!(check_refund_id("a.b").is_ok());
+    }
+
+    #[test]
     fn hash_ignores_key_order_and_defaults() {
         let a = RefundCommand::parse(
             br#"{"refund_id":"r1","provider":"p","transaction":{"id":"1","x":"y"}}"#,
@@ -448,9 +608,9 @@ mod tests {
         let variants = [
             r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"metadata":{"a":[1,2.5,null]}}"#,
             r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"order_id":null,"amount":null}"#,
-            // A duplicate key: the straight pass refuses it, the careful
-            // one keeps the last value; the answer is the careful one's.
+            // A duplicate key: both refuse it.
             r#"{"refund_id":"r1","provider":"p","provider":"q","transaction":{"id":"1"}}"#,
+            r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1","id":"2"}}"#,
             r#"{"refund_id":"r 1","provider":"p","transaction":{"id":"1"}}"#,
             r#"{"refund_id":"r1","provider":"","transaction":{"id":"1"}}"#,
             r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"amount":{"minor":1.5,"currency":"ILS"}}"#,
