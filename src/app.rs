@@ -260,6 +260,9 @@ impl App {
 /// Refusals of the exclusive consumer at start-up before giving up.
 const START_REFUSALS: u32 = 5;
 
+/// How often a session looks at its events channel.
+const CHANNEL_WATCH: Duration = Duration::from_millis(250);
+
 /// What the supervision loop does after a session.
 enum Next {
     Stop,
@@ -291,6 +294,18 @@ async fn session(
     topology::declare(&setup, settings).await?;
     let _ = setup.close(200, "topology declared".into()).await;
     let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
+    // Events must go out before refunds are taken: an event left
+    // unconfirmed (by the last session, or a channel the broker closed)
+    // is published first, and a refusal ends the session here, so that no
+    // provider is called while events cannot be published.
+    if let Err(e) = worker.publish_oldest_unconfirmed(&publisher).await {
+        let _ = connection
+            .close(200, "events cannot be published".into())
+            .await;
+        return Ok(SessionEnd::Lost(format!(
+            "events cannot be published ({e}); not taking refunds"
+        )));
+    }
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(
@@ -340,8 +355,21 @@ async fn session(
         prefetch = amqp.prefetch,
         "consuming"
     );
+    let mut watch = tokio::time::interval(CHANNEL_WATCH);
     let end = loop {
         tokio::select! {
+            _ = watch.tick() => if !publisher.is_open() {
+                // The broker closed the events channel (a publish refused
+                // for want of permission, the exchange deleted): stop
+                // taking refunds, let those in flight put themselves back,
+                // and reconnect once events can be published again.
+                error!("the broker closed the events channel: not taking refunds until events can be published");
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                health.set_consuming(false);
+                drain(in_flight).await;
+                let _ = connection.close(200, "events channel closed".into()).await;
+                break SessionEnd::Lost("the events channel was closed by the broker".into());
+            },
             _ = shutdown.triggered() => {
                 info!("shutdown: no new deliveries");
                 let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;

@@ -10,8 +10,7 @@
 
 use crate::broker::{
     HEADER_ATTEMPTS, HEADER_DELAYED_ROUNDS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FIRST_FAILURE,
-    HEADER_LAST_FAILURE, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER,
-    HEADER_REFUND_ID,
+    HEADER_LAST_FAILURE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_PROVIDER, HEADER_REFUND_ID,
 };
 use crate::config::AmqpSettings;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -34,6 +33,9 @@ pub const POISON_KINDS: &[&str] = &[
     "wrong_content_type",
     "oversize",
 ];
+
+/// Reasons that say the body names no refund at all.
+const NO_REFUND_KINDS: &[&str] = &["malformed", "missing_refund_id", "invalid_refund_id"];
 
 /// Most messages browsed at once (the rest stay in the queue untouched).
 pub const MAX_BROWSE: usize = 100_000;
@@ -138,6 +140,8 @@ pub struct Report {
     pub abandoned: Vec<String>,
     /// Purge: refunds that could not be abandoned (message kept), and why.
     pub refused: Vec<(String, String)>,
+    /// Replay: messages older than `store.tombstone_retention` (kept).
+    pub skipped_too_old: Vec<String>,
 }
 
 /// A browsing session over the dead-letter queue.
@@ -147,18 +151,37 @@ pub struct Dlq {
     channel: Channel,
     amqp: AmqpSettings,
     messages: Vec<DeadMessage>,
+    /// Messages in the queue when it was browsed.
+    total: u32,
 }
 
 impl Dlq {
     /// Connects and takes every message (up to [`MAX_BROWSE`]) unacked.
     pub async fn open(amqp: &AmqpSettings) -> Result<Self, DlqError> {
+        Self::open_first(amqp, MAX_BROWSE).await
+    }
+
+    /// Connects and takes the first `limit` messages unacked (a page that
+    /// lists them: the rest of the queue is left as it is).
+    pub async fn open_first(amqp: &AmqpSettings, limit: usize) -> Result<Self, DlqError> {
         let connection = crate::broker::connect_with(amqp, "refund-worker-dlq").await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let total = channel
+            .queue_declare(
+                amqp.dead_letter_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
         let mut messages = Vec::new();
-        while messages.len() < MAX_BROWSE {
+        while messages.len() < limit.min(MAX_BROWSE) {
             let Some(got) = channel
                 .basic_get(
                     amqp.dead_letter_queue.as_str().into(),
@@ -179,7 +202,13 @@ impl Dlq {
             channel,
             amqp: amqp.clone(),
             messages,
+            total,
         })
+    }
+
+    /// How many messages the queue held when it was browsed.
+    pub fn total(&self) -> u32 {
+        self.total
     }
 
     /// The browsed messages, oldest first.
@@ -187,15 +216,19 @@ impl Dlq {
         &self.messages
     }
 
-    /// Re-publishes matching messages to where they were first published
-    /// and removes each after the broker confirmed it. `in_doubt` tells
-    /// whether a refund is still in doubt (then its message is skipped).
+    /// Re-publishes matching messages to the commands exchange and removes
+    /// each after the broker confirmed it. `in_doubt` tells whether a
+    /// refund is still in doubt (then its message is skipped). A message
+    /// whose first failure is older than `max_age`
+    /// (`store.tombstone_retention`) is skipped: its refund's record and
+    /// tombstone may be gone, so nothing would stop it being paid again.
     /// `progress` is called after each message.
     pub async fn replay(
         &mut self,
         filter: &Filter,
         limit: Option<usize>,
         dry_run: bool,
+        max_age: Duration,
         mut still_in_doubt: impl AsyncFnMut(&str) -> bool,
         mut progress: impl FnMut(&DeadMessage),
     ) -> Result<Report, DlqError> {
@@ -210,6 +243,12 @@ impl Dlq {
             }
             if filter.reason.is_none() && POISON_KINDS.contains(&m.kind.as_str()) {
                 report.skipped_poison += 1;
+                continue;
+            }
+            if m.first_failure_age().is_some_and(|age| age > max_age) {
+                report
+                    .skipped_too_old
+                    .push(m.refund_id.clone().unwrap_or_default());
                 continue;
             }
             if m.kind == "in_doubt" {
@@ -238,12 +277,9 @@ impl Dlq {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), DlqError> {
-        let exchange = m
-            .headers
-            .get(HEADER_ORIGINAL_EXCHANGE)
-            .filter(|e| !e.is_empty())
-            .cloned()
-            .unwrap_or_else(|| amqp.commands_exchange.clone());
+        // The commands exchange, whatever a header says: a producer could
+        // have named any exchange there (the events exchange, say).
+        let exchange = amqp.commands_exchange.clone();
         let routing_key = m
             .headers
             .get(HEADER_ORIGINAL_ROUTING_KEY)
@@ -291,13 +327,12 @@ impl Dlq {
         Self::republish(&self.channel, &self.amqp, m, body, properties).await
     }
 
-    /// Removes matching messages (up to `limit`). Poison messages (a bad
-    /// body, no refund to lose) go at once. Any other dead letter stands
-    /// for a refund that is not decided (in doubt, not yet sent,
-    /// misconfigured): it is kept unless `abandon` is given, which must
-    /// record the refund as abandoned (publishing its `failed` event and
-    /// releasing its reservation) before the message is removed; a refund
-    /// it cannot abandon keeps its message.
+    /// Removes matching messages (up to `limit`). A message that names no
+    /// refund (a bad body) goes at once. Any other dead letter stands for a
+    /// refund: it is kept unless `abandon` is given, which must record the
+    /// refund's fate and publish its event (see `worker/abandon.rs`) before
+    /// the message is removed; a refund it cannot abandon keeps its
+    /// message.
     pub async fn purge(
         &mut self,
         filter: &Filter,
@@ -313,7 +348,7 @@ impl Dlq {
             if limit.is_some_and(|l| report.done >= l) {
                 continue;
             }
-            if !POISON_KINDS.contains(&m.kind.as_str()) {
+            if m.carries_refund() {
                 let Some(abandon) = abandon.as_mut() else {
                     report.skipped_refunds += 1;
                     continue;
@@ -336,7 +371,8 @@ impl Dlq {
         Ok(report)
     }
 
-    /// As [`Dlq::purge`] without abandoning: poison messages only.
+    /// As [`Dlq::purge`] without abandoning: messages that name no refund
+    /// only.
     pub async fn purge_poison(
         &mut self,
         filter: &Filter,
@@ -350,6 +386,35 @@ impl Dlq {
     pub async fn close(self) {
         let _ = self.channel.close(200, "done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+impl DeadMessage {
+    /// Whether the message stands for a refund: its refund id could be read
+    /// (a header the worker wrote, or the body of a message the broker
+    /// dead-lettered). Only a body that names no refund is poison.
+    pub fn carries_refund(&self) -> bool {
+        !NO_REFUND_KINDS.contains(&self.kind.as_str())
+            && self
+                .refund_id
+                .as_deref()
+                .is_some_and(|id| crate::command::check_refund_id(id).is_ok())
+    }
+
+    /// How long ago the refund first failed (from
+    /// `x-refund-first-failure-at`, else the last failure).
+    pub fn first_failure_age(&self) -> Option<Duration> {
+        let at = self
+            .first_failure_at
+            .as_deref()
+            .or(self.last_failure_at.as_deref())?;
+        let at = OffsetDateTime::parse(at, &Rfc3339).ok()?;
+        Some((OffsetDateTime::now_utc() - at).unsigned_abs())
+    }
+
+    /// The body as JSON, when it is JSON.
+    pub fn body_json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.raw).ok()
     }
 }
 

@@ -109,14 +109,9 @@ enum Command {
         /// A TOML file layered over config/default.toml (for amqp.*).
         #[arg(long, global = true)]
         config: Option<PathBuf>,
-        /// The running worker's HTTP address (for refund records).
-        #[arg(
-            long,
-            global = true,
-            env = "REFUND_WORKER_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        worker_url: String,
+        /// The running worker's HTTP address (default: http.addr of the configuration).
+        #[arg(long, global = true, env = "REFUND_WORKER_URL")]
+        worker_url: Option<String>,
         #[command(subcommand)]
         command: DlqCommand,
     },
@@ -126,14 +121,9 @@ enum Command {
         /// http.operator_token; REFUND_WORKER__HTTP__OPERATOR_TOKEN works too).
         #[arg(long, global = true)]
         config: Option<PathBuf>,
-        /// The running worker's HTTP address.
-        #[arg(
-            long,
-            global = true,
-            env = "REFUND_WORKER_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        worker_url: String,
+        /// The running worker's HTTP address (default: http.addr of the configuration).
+        #[arg(long, global = true, env = "REFUND_WORKER_URL")]
+        worker_url: Option<String>,
         #[command(subcommand)]
         command: RefundsCommand,
     },
@@ -207,13 +197,9 @@ enum Command {
         /// A TOML file layered over config/default.toml (for http.operator_token).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// The running worker's HTTP address.
-        #[arg(
-            long,
-            env = "REFUND_WORKER_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        worker_url: String,
+        /// The running worker's HTTP address (default: http.addr of the configuration).
+        #[arg(long, env = "REFUND_WORKER_URL")]
+        worker_url: Option<String>,
     },
     /// Start a private RabbitMQ cluster on this machine (for trying and
     /// testing several replicas); prints its amqp.url and runs until Ctrl-C.
@@ -331,7 +317,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 format,
                 config,
                 worker_url,
-            } => cli::ops::report(config, &worker_url, &from, &to, &format).await,
+            } => cli::ops::report(config, worker_url.as_deref(), &from, &to, &format).await,
             Command::LocalCluster { nodes } => cli::run::local_cluster(nodes).await,
             Command::Events {
                 amqp_url,
@@ -342,12 +328,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 config,
                 worker_url,
                 command,
-            } => cli::ops::dlq(config, &worker_url, command).await,
+            } => cli::ops::dlq(config, worker_url.as_deref(), command).await,
             Command::Refunds {
                 config,
                 worker_url,
                 command,
-            } => cli::ops::refunds(config, &worker_url, command).await,
+            } => cli::ops::refunds(config, worker_url.as_deref(), command).await,
             Command::BenchRelay { config, n } => {
                 refund_worker::bench::relay_process(&config, n).await
             }

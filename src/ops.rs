@@ -90,15 +90,22 @@ impl WorkerApi {
         }
     }
 
-    /// The stored record of a refund, `None` if unknown.
+    /// The stored record of a refund, `None` if the worker says it has no
+    /// such refund. Any other answer that is not a record (a 404 from a
+    /// listener without the operator API, a wrong address) is an error,
+    /// never "no record".
     pub async fn refund(&self, refund_id: &str) -> Result<Option<Value>, OpsError> {
-        let response = self
-            .get(&format!("/refunds/{refund_id}"))
-            .send()
-            .await
-            .map_err(|e| self.err(e))?;
+        let path = format!("/refunds/{refund_id}");
+        let response = self.get(&path).send().await.map_err(|e| self.err(e))?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            if body["not_found"] == "refund" {
+                return Ok(None);
+            }
+            return Err(self.err(format!(
+                "HTTP 404 for {path} without the operator API's answer: is this the worker's \
+                 private listener (http.addr)? Set --worker-url or REFUND_WORKER_URL"
+            )));
         }
         self.decode(response).await.map(Some)
     }
@@ -134,7 +141,12 @@ impl WorkerApi {
     /// an unreachable API count as in doubt: never replay on a guess.
     pub async fn still_in_doubt(&self, refund_id: &str) -> bool {
         match self.refund(refund_id).await {
-            Ok(Some(record)) => status_of(&record) == "in_doubt",
+            Ok(Some(record)) => {
+                status_of(&record) == "in_doubt"
+                    || record["uncertain"]
+                        .as_array()
+                        .is_some_and(|u| !u.is_empty())
+            }
             Ok(None) | Err(_) => true,
         }
     }
@@ -173,11 +185,23 @@ impl WorkerApi {
         self.decode(response).await
     }
 
-    /// Records a refund as abandoned (`failed`, `error.kind = abandoned`).
-    pub async fn abandon(&self, refund_id: &str, decision: &Decision) -> Result<Value, OpsError> {
+    /// Records a refund as abandoned (`failed`, `error.kind = abandoned`),
+    /// or publishes a decided one's event again; `command` is the body of
+    /// its message, for a refund the worker has no record of.
+    pub async fn abandon(
+        &self,
+        refund_id: &str,
+        decision: &Decision,
+        command: Option<Value>,
+    ) -> Result<Value, OpsError> {
+        let body = serde_json::json!({
+            "by": decision.by,
+            "reason": decision.reason,
+            "command": command,
+        });
         let response = self
             .post(&format!("/refunds/{refund_id}/abandon"))
-            .json(decision)
+            .json(&body)
             .send()
             .await
             .map_err(|e| self.err(e))?;
@@ -281,7 +305,8 @@ pub async fn dlq_show(
     Ok(())
 }
 
-/// `dlq replay`.
+/// `dlq replay`. Messages whose refund first failed longer ago than
+/// `max_age` (`store.tombstone_retention`) are kept.
 pub async fn dlq_replay(
     amqp: &AmqpSettings,
     api: &WorkerApi,
@@ -289,6 +314,7 @@ pub async fn dlq_replay(
     limit: Option<usize>,
     dry_run: bool,
     quiet: bool,
+    max_age: std::time::Duration,
 ) -> Result<Report, OpsError> {
     let mut dlq = Dlq::open(amqp).await?;
     let total = dlq.messages().iter().filter(|m| filter.matches(m)).count();
@@ -306,6 +332,7 @@ pub async fn dlq_replay(
             filter,
             limit,
             dry_run,
+            max_age,
             async |id: &str| api.still_in_doubt(id).await,
             |m| {
                 bar.inc(1);
@@ -326,6 +353,14 @@ pub async fn dlq_replay(
     let report = report?;
     for id in &report.skipped_in_doubt {
         eprintln!("skipped {id}: in doubt; resolve it first (refund-worker refunds resolve {id} --executed TXN | --not-executed)");
+    }
+    for id in &report.skipped_too_old {
+        eprintln!(
+            "skipped {id}: it first failed more than store.tombstone_retention ({}) ago, so its \
+             record may be gone and nothing would stop a second payment; check with the \
+             provider, then publish a new command if it is still owed",
+            humantime::format_duration(max_age)
+        );
     }
     if report.skipped_poison > 0 {
         eprintln!(
@@ -393,14 +428,9 @@ pub async fn dlq_purge(
     let abandon = decision.as_ref().map(|decision| {
         async move |m: &DeadMessage| -> Result<(), String> {
             let Some(id) = &m.refund_id else {
-                return Ok(());
+                return Err("no refund id".into());
             };
-            match api.refund(id).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            api.abandon(id, decision)
+            api.abandon(id, decision, m.body_json())
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -414,8 +444,9 @@ pub async fn dlq_purge(
     }
     if report.skipped_refunds > 0 {
         eprintln!(
-            "kept {} refund message(s) (in doubt, not yet sent, misconfigured): they are not decided; \
-             replay them, or purge them with --include-refunds --yes --by --reason to record them as abandoned",
+            "kept {} refund message(s): each stands for a refund; replay them, or purge them \
+             with --include-refunds --yes --by --why to record each one's fate and publish its \
+             event (refunds that may have been paid are never abandoned: resolve them first)",
             report.skipped_refunds
         );
     }
@@ -434,7 +465,7 @@ pub async fn refunds_abandon(
     refund_id: &str,
     decision: &Decision,
 ) -> Result<(), OpsError> {
-    let record = api.abandon(refund_id, decision).await?;
+    let record = api.abandon(refund_id, decision, None).await?;
     println!("{} is now {}", refund_id, status_of(&record));
     Ok(())
 }
@@ -557,13 +588,21 @@ pub async fn dlq_edit(
         async |id: &str, command: &Value, decision: &Decision, changes: &str| {
             api.amend(id, command, decision, changes).await.map(|_| ())
         },
+        |diff: &str| eprintln!("{refund_id}:\n{diff}"),
     )
     .await
+    .inspect(|_| {
+        if !dry_run {
+            eprintln!("{refund_id}: corrected and replayed");
+        }
+    })
 }
 
 /// As [`dlq_edit`], with the refund's status and the amendment given as
-/// functions (the operator console calls the worker directly). Returns the
-/// diff.
+/// functions (the operator console calls the worker directly), and `show`
+/// given the diff before anything changes. Prints nothing itself. Returns
+/// the diff.
+#[allow(clippy::too_many_arguments)]
 pub async fn dlq_edit_with(
     amqp: &AmqpSettings,
     refund_id: &str,
@@ -572,6 +611,7 @@ pub async fn dlq_edit_with(
     dry_run: bool,
     mut in_doubt: impl AsyncFnMut(&str) -> Result<bool, OpsError>,
     mut amend: impl AsyncFnMut(&str, &Value, &Decision, &str) -> Result<(), OpsError>,
+    show: impl FnOnce(&str),
 ) -> Result<String, OpsError> {
     let sets = crate::dlq_edit::parse_sets(sets).map_err(OpsError::Refused)?;
     if decision.by.trim().is_empty() || decision.reason.trim().is_empty() {
@@ -596,9 +636,8 @@ pub async fn dlq_edit_with(
         let (command, changes) =
             crate::dlq_edit::apply(m.body.as_bytes(), &sets).map_err(OpsError::Refused)?;
         let diff = crate::dlq_edit::diff(&changes);
-        eprintln!("{refund_id} ({}):\n{diff}", m.kind);
+        show(&diff);
         if dry_run {
-            eprintln!("dry run: nothing changed");
             return Ok(diff);
         }
         let changes_text = serde_json::to_string(&changes).unwrap_or_default();
@@ -619,7 +658,6 @@ pub async fn dlq_edit_with(
                      the dead letter is still there: run the same edit again"
                 ))
             })?;
-        eprintln!("{refund_id}: corrected and replayed");
         Ok(diff)
     }
     .await;

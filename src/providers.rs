@@ -10,7 +10,7 @@ pub mod hyp_pay;
 pub mod paynet;
 
 use crate::command::{Operation, RefundCommand};
-use crate::store::RefundRecord;
+use crate::store::{AttemptTrace, RefundRecord};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -221,16 +221,68 @@ impl Provider {
         }
     }
 
-    /// Sends the record's command once and classifies the answer.
+    /// The account's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Provider::HypPay(_) => "hyp_pay",
+            Provider::CreditGuard(_) => "creditguard",
+            Provider::Paynet(..) => "paynet",
+        }
+    }
+
+    /// What attempt `number` of `refund_id` carries when sent to this
+    /// account as it is configured today.
+    pub fn trace(&self, refund_id: &str, number: u32) -> AttemptTrace {
+        let (request_id, terminal) = match self {
+            Provider::HypPay(p) => (None, Some(p.terminal().to_string())),
+            Provider::CreditGuard(p) => (
+                p.dedupes()
+                    .then(|| creditguard::wire::request_id(refund_id)),
+                Some(p.terminal().to_string()),
+            ),
+            Provider::Paynet(..) => (None, None),
+        };
+        AttemptTrace {
+            number,
+            kind: self.kind().to_string(),
+            request_id,
+            terminal,
+            at: crate::event::now_rfc3339(),
+        }
+    }
+
+    /// Whether a request that carried `trace` and may have been executed
+    /// can be sent again to this account safely: only when it carried a
+    /// deduplication id, and this account is the same kind and terminal
+    /// (CreditGuard with `mayBeDuplicate` returns the first answer to a
+    /// repeat of the same `requestId`). Hyp Pay and Paynet have no
+    /// idempotency key.
+    pub fn repeat_is_safe(&self, trace: &AttemptTrace) -> bool {
+        match self {
+            Provider::HypPay(_) | Provider::Paynet(..) => false,
+            Provider::CreditGuard(p) => {
+                trace.kind == "creditguard"
+                    && trace.request_id.is_some()
+                    && trace.terminal.as_deref() == Some(p.terminal())
+            }
+        }
+    }
+
+    /// Sends the record's command once, as its attempt's record says, and
+    /// classifies the answer.
     pub async fn execute(
         &self,
         record: &RefundRecord,
         traceparent: Option<&str>,
     ) -> ProviderOutcome {
         let command = &record.command;
+        let dedupe = record
+            .attempt
+            .as_ref()
+            .is_some_and(|a| a.request_id.is_some());
         match self {
             Provider::HypPay(p) => p.execute(command, traceparent).await,
-            Provider::CreditGuard(p) => p.execute(command, traceparent).await,
+            Provider::CreditGuard(p) => p.execute(command, dedupe, traceparent).await,
             Provider::Paynet(p, public_url) => {
                 let url =
                     paynet::callback_url(public_url, &record.refund_id, &record.callback_token);
@@ -245,16 +297,6 @@ impl Provider {
     /// resolves such a refund as executed must say which happened.
     pub fn may_perform_otherwise(&self, asked: Operation) -> bool {
         matches!(self, Provider::CreditGuard(_)) && asked == Operation::Refund
-    }
-
-    /// Whether an `Unknown` outcome may be resolved by sending the same
-    /// request again (the provider deduplicates it): only CreditGuard with
-    /// `dedupe_requests`. Hyp Pay and Paynet have no idempotency key.
-    pub fn repeats_are_safe(&self) -> bool {
-        match self {
-            Provider::HypPay(_) | Provider::Paynet(..) => false,
-            Provider::CreditGuard(p) => p.dedupes(),
-        }
     }
 }
 
@@ -324,6 +366,17 @@ impl Providers {
     /// Account names, for error messages.
     pub fn names(&self) -> Vec<&str> {
         self.by_name.keys().map(String::as_str).collect()
+    }
+
+    /// `name` as a metric label: a configured account, or `unknown` (a
+    /// command may name anything, and every label is a series kept for
+    /// good).
+    pub fn label<'n>(&self, name: &'n str) -> &'n str {
+        if self.by_name.contains_key(name) {
+            name
+        } else {
+            "unknown"
+        }
     }
 }
 

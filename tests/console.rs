@@ -112,6 +112,8 @@ async fn operators_resolve_and_replay_through_the_console() {
         "{html}"
     );
     assert!(html.contains("provider_unavailable"), "{html}");
+    // Dead letters are listed from a bounded read, with the queue's count.
+    assert!(html.contains("id=\"dead-count\">2 of 2 shown"), "{html}");
 
     // A form without who and why is refused, naming the field.
     let signed = |request: reqwest::RequestBuilder| {

@@ -101,6 +101,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters_limit_and_dry_run() {
             &outage,
             Some(1),
             false,
+            app.settings.store.retention().tombstones,
             async |id: &str| api.still_in_doubt(id).await,
             |_| {},
         )

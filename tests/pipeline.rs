@@ -149,7 +149,7 @@ async fn an_invalid_command_is_rejected_without_a_provider_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
+async fn poison_messages_go_to_the_dead_letter_queue_and_unread_refunds_are_rejected() {
     let mut app = TestApp::start().await;
     app.publish_raw(b"this is not json", Some("application/json"))
         .await;
@@ -177,21 +177,44 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
         Some("missing_refund_id")
     );
 
-    app.publish_raw(HYP_REFUND.as_bytes(), Some("text/plain"))
+    // A refund that is not read (wrong content type, too large) is still
+    // a refund: its sender gets `rejected`, naming why, and its dead letter
+    // names it.
+    app.publish_raw(HYP_REFUND.as_bytes(), Some("text/json"))
         .await;
+    let (key, rejected) = app.next_event().await;
+    assert_eq!(key, "refund.rejected", "{rejected}");
+    assert_eq!(rejected["refund_id"], "rf-example-hyp-refund-1");
+    assert_eq!(rejected["error"]["kind"], "invalid_command");
+    assert!(rejected["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("\"text/json\""));
     let (_, headers) = app.next_dead_letter().await;
     assert_eq!(
         header(&headers, "x-refund-error-kind").as_deref(),
         Some("wrong_content_type")
     );
+    assert_eq!(
+        header(&headers, "x-refund-id").as_deref(),
+        Some("rf-example-hyp-refund-1")
+    );
 
     let big = format!(r#"{{"refund_id":"rf-big","pad":"{}"}}"#, "x".repeat(70_000));
     app.publish(&big).await;
+    let (key, rejected) = app.next_event().await;
+    assert_eq!(key, "refund.rejected", "{rejected}");
+    assert_eq!(rejected["refund_id"], "rf-big");
+    assert!(rejected["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("max_body_bytes"));
     let (_, headers) = app.next_dead_letter().await;
     assert_eq!(
         header(&headers, "x-refund-error-kind").as_deref(),
         Some("oversize")
     );
+    assert_eq!(header(&headers, "x-refund-id").as_deref(), Some("rf-big"));
 
     // The worker carries on.
     app.publish(HYP_REFUND).await;

@@ -72,9 +72,6 @@ pub struct Publisher {
     events_exchange: String,
     dead_letter_exchange: String,
     confirm_timeout: Duration,
-    /// Events confirmed before this instant keep their outbox mark (see
-    /// [`Publisher::keep_marks_until`]).
-    keep_marks_until: Option<std::time::Instant>,
 }
 
 impl Publisher {
@@ -88,31 +85,15 @@ impl Publisher {
             events_exchange: amqp.events_exchange.clone(),
             dead_letter_exchange: amqp.dead_letter_exchange.clone(),
             confirm_timeout: Duration::from_millis(amqp.confirm_timeout_ms),
-            keep_marks_until: None,
         })
     }
 
-    /// Until `until`, an event's confirm does not take its outbox mark off:
-    /// the outbox sweep publishes it once more later. Cluster mode uses it
-    /// for a reconnect's first minute, because RabbitMQ 3.10 was seen to
-    /// confirm a publish into a quorum queue that was electing a leader and
-    /// then not have it (`docs/replicas.md`); a second copy with the same
-    /// `event_id` is what consumers already deduplicate.
-    pub fn keep_marks_until(mut self, until: std::time::Instant) -> Self {
-        self.keep_marks_until = Some(until);
-        self
-    }
-
-    /// Whether a confirmed event keeps its outbox mark now.
-    pub fn keeps_marks(&self) -> bool {
-        self.keep_marks_until
-            .is_some_and(|until| std::time::Instant::now() < until)
-    }
-
-    /// The confirm-mode channel (cluster mode moves misrouted commands on
-    /// it).
-    pub fn channel(&self) -> lapin::Channel {
-        self.channel.clone()
+    /// Whether the channel is open. The broker closes a channel on an
+    /// error (a publish refused for want of permission, an exchange
+    /// deleted), and every later publish on it fails: the session ends and
+    /// no provider is called until events can be published again.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// Publishes an outcome event (persistent, confirmed). A nack or a

@@ -3,7 +3,7 @@
 
 use clap::Subcommand;
 use refund_worker::command::Operation;
-use refund_worker::config::Settings;
+use refund_worker::config::{Settings, ToolSettings};
 use refund_worker::worker::{Decision, Resolution};
 use refund_worker::{dlq, ops};
 use std::path::PathBuf;
@@ -86,10 +86,12 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Remove matching poison messages (a filter, or --all --yes). Refund
-    /// messages (in doubt, not yet sent, misconfigured) are kept unless
-    /// --include-refunds --yes --by --reason: then each refund is recorded
-    /// as abandoned (a `failed` event) before its message goes.
+    /// Remove matching messages that name no refund (a filter, or --all
+    /// --yes). Messages that carry a refund are kept unless
+    /// --include-refunds --yes --by --why: then each refund's fate is
+    /// recorded and its event published before its message goes (a refund
+    /// not sent is abandoned: a `failed` event); a refund that may have
+    /// been paid keeps its message until it is resolved.
     Purge {
         #[command(flatten)]
         filter: DlqFilter,
@@ -159,9 +161,10 @@ pub(crate) enum RefundsCommand {
         #[arg(long)]
         reason: String,
     },
-    /// Give up a refund that is not sent or in doubt: it is recorded as
-    /// `failed` (error.kind abandoned), its reservation released, its event
-    /// published. It will never be sent.
+    /// Give up a refund that was not sent: it is recorded as `failed`
+    /// (error.kind abandoned), its reservation released, its event
+    /// published. It will never be sent. A refund that may have been paid
+    /// (in doubt) is refused: resolve it first.
     Abandon {
         /// The refund.
         refund_id: String,
@@ -186,14 +189,23 @@ pub(crate) enum RefundsCommand {
     },
 }
 
+/// The worker's API: `--worker-url` (or `REFUND_WORKER_URL`) when given,
+/// else the `http.addr` of the same configuration the worker reads.
+fn worker_api(tools: &ToolSettings, worker_url: Option<&str>) -> ops::WorkerApi {
+    let url = worker_url
+        .map(str::to_string)
+        .unwrap_or_else(|| tools.worker_url());
+    ops::WorkerApi::new(&url).with_token(tools.http.operator_token.clone())
+}
+
 pub(crate) async fn dlq(
     config: Option<PathBuf>,
-    worker_url: &str,
+    worker_url: Option<&str>,
     command: DlqCommand,
 ) -> anyhow::Result<()> {
     let tools = Settings::load_tools(config.as_deref())?;
+    let api = worker_api(&tools, worker_url);
     let amqp = tools.amqp;
-    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
     match command {
         DlqCommand::List { filter, json } => {
             ops::dlq_list(&amqp, &filter.into_filter(), json).await?
@@ -205,7 +217,9 @@ pub(crate) async fn dlq(
             dry_run,
             quiet,
         } => {
-            ops::dlq_replay(&amqp, &api, &filter.into_filter(), limit, dry_run, quiet).await?;
+            let max_age = tools.retention.tombstones;
+            let filter = filter.into_filter();
+            ops::dlq_replay(&amqp, &api, &filter, limit, dry_run, quiet, max_age).await?;
         }
         DlqCommand::Edit {
             refund_id,
@@ -241,11 +255,11 @@ pub(crate) async fn dlq(
 
 pub(crate) async fn refunds(
     config: Option<PathBuf>,
-    worker_url: &str,
+    worker_url: Option<&str>,
     command: RefundsCommand,
 ) -> anyhow::Result<()> {
     let tools = Settings::load_tools(config.as_deref())?;
-    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
+    let api = worker_api(&tools, worker_url);
     match command {
         RefundsCommand::Show { refund_id } => ops::refunds_show(&api, &refund_id).await?,
         RefundsCommand::List {
@@ -292,13 +306,13 @@ pub(crate) async fn refunds(
 /// `refund-worker report`.
 pub(crate) async fn report(
     config: Option<PathBuf>,
-    worker_url: &str,
+    worker_url: Option<&str>,
     from: &str,
     to: &str,
     format: &str,
 ) -> anyhow::Result<()> {
     let tools = Settings::load_tools(config.as_deref())?;
-    let api = ops::WorkerApi::new(worker_url).with_token(tools.http.operator_token);
+    let api = worker_api(&tools, worker_url);
     ops::report(&api, from, to, format).await?;
     Ok(())
 }

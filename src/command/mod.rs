@@ -371,6 +371,16 @@ impl Refused {
 }
 
 impl Echo {
+    /// The `refund_id` (when it is a valid one) and the echo fields of a
+    /// body that is not read as a command (too large, the wrong content
+    /// type): read leniently, for a rejection that names the refund.
+    pub fn of_body(body: &[u8]) -> Option<(String, Echo)> {
+        let object: Map<String, Value> = serde_json::from_slice(body).ok()?;
+        let refund_id = object.get("refund_id")?.as_str()?;
+        check_refund_id(refund_id).ok()?;
+        Some((refund_id.to_string(), Echo::from_object(&object)))
+    }
+
     fn from_object(object: &Map<String, Value>) -> Self {
         let string = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_string);
         Echo {

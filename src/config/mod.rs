@@ -79,13 +79,30 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// What the operator commands (`dlq`, `refunds`) read.
+/// What the operator commands (`dlq`, `refunds`, `report`) read: the same
+/// layers as the worker, so they find its broker and its API without being
+/// told twice.
 #[derive(Debug, Clone)]
 pub struct ToolSettings {
     /// Broker.
     pub amqp: AmqpSettings,
     /// The worker's listener and operator token.
     pub http: HttpSettings,
+    /// Retention (a replay must not outlive the tombstones).
+    pub retention: Retention,
+}
+
+impl ToolSettings {
+    /// The worker's operator API: `http.addr`, reached on loopback when it
+    /// listens on every address.
+    pub fn worker_url(&self) -> String {
+        let addr = self
+            .http
+            .addr
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:");
+        format!("http://{addr}")
+    }
 }
 
 /// All settings of one worker process.
@@ -465,9 +482,11 @@ impl Settings {
         let loaded = (|| {
             let config = layers.builder().build()?;
             layers.refuse_unknown(&config)?;
+            let store: StoreSettings = config.get("store")?;
             Ok::<_, ConfigError>(ToolSettings {
                 amqp: config.get("amqp")?,
                 http: config.get("http")?,
+                retention: store.retention(),
             })
         })();
         loaded.map_err(|e| layers.locate(e))

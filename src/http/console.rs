@@ -30,6 +30,9 @@ use std::fmt::Write as _;
 
 const COOKIE: &str = "rw_operator";
 
+/// Dead letters listed on the page (the rest are counted).
+const DEAD_LETTERS_SHOWN: usize = 50;
+
 /// The console's routes.
 pub(super) fn routes(state: AppState) -> Router<AppState> {
     let guarded = Router::new()
@@ -220,13 +223,20 @@ async fn page(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Html
             esc(event.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")),
         );
     }
-    // Dead letters.
+    // Dead letters: the first page only (browsing takes the messages
+    // unacked until the page is built; the rest of the queue is left alone).
     body.push_str("<h2>Dead letters</h2>");
-    match Dlq::open(&worker.settings().amqp).await {
+    match Dlq::open_first(&worker.settings().amqp, DEAD_LETTERS_SHOWN).await {
         Ok(dlq) => {
             if dlq.messages().is_empty() {
                 body.push_str("<p>None.</p>");
             } else {
+                let _ = write!(
+                    body,
+                    "<p id=\"dead-count\">{} of {} shown</p>",
+                    dlq.messages().len(),
+                    dlq.total()
+                );
                 body.push_str("<table><tr><th>refund</th><th>reason</th><th>error</th><th>attempts</th><th>actions</th></tr>");
                 for m in dlq.messages() {
                     let id = esc(m.refund_id.as_deref().unwrap_or("-"));
@@ -387,17 +397,17 @@ async fn replay_work(state: AppState, id: String) -> Result<String, String> {
             ..Default::default()
         };
         let store = state.worker.store().clone();
+        let max_age = state.worker.settings().store.retention().tombstones;
         let report = dlq
             .replay(
                 &filter,
                 None,
                 false,
+                max_age,
                 async |rid: &str| {
                     // Unknown or in doubt: never replay on a guess.
                     match store.lookup(rid).await {
-                        Ok(Some(crate::store::Known::Record(r))) => {
-                            matches!(r.state, RefundState::InDoubt { .. })
-                        }
+                        Ok(Some(crate::store::Known::Record(r))) => r.may_have_been_paid_unseen(),
                         Ok(Some(crate::store::Known::Tombstone(_))) => false,
                         _ => true,
                     }
@@ -407,8 +417,21 @@ async fn replay_work(state: AppState, id: String) -> Result<String, String> {
             .await;
         dlq.close().await;
         let report = report.map_err(|e| e.to_string())?;
+        tracing::info!(
+            refund_id = id.as_str(),
+            replayed = report.done,
+            "console: replay"
+        );
+        if !report.skipped_too_old.is_empty() {
+            return Err(format!(
+                "{id} first failed longer ago than store.tombstone_retention: its record may be \
+                 gone, so a replay could pay it again; check with the provider instead"
+            ));
+        }
         match (report.done, report.skipped_in_doubt.is_empty()) {
-            (0, false) => Err(format!("{id} is in doubt: resolve it first")),
+            (0, false) => Err(format!(
+                "{id} is in doubt (it may have been paid): resolve it first"
+            )),
             (0, true) => Err(format!(
                 "no dead letter for {id} (replayed or edited already?)"
             )),
@@ -459,6 +482,7 @@ async fn edit_work(state: AppState, id: String, f: EditForm) -> Result<String, S
                 .map(|_| ())
                 .map_err(|e| crate::ops::OpsError::Refused(e.to_string()))
         },
+        |diff: &str| tracing::info!(refund_id = id.as_str(), by = decision.by.as_str(), %diff, "console: dead letter edited"),
     )
     .await
     .map(|diff| format!("{id} corrected and replayed: {}", diff.trim()))

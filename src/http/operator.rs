@@ -9,8 +9,10 @@
 //! * `POST /refunds/{id}/resolve`: settle an in-doubt refund
 //!   (`{"executed": "<txn>", "performed": "refund"}` or
 //!   `{"not_executed": true}`, with `by` and `reason`).
-//! * `POST /refunds/{id}/abandon`: give up a not-sent or in-doubt refund
-//!   (`failed`, `error.kind = abandoned`; `by`, `reason`).
+//! * `POST /refunds/{id}/abandon`: give up a refund that will not be sent
+//!   (`failed`, `error.kind = abandoned`; `by`, `reason`, and `command`: the
+//!   body of its message, for a refund the store does not know); a decided
+//!   refund's event is published again (see `worker/abandon.rs`).
 //! * `POST /refunds/{id}/release`: release an over-refund reservation that
 //!   nothing will settle (`by`, `reason`).
 //! * `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report
@@ -18,8 +20,8 @@
 
 use super::{error, AppState};
 use crate::secret::constant_time_eq;
-use crate::store::Known;
-use crate::worker::{Decision, Resolution, ResolveError};
+use crate::store::{Known, Tombstone};
+use crate::worker::{Abandoned, Decision, Resolution, ResolveError};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -81,19 +83,33 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
 async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.worker.store().lookup(&id).await {
         Ok(Some(Known::Record(record))) => Json(record).into_response(),
-        // A pruned refund: what is left of it, in the record's shape.
-        Ok(Some(Known::Tombstone(t))) => Json(serde_json::json!({
-            "refund_id": id,
-            "payload_hash": t.payload_hash,
-            "state": { "state": "tombstone", "status": t.status, "event_id": t.event_id,
-                       "performed": t.performed, "provider_transaction_id": t.provider_transaction_id },
-            "attempts": t.attempts,
-            "updated_at": t.pruned_at,
-        }))
-        .into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no refund {id}")),
+        Ok(Some(Known::Tombstone(t))) => Json(tombstone_view(&id, &t)).into_response(),
+        Ok(None) => no_such_refund(&id),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A pruned refund: what is left of it, in the record's shape.
+fn tombstone_view(id: &str, t: &Tombstone) -> serde_json::Value {
+    serde_json::json!({
+        "refund_id": id,
+        "payload_hash": t.payload_hash,
+        "state": { "state": "tombstone", "status": t.status, "event_id": t.event_id,
+                   "performed": t.performed, "provider_transaction_id": t.provider_transaction_id },
+        "attempts": t.attempts,
+        "updated_at": t.pruned_at,
+    })
+}
+
+/// 404 for a refund the store does not know, told apart (by
+/// `"not_found": "refund"`) from a 404 for a path this listener does not
+/// serve: a client must never read a wrong address as "no record".
+fn no_such_refund(id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": format!("no refund {id}"), "not_found": "refund" })),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -112,7 +128,7 @@ async fn list_refunds(State(state): State<AppState>, Query(q): Query<ListQuery>)
 
 fn decision_error(e: ResolveError) -> Response {
     let status = match &e {
-        ResolveError::NotFound(_) => StatusCode::NOT_FOUND,
+        ResolveError::NotFound(id) => return no_such_refund(id),
         ResolveError::WrongState { .. } => StatusCode::CONFLICT,
         ResolveError::Invalid(_) => StatusCode::BAD_REQUEST,
         ResolveError::Publish(_) => StatusCode::BAD_GATEWAY,
@@ -121,13 +137,32 @@ fn decision_error(e: ResolveError) -> Response {
     error(status, e.to_string())
 }
 
+#[derive(Deserialize)]
+struct Abandonment {
+    by: String,
+    reason: String,
+    /// The body of the refund's message (for a refund with no record).
+    #[serde(default)]
+    command: Option<serde_json::Value>,
+}
+
 async fn abandon_refund(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Json(decision): Json<Decision>,
+    Json(a): Json<Abandonment>,
 ) -> Response {
-    match state.worker.abandon(&id, decision).await {
-        Ok(record) => Json(record).into_response(),
+    let decision = Decision {
+        by: a.by,
+        reason: a.reason,
+    };
+    match state.worker.abandon(&id, decision, a.command).await {
+        Ok(Abandoned::Recorded(record)) => Json(record).into_response(),
+        Ok(Abandoned::Decided(t)) => Json(tombstone_view(&id, &t)).into_response(),
+        Ok(Abandoned::Rejected(reason)) => Json(serde_json::json!({
+            "refund_id": id,
+            "state": { "state": "rejected", "reason": reason },
+        }))
+        .into_response(),
         Err(e) => decision_error(e),
     }
 }

@@ -31,9 +31,15 @@ impl CreditGuard {
         }
     }
 
-    /// Whether a repeated request is deduplicated by the gateway.
+    /// Whether a new request is sent for deduplication by the gateway
+    /// (`mayBeDuplicate` with a `requestId`).
     pub fn dedupes(&self) -> bool {
         self.account.dedupe_requests
+    }
+
+    /// The terminal requests go to (the gateway deduplicates per terminal).
+    pub fn terminal(&self) -> &str {
+        &self.account.terminal_number
     }
 
     /// Checks lookups, installments and amounts before any call.
@@ -41,13 +47,16 @@ impl CreditGuard {
         wire::request_for(command, &self.account.terminal_number, self.dedupes()).map(|_| ())
     }
 
-    /// Sends the command once.
+    /// Sends the command once; `dedupe` as the attempt's record says (a
+    /// repeat carries what the first request carried, whatever
+    /// `dedupe_requests` says today).
     pub async fn execute(
         &self,
         command: &RefundCommand,
+        dedupe: bool,
         traceparent: Option<&str>,
     ) -> ProviderOutcome {
-        let xml = match wire::request_for(command, &self.account.terminal_number, self.dedupes())
+        let xml = match wire::request_for(command, &self.account.terminal_number, dedupe)
             .and_then(|doc| wire::to_xml(&doc))
         {
             Ok(xml) => xml,

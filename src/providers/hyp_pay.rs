@@ -57,6 +57,11 @@ impl HypPay {
         post_form(request, |body| wire::classify(command.operation, body)).await
     }
 
+    /// The terminal (`Masof`).
+    pub fn terminal(&self) -> &str {
+        &self.account.masof
+    }
+
     /// The operation's action name, for logs.
     pub fn action(operation: Operation) -> &'static str {
         match operation {

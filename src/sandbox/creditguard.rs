@@ -143,6 +143,30 @@ fn decide(state: &mut SandboxState, form: &RelayForm) -> Answer {
             "Some parameters are missing for the required transaction.",
         ));
     };
+    let lookup = [
+        &deal.tran_id,
+        &deal.cg_uid,
+        &deal.user,
+        &deal.auth_number,
+        &deal.card_id,
+    ]
+    .into_iter()
+    .flatten()
+    .next()
+    .cloned()
+    .or_else(|| {
+        deal.ashrait_emv_data
+            .as_ref()
+            .and_then(|e| e.org_uid.clone())
+    })
+    .unwrap_or_default();
+    // An outage answers before the gateway looks at the request.
+    let fault = state.take_fault(&lookup);
+    match fault.as_ref().map(|f| &f.fault) {
+        Some(FaultKind::Unavailable) => return Answer::Status(StatusCode::SERVICE_UNAVAILABLE),
+        Some(FaultKind::HtmlBefore) => return Answer::Html,
+        _ => {}
+    }
     // mayBeDuplicate: an identical earlier request returns its answer.
     let dedupe_key = (request.may_be_duplicate.as_deref() == Some("1"))
         .then(|| request.request_id.clone())
@@ -164,29 +188,6 @@ fn decide(state: &mut SandboxState, form: &RelayForm) -> Answer {
                 ))
             };
         }
-    }
-    let lookup = [
-        &deal.tran_id,
-        &deal.cg_uid,
-        &deal.user,
-        &deal.auth_number,
-        &deal.card_id,
-    ]
-    .into_iter()
-    .flatten()
-    .next()
-    .cloned()
-    .or_else(|| {
-        deal.ashrait_emv_data
-            .as_ref()
-            .and_then(|e| e.org_uid.clone())
-    })
-    .unwrap_or_default();
-    let fault = state.take_fault(&lookup);
-    match fault.as_ref().map(|f| &f.fault) {
-        Some(FaultKind::Unavailable) => return Answer::Status(StatusCode::SERVICE_UNAVAILABLE),
-        Some(FaultKind::HtmlBefore) => return Answer::Html,
-        _ => {}
     }
     let (executed, answer) = execute(state, &command, &deal, request.request_id.as_deref());
     if let Some(id) = dedupe_key {

@@ -185,6 +185,17 @@ impl Store {
         }
     }
 
+    /// Whether `record` (found `Attempting`) is being attempted right now by
+    /// another live replica (PostgreSQL: its owner's lease is alive). An
+    /// attempt of this process found under the refund's lock, or any
+    /// attempt found by the single sled process, was cut off.
+    pub async fn attempt_in_progress(&self, record: &RefundRecord) -> Result<bool, StoreError> {
+        let _ = record;
+        match self {
+            Store::Sled(_) => Ok(false),
+        }
+    }
+
     /// Writes a new `Attempting` state as this process's attempt, before
     /// the request leaves (PostgreSQL: only while this replica's lease is
     /// alive, and only if nobody wrote the record since it was read).
@@ -224,6 +235,16 @@ impl Store {
     ) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.commit(record, change),
+        }
+    }
+
+    /// Records a refund the store did not know in its final state (an
+    /// operator abandoning a dead-lettered refund that was never claimed),
+    /// with its outbox mark and without a reservation; `Claim::Exists` when
+    /// a record appeared meanwhile.
+    pub async fn insert_settled(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
+        match self {
+            Store::Sled(s) => s.insert_settled(record),
         }
     }
 

@@ -172,6 +172,38 @@ impl RefundRecord {
         }
     }
 
+    /// Notes that the latest attempt's outcome is unknown (its answer was
+    /// lost, or the worker stopped during it). An attempt without a record
+    /// of what it carried (written by an older version) counts as one that
+    /// carried no deduplication id.
+    pub fn note_uncertain(&mut self) {
+        let trace = self.attempt.clone().unwrap_or_else(|| AttemptTrace {
+            number: self.attempts,
+            kind: "unknown".into(),
+            request_id: None,
+            terminal: None,
+            at: self.updated_at.clone(),
+        });
+        if !self.uncertain.iter().any(|u| u.number == trace.number) {
+            self.uncertain.push(trace);
+        }
+    }
+
+    /// The provider answered the latest attempt: earlier attempts that
+    /// carried the same deduplication id to the same terminal are answered
+    /// with it (the provider returns the first answer to a repeat).
+    pub fn answered(&mut self) {
+        let Some(last) = &self.attempt else {
+            return;
+        };
+        if last.request_id.is_none() {
+            return;
+        }
+        self.uncertain.retain(|u| {
+            !(u.request_id == last.request_id && u.terminal == last.terminal && u.kind == last.kind)
+        });
+    }
+
     /// Whether an attempt may have reached the provider without an answer
     /// that settles it (the refund is in doubt, or a request with an
     /// unknown outcome was followed by one that was not sent).

@@ -48,6 +48,20 @@ impl Worker {
                 why: "only a refund with nothing sent can be edited".into(),
             });
         }
+        if let Some(prior) = record.uncertain.first() {
+            // Its replay would repeat that request's deduplication id with
+            // another body: a wrong answer recorded, or a second payment.
+            return Err(ResolveError::WrongState {
+                refund_id: refund_id.to_string(),
+                state: record.status().to_string(),
+                why: format!(
+                    "attempt {} may have reached the provider: check with the provider and \
+                     resolve it first (refund-worker refunds resolve {refund_id} --executed TXN | \
+                     --not-executed), never edit it",
+                    prior.number
+                ),
+            });
+        }
         if record.command.original_amount.is_some() || corrected.original_amount.is_some() {
             return Err(ResolveError::Invalid(
                 "a refund with original_amount holds an over-refund reservation for its \

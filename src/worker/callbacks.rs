@@ -119,6 +119,8 @@ impl Worker {
             }
             None => {}
         }
+        // The provider's own answer: no attempt is in doubt any more.
+        record.uncertain.clear();
         record.transition(
             RefundState::Finished {
                 event: event.clone(),
@@ -132,7 +134,10 @@ impl Worker {
         };
         self.store.commit(&mut record, change).await?;
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(&record.command.provider, status.as_str());
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            status.as_str(),
+        );
         info!(
             refund_id,
             provider = record.command.provider.as_str(),
@@ -181,7 +186,20 @@ impl Worker {
             record.state.clone(),
             format!("CONTRADICTS the recorded {}: {note}", event.status.as_str()),
         );
-        self.store.annotate(&mut record).await?;
+        if status == Status::Succeeded {
+            // The provider says the money moved: whatever was recorded, its
+            // amount counts against the original charge again, so that the
+            // over-refund guard does not let it be refunded a second time.
+            self.store
+                .commit(&mut record, LedgerChange::Restore(Reservation::Succeeded))
+                .await?;
+            // Its recorded event stands and was published already.
+            self.store
+                .mark_published(&record.refund_id, &event.event_id)
+                .await?;
+        } else {
+            self.store.annotate(&mut record).await?;
+        }
         self.store.sync_refund(&record.refund_id).await?;
         Ok(CallbackOutcome::Contradicted)
     }

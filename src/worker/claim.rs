@@ -1,22 +1,22 @@
 //! Stage 2, claim: under the per-refund lock, the store decides first what
 //! this delivery is. A refund seen before (a record, or the tombstone of a
 //! pruned one) takes the path its record names whatever today's
-//! configuration says, so a renamed account or a changed rule never turns a
-//! decided refund into `rejected`. Only a refund never seen is checked
-//! against today's configuration (known account, provider rules), and is
-//! then claimed (`Attempting`, with its over-refund reservation, in one
-//! write, synced) before any provider call.
+//! configuration says (`known.rs`), so a renamed account or a changed rule
+//! never turns a decided refund into `rejected`. Only a refund never seen is
+//! checked against today's configuration (known account, provider rules),
+//! and is then claimed (`Attempting`, with its over-refund reservation, in
+//! one write, synced) before any provider call.
 
 use super::admit::Admitted;
 use super::park::Unsent;
 use super::{PipelineError, Worker};
-use crate::broker::publisher::{DeadLetter, Publisher};
+use crate::broker::publisher::Publisher;
 use crate::command::RefundCommand;
 use crate::event::now_rfc3339;
 use crate::providers::Provider;
-use crate::store::{Claim, Known, RefundRecord, RefundState, StoreError};
+use crate::store::{AttemptTrace, Claim, Known, RefundRecord, RefundState, StoreError};
 use lapin::message::Delivery;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// What the attempt stage needs: the provider, the record (`Attempting`,
 /// durable) and the pass through the account's gate.
@@ -114,6 +114,7 @@ impl Worker {
             return Ok(None);
         };
         let mut fresh = RefundRecord::attempting(command);
+        fresh.attempt = Some(provider.trace(&command.refund_id, 1));
         match self.store.claim(&mut fresh).await? {
             Claim::Claimed => {
                 self.sync_before_call(&mut fresh).await?;
@@ -137,105 +138,49 @@ impl Worker {
         }
     }
 
-    /// A refund seen before, same command: its record decides.
-    async fn continue_known<'p>(
-        &'p self,
-        publisher: &Publisher,
-        delivery: &Delivery,
-        existing: RefundRecord,
-    ) -> Result<Option<Claimed<'p>>, PipelineError> {
-        let refund = Unsent {
-            refund_id: &existing.refund_id,
-            provider: &existing.command.provider,
-            attempts: existing.attempts,
-        };
-        match existing.state.clone() {
-            RefundState::Finished { event } => {
-                info!(
-                    status = event.status.as_str(),
-                    "duplicate: re-publishing the recorded outcome"
-                );
-                self.store.sync_refund(&existing.refund_id).await?;
-                self.publish_recorded(publisher, &event).await?;
-                Ok(None)
-            }
-            RefundState::Pending { event, .. } => {
-                info!("duplicate of a pending refund: re-publishing `pending`, not executing");
-                self.store.sync_refund(&existing.refund_id).await?;
-                self.publish_recorded(publisher, &event).await?;
-                Ok(None)
-            }
-            RefundState::InDoubt { event } => {
-                warn!("refund is in doubt: not executing it again until an operator resolves it");
-                self.store.sync_refund(&existing.refund_id).await?;
-                self.publish_recorded(publisher, &event).await?;
-                self.park_in_doubt(publisher, delivery, &event).await?;
-                Ok(None)
-            }
-            RefundState::NotSent { .. } => {
-                let Some(provider) = self.providers.get(&existing.command.provider) else {
-                    // Nothing was sent; the account is gone from the
-                    // configuration. Not a rejection (the refund is valid
-                    // and may have been announced): it waits for the fix.
-                    let reason = format!(
-                        "provider account {:?} is no longer configured; nothing was sent. \
-                         Restore the account, then replay",
-                        existing.command.provider
-                    );
-                    warn!(%reason, "cannot attempt a refund of a removed account");
-                    let now = now_rfc3339();
-                    let info = DeadLetter {
-                        kind: "provider_misconfigured".into(),
-                        error: reason,
-                        attempts: existing.attempts,
-                        first_failure_at: now.clone(),
-                        last_failure_at: now,
-                        refund_id: Some(existing.refund_id.clone()),
-                        provider: Some(existing.command.provider.clone()),
-                        delayed_rounds: None,
-                        throttled: None,
-                    };
-                    self.dead_letter(publisher, delivery, &info).await?;
-                    return Ok(None);
-                };
-                let Some(admitted) = self.admit(publisher, delivery, refund).await? else {
-                    return Ok(None);
-                };
-                let mut record = existing.clone();
-                self.begin_attempt(&mut record).await?;
-                Ok(Some((provider, record, admitted)))
-            }
-            RefundState::Attempting { since } => {
-                // We hold the lock, so no task of this process is
-                // attempting it: a previous process died mid-call.
-                let mut record = existing.clone();
-                let reason = format!(
-                    "a previous worker process stopped during attempt {} (started {since}); \
-                     the provider may have executed it",
-                    record.attempts
-                );
-                match self.providers.get(&record.command.provider) {
-                    Some(provider) if provider.repeats_are_safe() => {
-                        let Some(admitted) = self.admit(publisher, delivery, refund).await? else {
-                            return Ok(None);
-                        };
-                        warn!(%reason, "repeating the request: the provider deduplicates it");
-                        self.begin_attempt(&mut record).await?;
-                        Ok(Some((provider, record, admitted)))
-                    }
-                    _ => {
-                        self.in_doubt(publisher, delivery, record, reason).await?;
-                        Ok(None)
-                    }
-                }
-            }
+    /// What the next attempt of `record` carries: what an earlier attempt
+    /// that may have been executed carried (a repeat of that request), or,
+    /// when none may have been, what the account sends today. `Err` says
+    /// why no attempt may be sent (an earlier one may have been executed
+    /// and this account cannot repeat it safely).
+    pub(super) fn next_trace(
+        record: &RefundRecord,
+        provider: &Provider,
+    ) -> Result<AttemptTrace, String> {
+        let number = record.attempts + 1;
+        match record.uncertain.last() {
+            None => Ok(provider.trace(&record.refund_id, number)),
+            Some(prior) if provider.repeat_is_safe(prior) => Ok(AttemptTrace {
+                number,
+                at: now_rfc3339(),
+                ..prior.clone()
+            }),
+            Some(prior) => Err(format!(
+                "attempt {} went to a {} account{} and may have been executed; \
+                 account {:?} cannot repeat it safely ({})",
+                prior.number,
+                prior.kind,
+                prior
+                    .request_id
+                    .as_ref()
+                    .map(|_| " with a deduplication id")
+                    .unwrap_or(" without a deduplication id"),
+                record.command.provider,
+                provider.kind()
+            )),
         }
     }
 
-    /// Records a new attempt durably before the request leaves.
-    pub(super) async fn begin_attempt(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
-        record.attempts += 1;
+    /// Records a new attempt carrying `trace` durably before the request
+    /// leaves, as this process's attempt.
+    pub(super) async fn begin_attempt(
+        &self,
+        record: &mut RefundRecord,
+        trace: AttemptTrace,
+    ) -> Result<(), StoreError> {
+        record.attempts = trace.number;
         let note = format!("attempt {} started", record.attempts);
+        record.attempt = Some(trace);
         record.transition(
             RefundState::Attempting {
                 since: now_rfc3339(),
@@ -249,18 +194,29 @@ impl Worker {
     /// Makes `Attempting` durable. If that fails the request is not sent,
     /// and the record says so (`NotSent`), so that a later look at it does
     /// not take the failed sync for an attempt whose outcome is unknown.
-    async fn sync_before_call(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
+    pub(super) async fn sync_before_call(
+        &self,
+        record: &mut RefundRecord,
+    ) -> Result<(), StoreError> {
         if let Err(e) = self.store.sync_refund(&record.refund_id).await {
             let reason = format!("the attempt could not be made durable ({e}); nothing was sent");
-            record.transition(
-                RefundState::NotSent {
-                    reason: reason.clone(),
-                },
-                reason,
-            );
-            let _ = self.store.put(record).await;
+            self.not_sent_after_all(record, reason).await;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// An `Attempting` record whose request did not leave after all: it
+    /// says so (best effort; a record left `Attempting` is taken as an
+    /// attempt with an unknown outcome, which is never wrong, only
+    /// cautious).
+    pub(super) async fn not_sent_after_all(&self, record: &mut RefundRecord, reason: String) {
+        record.transition(
+            RefundState::NotSent {
+                reason: reason.clone(),
+            },
+            reason,
+        );
+        let _ = self.store.put(record).await;
     }
 }

@@ -50,7 +50,10 @@ impl Worker {
         // window (`app.rs`) bounds the refunds still finishing.
         inbound.ack.release_slot();
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(&record.command.provider, event.status.as_str());
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            event.status.as_str(),
+        );
         info!(
             provider = record.command.provider.as_str(),
             status = event.status.as_str(),
@@ -78,7 +81,7 @@ impl Worker {
         );
         self.store.put(record).await?;
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(&record.command.provider, "pending");
+        metrics::outcome(self.providers.label(&record.command.provider), "pending");
         info!(
             status = "pending",
             attempts = record.attempts,
@@ -141,7 +144,10 @@ impl Worker {
             attempts = 0,
             "refund outcome"
         );
-        metrics::outcome(echo.provider.as_deref().unwrap_or(""), "rejected");
+        metrics::outcome(
+            self.providers.label(echo.provider.as_deref().unwrap_or("")),
+            "rejected",
+        );
         publisher.publish_event(&event).await?;
         Ok(())
     }
@@ -162,7 +168,7 @@ impl Worker {
 
     /// On the session's channel when there is one, else on a connection of
     /// its own.
-    async fn publish_side(&self, event: &OutcomeEvent) -> Result<(), String> {
+    pub(super) async fn publish_side(&self, event: &OutcomeEvent) -> Result<(), String> {
         let current = self.side.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(publisher) = current {
             if publisher.publish_event(event).await.is_ok() {

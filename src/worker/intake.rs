@@ -3,13 +3,18 @@
 //! that cannot be tied to a refund is dead-lettered as poison, one that names
 //! a refund but is not a valid command is answered with `rejected`.
 //!
+//! A body too large or of the wrong content type is not read as a command,
+//! but when its `refund_id` can be read it is still a refund: its dead
+//! letter names it (so a purge treats it as one), and a refund the store
+//! does not know is answered with `rejected`, so its sender hears of it.
+//!
 //! Nothing here depends on configuration beyond `amqp.max_body_bytes`, so a
 //! refund that was seen before is never turned away here because an account
 //! was renamed since (the claim stage decides that from the record).
 
 use super::{PipelineError, Worker};
 use crate::broker::publisher::Publisher;
-use crate::command::{ParseError, RefundCommand};
+use crate::command::{Echo, ParseError, RefundCommand};
 use lapin::message::Delivery;
 
 impl Worker {
@@ -27,7 +32,7 @@ impl Worker {
                 delivery.data.len(),
                 amqp.max_body_bytes
             );
-            self.poison(publisher, delivery, "oversize", message, None)
+            self.unread(publisher, delivery, "oversize", message)
                 .await?;
             return Ok(None);
         }
@@ -39,7 +44,7 @@ impl Worker {
                 .starts_with("application/json")
             {
                 let message = format!("content_type {ct:?} is not application/json");
-                self.poison(publisher, delivery, "wrong_content_type", message, None)
+                self.unread(publisher, delivery, "wrong_content_type", message)
                     .await?;
                 return Ok(None);
             }
@@ -67,5 +72,30 @@ impl Worker {
                 Ok(None)
             }
         }
+    }
+
+    /// A body that is not read as a command (`kind`: too large, wrong
+    /// content type). When its `refund_id` can be read, a refund the store
+    /// does not know gets `rejected` (a known one is its record's: a
+    /// rejection would contradict what was recorded), and its dead letter
+    /// names the refund.
+    async fn unread(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        kind: &'static str,
+        message: String,
+    ) -> Result<(), PipelineError> {
+        let Some((refund_id, echo)) = Echo::of_body(&delivery.data) else {
+            return self.poison(publisher, delivery, kind, message, None).await;
+        };
+        tracing::Span::current().record("refund_id", refund_id.as_str());
+        if self.store.lookup(&refund_id).await?.is_none() {
+            let rejection = format!("{message}; the command was not read");
+            self.reject(publisher, &refund_id, &echo, "invalid_command", rejection)
+                .await?;
+        }
+        self.poison(publisher, delivery, kind, message, Some(refund_id))
+            .await
     }
 }

@@ -28,6 +28,7 @@
 //! try, and its redelivery publishes the recorded event.
 //! `docs/architecture.md` has the whole picture.
 
+mod abandon;
 mod admit;
 mod amend;
 mod attempt;
@@ -35,10 +36,12 @@ mod callbacks;
 mod claim;
 mod finish;
 mod intake;
+mod known;
 mod outbox;
 mod park;
 mod resolve;
 
+pub use abandon::Abandoned;
 pub use callbacks::{CallbackError, CallbackOutcome};
 pub use outbox::SweepReport;
 pub use resolve::{Decision, Resolution, ResolveError};
@@ -69,6 +72,14 @@ pub enum PipelineError {
     /// The broker did not confirm an event or dead letter.
     #[error("publishing: {0}")]
     Publish(#[from] PublishError),
+    /// Another replica is attempting the refund and no delay queue is
+    /// configured to wait in.
+    #[error("another replica is attempting this refund; putting the copy back")]
+    Busy,
+    /// Events cannot be published now (the session's channel is closed):
+    /// no provider is called until they can.
+    #[error("events cannot be published now; no provider call until they can")]
+    EventsDown,
 }
 
 /// How long a delivery that failed to finish waits before it is put back,

@@ -8,6 +8,7 @@
 //! same `event_id`, which consumers deduplicate.
 
 use super::Worker;
+use crate::broker::publisher::Publisher;
 use crate::metrics;
 use crate::store::{OutboxEntry, StoreError};
 use std::time::Duration;
@@ -65,6 +66,38 @@ impl Worker {
         }
         metrics::outbox_republished(report.republished);
         Ok(report)
+    }
+
+    /// Publishes the oldest unconfirmed event through `publisher` (a new
+    /// session's, before it takes refunds): `Err` when it cannot be
+    /// published, so that the session does not start paying refunds whose
+    /// events cannot go out.
+    pub async fn publish_oldest_unconfirmed(&self, publisher: &Publisher) -> Result<(), String> {
+        let oldest = self
+            .store
+            .unconfirmed(Duration::ZERO, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(entry) = oldest.first() else {
+            return Ok(());
+        };
+        let _guard = self.locks.lock(&entry.refund_id).await;
+        let record = match self.store.get(&entry.refund_id).await {
+            Ok(record) => record,
+            // Unreadable: the sweep reports it; it says nothing about the
+            // broker.
+            Err(_) => return Ok(()),
+        };
+        let Some(event) = record.and_then(|r| r.state.event().cloned()) else {
+            return Ok(());
+        };
+        self.store
+            .sync_refund(&entry.refund_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.publish_recorded(publisher, &event)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn sweep_one(&self, entry: &OutboxEntry) -> Result<Swept, StoreError> {

@@ -50,7 +50,9 @@ impl Worker {
         delivery: &Delivery,
         refund: Unsent<'_>,
     ) -> Result<(), PipelineError> {
-        let parks = header_u32(delivery, HEADER_THROTTLED).unwrap_or(0) + 1;
+        let parks = header_u32(delivery, HEADER_THROTTLED)
+            .unwrap_or(0)
+            .saturating_add(1);
         let now = now_rfc3339();
         let mut info = DeadLetter {
             kind: "throttled".into(),
@@ -186,6 +188,7 @@ impl Worker {
         reason: String,
     ) -> Result<(), PipelineError> {
         error!(%reason, "outcome unknown: the refund is in doubt and will not be sent again");
+        record.note_uncertain();
         record.in_doubt_episodes += 1;
         let event = OutcomeEvent::new(
             &record.refund_id,
@@ -201,7 +204,7 @@ impl Worker {
             },
             format!("in doubt: {reason}"),
         );
-        metrics::outcome(&record.command.provider, "in_doubt");
+        metrics::outcome(self.providers.label(&record.command.provider), "in_doubt");
         self.store
             .commit(&mut record, LedgerChange::Mark(Reservation::InDoubt))
             .await?;
@@ -280,10 +283,10 @@ impl Worker {
         target: ParkTarget<'_>,
         info: &DeadLetter,
     ) -> Result<(), PipelineError> {
-        // A replayed message keeps the exchange and routing key it was first
-        // published with.
-        let exchange = header_str(delivery, crate::broker::HEADER_ORIGINAL_EXCHANGE)
-            .unwrap_or_else(|| delivery.exchange.to_string());
+        // A replay goes to the commands exchange whatever a header says (a
+        // producer could name any exchange there); the routing key it was
+        // first published with travels along.
+        let exchange = self.settings.amqp.commands_exchange.clone();
         let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string());
         if matches!(target, ParkTarget::DeadLetters) {

@@ -1,17 +1,17 @@
-//! Operator decisions over stored refunds, through the worker's HTTP API
-//! (the worker holds the store's lock): settling an in-doubt refund after
-//! checking with the provider, abandoning a refund that will not be sent
-//! (what `dlq purge --include-refunds` does), and releasing a reservation
-//! that nothing will ever settle. Every decision needs who and why; it is
-//! noted in the refund's history and logged. A decision that cannot be
-//! applied safely says why and changes nothing.
+//! Operator decisions over stored refunds, through the worker's HTTP API:
+//! settling a refund that may have been paid after checking with the
+//! provider (`resolve`, here), abandoning a refund that will not be sent
+//! and releasing a reservation that nothing will ever settle
+//! (`abandon.rs`). Every decision needs who and why; it is noted in the
+//! refund's history and logged. A decision that cannot be applied safely
+//! says why and changes nothing.
 
 use super::Worker;
 use crate::command::Operation;
 use crate::event::{OutcomeEvent, Status};
 use crate::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
-use crate::store::{Known, RefundRecord, RefundState, StoreError};
+use crate::store::{RefundRecord, RefundState, StoreError};
 use tracing::warn;
 
 /// How an operator settled an in-doubt refund after checking with the
@@ -71,7 +71,7 @@ pub enum ResolveError {
     Publish(String),
 }
 
-fn who(by: &str, reason: &str) -> Result<String, ResolveError> {
+pub(super) fn who(by: &str, reason: &str) -> Result<String, ResolveError> {
     if by.trim().is_empty() || reason.trim().is_empty() {
         return Err(ResolveError::Invalid(
             "who (by) and why (reason) are required".into(),
@@ -80,7 +80,7 @@ fn who(by: &str, reason: &str) -> Result<String, ResolveError> {
     Ok(format!("by {}: {}", by.trim(), reason.trim()))
 }
 
-fn wrong_state(record: &RefundRecord, why: &str) -> ResolveError {
+pub(super) fn wrong_state(record: &RefundRecord, why: &str) -> ResolveError {
     ResolveError::WrongState {
         refund_id: record.refund_id.clone(),
         state: record.status().to_string(),
@@ -89,9 +89,11 @@ fn wrong_state(record: &RefundRecord, why: &str) -> ResolveError {
 }
 
 impl Worker {
-    /// Settles an in-doubt refund. `executed` records and publishes the
-    /// final `succeeded` event; `not_executed` makes the refund eligible for
-    /// one new attempt, which a replay of its dead-lettered message starts.
+    /// Settles a refund that may have been paid unseen (in doubt, or not
+    /// sent after an attempt whose outcome is unknown). `executed` records
+    /// and publishes the final `succeeded` event; `not_executed` makes the
+    /// refund eligible for one new attempt, which a replay of its
+    /// dead-lettered message starts.
     pub async fn resolve(
         &self,
         refund_id: &str,
@@ -113,12 +115,16 @@ impl Worker {
             .get(refund_id)
             .await?
             .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
-        if !matches!(record.state, RefundState::InDoubt { .. }) {
+        if !record.may_have_been_paid_unseen() {
             return Err(wrong_state(
                 &record,
-                "only a refund in doubt can be resolved",
+                "only a refund that may have been paid unseen (in doubt, or not sent after an \
+                 attempt whose outcome is unknown) is resolved",
             ));
         }
+        // The operator checked with the provider: no attempt is in doubt
+        // any more.
+        record.uncertain.clear();
         let Some(txn) = executed else {
             let note = format!("resolved as not executed {who}; one new attempt allowed");
             record.transition(
@@ -171,129 +177,11 @@ impl Worker {
             .commit(&mut record, LedgerChange::Mark(Reservation::Succeeded))
             .await?;
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(&record.command.provider, "succeeded");
+        metrics::outcome(self.providers.label(&record.command.provider), "succeeded");
         warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
         self.publish_outside_delivery(&event)
             .await
             .map_err(ResolveError::Publish)?;
         Ok(record)
-    }
-
-    /// Gives a refund up for good: it will not be sent. Allowed for refunds
-    /// that are not sent or in doubt (an operator decided the doubt away);
-    /// records `failed` with `error.kind = abandoned`, releases its
-    /// reservation and publishes the event, so accounting is told. A
-    /// refund already decided is left as it is (`Ok` with its record).
-    pub async fn abandon(
-        &self,
-        refund_id: &str,
-        decision: Decision,
-    ) -> Result<RefundRecord, ResolveError> {
-        let who = who(&decision.by, &decision.reason)?;
-        let _guard = self.locks.lock(refund_id).await;
-        let mut record = self
-            .store
-            .get(refund_id)
-            .await?
-            .ok_or_else(|| ResolveError::NotFound(refund_id.to_string()))?;
-        match &record.state {
-            RefundState::NotSent { .. } | RefundState::InDoubt { .. } => {}
-            RefundState::Finished { .. } => return Ok(record),
-            RefundState::Pending { .. } => {
-                return Err(wrong_state(
-                    &record,
-                    "the provider accepted it and will answer; it cannot be abandoned",
-                ))
-            }
-            RefundState::Attempting { .. } => {
-                return Err(wrong_state(
-                    &record,
-                    "an attempt is under way or was cut off; let the worker decide it first",
-                ))
-            }
-        }
-        let was = record.state.name();
-        let event = OutcomeEvent::new(
-            refund_id,
-            Status::Failed,
-            &record.command.echo(),
-            record.attempts,
-        )
-        .with_error("abandoned", format!("abandoned while {was} {who}"));
-        record.transition(
-            RefundState::Finished {
-                event: event.clone(),
-            },
-            format!("abandoned while {was} {who}; its reservation is released"),
-        );
-        self.store
-            .commit(&mut record, LedgerChange::Release)
-            .await?;
-        self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(&record.command.provider, "failed");
-        warn!(refund_id, %who, was, "refund abandoned: it will not be sent");
-        self.publish_outside_delivery(&event)
-            .await
-            .map_err(ResolveError::Publish)?;
-        Ok(record)
-    }
-
-    /// Releases a refund's over-refund reservation that nothing else will
-    /// ever settle (for example one left by a version before reservations
-    /// and records were written together). Refused while the refund may
-    /// still be paid or was paid. Returns the amounts released.
-    pub async fn release(
-        &self,
-        refund_id: &str,
-        decision: Decision,
-    ) -> Result<Vec<u64>, ResolveError> {
-        let who = who(&decision.by, &decision.reason)?;
-        let _guard = self.locks.lock(refund_id).await;
-        let mut record = match self.store.lookup(refund_id).await? {
-            Some(Known::Record(record)) => Some(*record),
-            Some(Known::Tombstone(t)) if t.status == Status::Succeeded => {
-                return Err(ResolveError::WrongState {
-                    refund_id: refund_id.to_string(),
-                    state: "succeeded".into(),
-                    why: "it was paid: its reservation stands".into(),
-                })
-            }
-            Some(Known::Tombstone(_)) | None => None,
-        };
-        if let Some(record) = &record {
-            let allowed = match &record.state {
-                RefundState::Finished { event } => event.status != Status::Succeeded,
-                _ => false,
-            };
-            if !allowed {
-                return Err(wrong_state(
-                    record,
-                    "it may still be paid or was paid; resolve or abandon it instead",
-                ));
-            }
-        }
-        let released = match self.store.release(refund_id).await? {
-            Ok(released) => released,
-            Err(paid) => {
-                return Err(ResolveError::WrongState {
-                    refund_id: refund_id.to_string(),
-                    state: "succeeded".into(),
-                    why: format!(
-                        "its ledger entry of {} stands for a paid refund: it is never released",
-                        paid.amount
-                    ),
-                })
-            }
-        };
-        if let Some(record) = &mut record {
-            record.transition(
-                record.state.clone(),
-                format!("reservation of {released:?} released {who}"),
-            );
-            self.store.annotate(record).await?;
-        }
-        self.store.sync_refund(refund_id).await?;
-        warn!(refund_id, ?released, %who, "over-refund reservation released by an operator");
-        Ok(released)
     }
 }

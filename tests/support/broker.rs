@@ -37,6 +37,30 @@ impl RabbitNode {
         self.0.vhost().expect("vhost")
     }
 
+    /// Runs `rabbitmqctl` with `args` against the node; true when it
+    /// succeeded.
+    pub fn ctl(&self, args: &[&str]) -> bool {
+        self.0.ctl(args)
+    }
+
+    /// Sets guest's permissions on the vhost of `amqp_url` (configure,
+    /// write, read regular expressions).
+    pub fn set_permissions(&self, amqp_url: &str, configure: &str, write: &str, read: &str) {
+        let vhost = amqp_url.rsplit('/').next().expect("a vhost in the URL");
+        assert!(
+            self.0.ctl(&[
+                "set_permissions",
+                "-p",
+                vhost,
+                "guest",
+                configure,
+                write,
+                read
+            ]),
+            "set_permissions"
+        );
+    }
+
     /// Stops the broker application (connections drop), keeping the node.
     pub fn stop_app(&self) {
         assert!(self.0.ctl(&["stop_app"]), "stop_app");

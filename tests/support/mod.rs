@@ -415,6 +415,7 @@ impl TestApp {
                 filter,
                 limit,
                 dry_run,
+                self.settings.store.retention().tombstones,
                 async |id: &str| api.still_in_doubt(id).await,
                 |_| {},
             )

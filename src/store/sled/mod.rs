@@ -241,6 +241,29 @@ impl SledStore {
         Ok(claim)
     }
 
+    /// See [`super::Store::insert_settled`].
+    pub fn insert_settled(&self, record: &RefundRecord) -> Result<Claim, StoreError> {
+        let trees = self.trees()?;
+        let key = record.refund_id.as_bytes();
+        let bytes = self.encode_record(record);
+        let mark = record
+            .state
+            .event()
+            .map(|event| outbox_value(&event.event_id, super::unix_now()));
+        let claim = (&trees.refunds, &trees.outbox).transaction(|(refunds, unconfirmed)| {
+            if let Some(existing) = refunds.get(key)? {
+                let existing = decode_record(&record.refund_id, &existing).map_err(abort)?;
+                return Ok(Claim::Exists(Box::new(existing)));
+            }
+            refunds.insert(key, bytes.as_slice())?;
+            if let Some(value) = &mark {
+                unconfirmed.insert(key, value.as_bytes())?;
+            }
+            Ok(Claim::Claimed)
+        })?;
+        Ok(claim)
+    }
+
     /// Writes a record without an event, leaving its ledger entry and
     /// outbox mark as they are; not yet durable. The hot path's
     /// `Attempting` and `NotSent` writes take the short way: one insert.

@@ -65,7 +65,7 @@ fn by_result_code(code: &str, kind: &str, message: String) -> ProviderOutcome {
         };
     }
     match code {
-        "1" | "5" | "11" | "12" => ProviderOutcome::Declined {
+        "1" | "11" | "12" => ProviderOutcome::Declined {
             code: code.to_string(),
             message,
         },
@@ -73,8 +73,10 @@ fn by_result_code(code: &str, kind: &str, message: String) -> ProviderOutcome {
             code: code.to_string(),
             message,
         },
-        // 8 server error, 10 timeout: may have been executed. 100 "old
-        // successful" suggests an earlier execution: a person checks.
+        // 8 server error, 10 timeout: may have been executed. 5 "duplicate
+        // data": Paynet has no idempotency key, so it means an identical
+        // earlier request exists, which may have been executed. 100 "old
+        // successful" suggests an earlier execution. A person checks.
         _ => ProviderOutcome::Unknown {
             reason: format!("Paynet result_code {code} ({kind}): {message}"),
         },

@@ -101,6 +101,12 @@ fn classifies_the_documented_answers() {
         classify(400, &error("api_error", 100)),
         ProviderOutcome::Unknown { .. }
     ));
+    // "Duplicate data": an identical earlier request exists and may have
+    // been executed (Paynet has no idempotency key): never a final no.
+    assert!(matches!(
+        classify(400, &error("invalid_request_error", 5)),
+        ProviderOutcome::Unknown { .. }
+    ));
     assert!(matches!(
         classify(503, "busy"),
         ProviderOutcome::NotSent { .. }
