@@ -13,6 +13,7 @@ use crate::background;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::config::Settings;
+use crate::config::StoreBackend;
 use crate::http::{self, Health, Listeners};
 use crate::providers::Providers;
 use crate::secret::redact_url;
@@ -56,6 +57,9 @@ pub enum AppError {
     /// Another worker consumes the commands queue.
     #[error("another worker is consuming the queue {0}: one worker per queue with store.backend = \"sled\" (each keeps its own store, so a second one would pay duplicates twice); stop the other one, or give this one its own amqp.commands_queue. To run several replicas of one deployment, give them a shared PostgreSQL database (store.backend = \"postgres\", docs/replicas.md)")]
     AnotherWorker(String),
+    /// The store's configuration cannot work (the message names the key).
+    #[error("{0}")]
+    StoreConfig(String),
     /// The broker's TLS certificate is not trusted.
     #[error("the broker's TLS certificate is not trusted ({0}); give its CA in amqp.tls_ca_path (PEM) or fix amqp.url")]
     UntrustedBroker(String),
@@ -90,16 +94,7 @@ impl App {
                 Err(_) => {}
             }
         }
-        let options = SledOptions {
-            linger: Duration::from_micros(settings.store.group_commit_linger_us),
-            cache_bytes: settings.store.cache_mib.saturating_mul(1 << 20),
-            format: settings.store.record_format,
-        };
-        let store =
-            Store::open_sled(&settings.store.path, options).map_err(|source| AppError::Store {
-                path: settings.store.path.display().to_string(),
-                source,
-            })?;
+        let store = open_store(&settings).await?;
         let bind = |addr: String| async move {
             TcpListener::bind(&addr)
                 .await
@@ -174,6 +169,14 @@ impl App {
             settings.store.outbox_sweep_every(),
             shutdown.clone(),
         ));
+        let cut_off = (settings.store.backend == StoreBackend::Postgres).then(|| {
+            let every = (settings.store.postgres.lease / 2).min(Duration::from_secs(2));
+            tokio::spawn(background::settle_cut_off_periodically(
+                worker.clone(),
+                every,
+                shutdown.clone(),
+            ))
+        });
         let mut in_flight = JoinSet::new();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -212,6 +215,10 @@ impl App {
                         warn!(%reason, "the commands queue is in exclusive use; retrying");
                         Next::Reconnect { fresh: false }
                     }
+                    Ok(SessionEnd::Misfit(reason)) => {
+                        error!(%reason, "refusing to run");
+                        Next::Fatal(AppError::StoreConfig(reason))
+                    }
                     Err(e) => {
                         warn!(error = %e, "broker unreachable; retrying");
                         broker::prefer_next_node();
@@ -246,14 +253,52 @@ impl App {
             for task in [&http_task, &pruner, &sweeper, &store_metrics] {
                 task.abort();
             }
+            if let Some(task) = &cut_off {
+                task.abort();
+            }
             return Err(fatal);
         }
         let _ = http_task.await;
         let _ = pruner.await;
         let _ = sweeper.await;
         let _ = store_metrics.await;
+        if let Some(task) = cut_off {
+            let _ = task.await;
+        }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Why this process should not take refunds now, if it should not.
+fn unfit(publisher: &Publisher, store: &Store) -> Option<String> {
+    if !publisher.is_open() {
+        return Some("the broker closed the events channel: events cannot be published".into());
+    }
+    if !store.healthy() {
+        return Some("the store is unavailable: refunds cannot be recorded".into());
+    }
+    None
+}
+
+/// The store `store.backend` names.
+async fn open_store(settings: &Settings) -> Result<Store, AppError> {
+    match settings.store.backend {
+        StoreBackend::Sled => {
+            let options = SledOptions {
+                linger: Duration::from_micros(settings.store.group_commit_linger_us),
+                cache_bytes: settings.store.cache_mib.saturating_mul(1 << 20),
+                format: settings.store.record_format,
+            };
+            Store::open_sled(&settings.store.path, options).map_err(|source| AppError::Store {
+                path: settings.store.path.display().to_string(),
+                source,
+            })
+        }
+        StoreBackend::Postgres => crate::store::postgres::PgStore::open(&settings.store.postgres)
+            .await
+            .map(Store::Postgres)
+            .map_err(|e| AppError::StoreConfig(e.to_string())),
     }
 }
 
@@ -276,6 +321,8 @@ enum Next {
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// The broker's queues are not what this configuration needs.
+    Misfit(String),
     /// The commands queue has another (exclusive) consumer.
     Refused(String),
 }
@@ -289,9 +336,22 @@ async fn session(
     mut shutdown: Shutdown,
 ) -> Result<SessionEnd, lapin::Error> {
     let amqp = &settings.amqp;
+    if !worker.store().healthy() {
+        return Ok(SessionEnd::Lost(
+            "the store is unavailable: not taking refunds until it answers".into(),
+        ));
+    }
     let connection = broker::connect_with(amqp, "refund-worker").await?;
     let setup = connection.create_channel().await?;
-    topology::declare(&setup, settings).await?;
+    if let Err(e) = topology::declare(&setup, settings).await {
+        let _ = connection.close(200, "topology refused".into()).await;
+        if e.to_string().contains("inequivalent arg 'x-queue-type'") {
+            return Ok(SessionEnd::Misfit(topology::queue_type_mismatch(
+                settings, &e,
+            )));
+        }
+        return Err(e);
+    }
     let _ = setup.close(200, "topology declared".into()).await;
     let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
     // Events must go out before refunds are taken: an event left
@@ -325,15 +385,12 @@ async fn session(
         Arc::new(channel),
     );
     let tag = format!("refund-worker-{}", std::process::id());
-    // Exclusive: each worker's store is the only record of its refunds, so
-    // a second worker on the same queue would pay a duplicate again. The
-    // broker refuses the second consumer, and start-up stops on it.
     let consumed = channel
         .basic_consume(
             amqp.commands_queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions {
-                exclusive: true,
+                exclusive: exclusive_consumer(settings),
                 ..Default::default()
             },
             FieldTable::default(),
@@ -358,17 +415,19 @@ async fn session(
     let mut watch = tokio::time::interval(CHANNEL_WATCH);
     let end = loop {
         tokio::select! {
-            _ = watch.tick() => if !publisher.is_open() {
-                // The broker closed the events channel (a publish refused
-                // for want of permission, the exchange deleted): stop
-                // taking refunds, let those in flight put themselves back,
-                // and reconnect once events can be published again.
-                error!("the broker closed the events channel: not taking refunds until events can be published");
+            _ = watch.tick() => if let Some(why) = unfit(&publisher, worker.store()) {
+                // Events cannot be published (the broker closed the
+                // channel: a publish refused for want of permission, the
+                // exchange deleted) or refunds cannot be recorded (the
+                // database is down): stop taking refunds, let those in
+                // flight finish or put themselves back, and reconnect once
+                // both work again.
+                error!(%why, "not taking refunds");
                 let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                 health.set_consuming(false);
                 drain(in_flight).await;
-                let _ = connection.close(200, "events channel closed".into()).await;
-                break SessionEnd::Lost("the events channel was closed by the broker".into());
+                let _ = connection.close(200, "not fit to take refunds".into()).await;
+                break SessionEnd::Lost(why);
             },
             _ = shutdown.triggered() => {
                 info!("shutdown: no new deliveries");
@@ -396,6 +455,14 @@ async fn session(
         let _ = connection.close(200, "shutting down".into()).await;
     }
     Ok(end)
+}
+
+/// With sled each worker's store is the only record of its refunds, so a
+/// second worker on the same queue would pay a duplicate again: the broker
+/// refuses it, and start-up stops on it. Replicas sharing PostgreSQL are
+/// competing consumers.
+fn exclusive_consumer(settings: &Settings) -> bool {
+    settings.store.backend == StoreBackend::Sled
 }
 
 /// Deliveries the broker may send beyond `amqp.prefetch`: a quarter of it.

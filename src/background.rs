@@ -69,6 +69,20 @@ pub async fn sweep_outbox_periodically(worker: Worker, every: Duration, mut shut
     }
 }
 
+/// Settles refunds that replicas whose lease expired left attempting
+/// (PostgreSQL), every `every`.
+pub async fn settle_cut_off_periodically(worker: Worker, every: Duration, mut shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = worker.settle_cut_off().await {
+            warn!(error = %e, "looking for cut-off attempts failed");
+        }
+    }
+}
+
 /// Refreshes the store gauges and reports refunds
 /// pending for longer than their account allows (each once, when it becomes
 /// overdue). Every few seconds, or less often when the walk over every

@@ -25,6 +25,7 @@ pub mod http;
 pub mod lenient;
 pub mod local_broker;
 pub mod local_cluster;
+pub mod local_postgres;
 pub mod locks;
 pub mod metrics;
 pub mod money;

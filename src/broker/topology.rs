@@ -107,6 +107,23 @@ pub fn replicated(mut args: FieldTable, quorum: bool) -> FieldTable {
     args
 }
 
+/// What to say when the broker has a queue of the other type (classic
+/// where replicas need quorum queues, or the reverse).
+pub fn queue_type_mismatch(settings: &Settings, error: &lapin::Error) -> String {
+    match settings.store.backend {
+        StoreBackend::Postgres => format!(
+            "store.backend = \"postgres\" needs quorum queues, and the broker has classic ones \
+             of these names ({error}): stop every worker and run `refund-worker queues to-quorum` \
+             (docs/replicas.md, \"From one node to replicas\")"
+        ),
+        StoreBackend::Sled => format!(
+            "the broker's queues are quorum queues ({error}), which store.backend = \"sled\" \
+             does not declare: set store.backend = \"postgres\" (the replicas' mode), or use \
+             other queue names"
+        ),
+    }
+}
+
 /// Names of the delay queues, one per `retry.delayed_ms` entry:
 /// `<amqp.delay_queue_prefix>.<delay>` (e.g. `refunds.retry.30s`).
 pub fn delay_queues(settings: &Settings) -> Vec<String> {

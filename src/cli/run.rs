@@ -13,7 +13,9 @@ pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> an
         settings.telemetry.otlp_endpoint.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
-    let app = App::build(settings).await?;
+    let app = App::build(settings)
+        .await
+        .map_err(exit_2_for_configuration)?;
     let (trigger, listener) = shutdown::channel();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -30,8 +32,19 @@ pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> an
     // Export the spans still buffered (off the async runtime: the exporter
     // blocks).
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-    result?;
+    result.map_err(exit_2_for_configuration)?;
     Ok(())
+}
+
+/// A store or broker that cannot work with this configuration is a
+/// configuration error: status 2, like a wrong setting.
+fn exit_2_for_configuration(error: refund_worker::app::AppError) -> anyhow::Error {
+    match error {
+        refund_worker::app::AppError::StoreConfig(message) => {
+            anyhow::Error::new(refund_worker::config::ConfigError::Deployment(message))
+        }
+        other => other.into(),
+    }
 }
 
 pub(crate) async fn wait_for_signal() {

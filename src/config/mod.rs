@@ -62,6 +62,10 @@ pub enum ConfigError {
         /// `: did you mean …?`, or what to do instead; may be empty.
         hint: String,
     },
+    /// The configuration does not fit what it meets (the database, the
+    /// broker's queues); the message names the key.
+    #[error("configuration: {0}")]
+    Deployment(String),
     /// An error with the layer its value came from.
     #[error("{error} (set by {origin})")]
     Located {
@@ -231,6 +235,10 @@ pub struct PostgresSettings {
         deserialize_with = "crate::duration::required"
     )]
     pub lease: Duration,
+    /// PEM file of the CA (or CAs) that signed the database's certificate,
+    /// when it is not a public one (a managed service's own CA).
+    #[serde(default)]
+    pub tls_ca_path: Option<PathBuf>,
 }
 
 impl Default for PostgresSettings {
@@ -239,7 +247,49 @@ impl Default for PostgresSettings {
             url: None,
             max_connections: default_max_connections(),
             lease: default_lease(),
+            tls_ca_path: None,
         }
+    }
+}
+
+impl PostgresSettings {
+    /// Checks what can be checked without the database.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.as_ref().filter(|u| !u.is_empty()).ok_or_else(|| {
+            invalid(
+                "store.postgres.url",
+                "missing: store.backend = \"postgres\" needs \
+                 postgres://user:password@host:port/database",
+            )
+        })?;
+        if url.expose().parse::<tokio_postgres::Config>().is_err() {
+            // Not the parser's words: they may quote the password.
+            return Err(invalid(
+                "store.postgres.url",
+                "not a PostgreSQL URL (postgres://user:password@host:port/database)",
+            ));
+        }
+        if !(1..=1000).contains(&self.max_connections) {
+            return Err(invalid(
+                "store.postgres.max_connections",
+                format!("must be between 1 and 1000, not {}", self.max_connections),
+            ));
+        }
+        if self.lease < Duration::from_secs(3) {
+            return Err(invalid(
+                "store.postgres.lease",
+                "must be at least 3s (it is renewed every third of it)",
+            ));
+        }
+        if let Some(path) = &self.tls_ca_path {
+            if let Err(e) = std::fs::read(path) {
+                return Err(invalid(
+                    "store.postgres.tls_ca_path",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -572,6 +622,9 @@ impl Settings {
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
+        }
+        if self.store.backend == StoreBackend::Postgres {
+            self.store.postgres.validate()?;
         }
         for (key, value) in [
             ("store.retention", self.store.retention),

@@ -136,11 +136,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body = serde_json::json!({
         "broker_connected": health.broker.load(Ordering::Relaxed),
         "consuming": health.consuming.load(Ordering::Relaxed),
-        "store_open": true,
+        "store_open": state.worker.store().healthy(),
         "store_backend": state.worker.store().backend(),
         "providers": providers,
     });
-    let status = if health.ready() {
+    let status = if health.ready() && state.worker.store().healthy() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

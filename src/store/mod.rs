@@ -24,6 +24,7 @@
 //! the other.
 
 pub mod ledger;
+pub mod postgres;
 mod record;
 pub mod sled;
 
@@ -139,6 +140,8 @@ pub(crate) fn unix_now() -> u64 {
 pub enum Store {
     /// The embedded store.
     Sled(sled::SledStore),
+    /// The database shared by replicas.
+    Postgres(postgres::PgStore),
 }
 
 impl Store {
@@ -157,6 +160,7 @@ impl Store {
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Sled(_) => "sled",
+            Store::Postgres(_) => "postgres",
         }
     }
 
@@ -164,6 +168,7 @@ impl Store {
     pub async fn get(&self, refund_id: &str) -> Result<Option<RefundRecord>, StoreError> {
         match self {
             Store::Sled(s) => s.get(refund_id),
+            Store::Postgres(p) => p.get(refund_id).await,
         }
     }
 
@@ -172,6 +177,7 @@ impl Store {
     pub async fn lookup(&self, refund_id: &str) -> Result<Option<Known>, StoreError> {
         match self {
             Store::Sled(s) => s.lookup(refund_id),
+            Store::Postgres(p) => p.lookup(refund_id).await,
         }
     }
 
@@ -182,6 +188,7 @@ impl Store {
     pub async fn claim(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
         match self {
             Store::Sled(s) => s.claim(record),
+            Store::Postgres(p) => p.claim(record).await,
         }
     }
 
@@ -190,9 +197,40 @@ impl Store {
     /// attempt of this process found under the refund's lock, or any
     /// attempt found by the single sled process, was cut off.
     pub async fn attempt_in_progress(&self, record: &RefundRecord) -> Result<bool, StoreError> {
-        let _ = record;
+        if !matches!(record.state, RefundState::Attempting { .. }) {
+            return Ok(false);
+        }
         match self {
             Store::Sled(_) => Ok(false),
+            Store::Postgres(p) => p.attempt_in_progress(&record.refund_id).await,
+        }
+    }
+
+    /// Refunds left `Attempting` by replicas whose lease has expired
+    /// (PostgreSQL; the single sled process finds its own when their
+    /// messages come back).
+    pub async fn cut_off_attempts(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(Vec::new()),
+            Store::Postgres(p) => p.cut_off_attempts(limit).await,
+        }
+    }
+
+    /// Whether the store can be used now (PostgreSQL: the database answered
+    /// the last renewal of this replica's lease).
+    pub fn healthy(&self) -> bool {
+        match self {
+            Store::Sled(_) => true,
+            Store::Postgres(p) => p.healthy(),
+        }
+    }
+
+    /// Whether this process may call a provider for a refund it owns now
+    /// (PostgreSQL: its lease surely holds, on its own clock).
+    pub fn lease_holds(&self) -> bool {
+        match self {
+            Store::Sled(_) => true,
+            Store::Postgres(p) => p.lease_holds(),
         }
     }
 
@@ -202,6 +240,7 @@ impl Store {
     pub async fn take_attempt(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.put(record),
+            Store::Postgres(p) => p.take_attempt(record).await,
         }
     }
 
@@ -214,6 +253,7 @@ impl Store {
         }
         match self {
             Store::Sled(s) => s.put(record),
+            Store::Postgres(p) => p.put(record).await,
         }
     }
 
@@ -222,6 +262,7 @@ impl Store {
     pub async fn annotate(&self, record: &mut RefundRecord) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.annotate(record),
+            Store::Postgres(p) => p.put(record).await,
         }
     }
 
@@ -235,6 +276,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.commit(record, change),
+            Store::Postgres(p) => p.commit(record, change).await,
         }
     }
 
@@ -245,6 +287,7 @@ impl Store {
     pub async fn insert_settled(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
         match self {
             Store::Sled(s) => s.insert_settled(record),
+            Store::Postgres(p) => p.insert_settled(record).await,
         }
     }
 
@@ -258,6 +301,7 @@ impl Store {
     ) -> Result<Result<Vec<u64>, PaidReservation>, StoreError> {
         match self {
             Store::Sled(s) => s.release(refund_id),
+            Store::Postgres(p) => p.release(refund_id).await,
         }
     }
 
@@ -266,6 +310,8 @@ impl Store {
     pub async fn sync_refund(&self, refund_id: &str) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.sync(refund_id).await,
+            // Committed when written.
+            Store::Postgres(_) => Ok(()),
         }
     }
 
@@ -275,6 +321,7 @@ impl Store {
     pub async fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.mark_published(refund_id, event_id),
+            Store::Postgres(p) => p.mark_published(refund_id, event_id).await,
         }
     }
 
@@ -282,6 +329,7 @@ impl Store {
     pub async fn outbox_mark(&self, refund_id: &str) -> Result<Option<OutboxEntry>, StoreError> {
         match self {
             Store::Sled(s) => s.outbox_mark(refund_id),
+            Store::Postgres(p) => p.outbox_mark(refund_id).await,
         }
     }
 
@@ -299,6 +347,7 @@ impl Store {
                     .blocking(move |s| s.unconfirmed(min_age, limit))
                     .await
             }
+            Store::Postgres(p) => p.unconfirmed(min_age, limit).await,
         }
     }
 
@@ -315,6 +364,7 @@ impl Store {
                     .blocking(move |s| s.list(status.as_deref(), limit))
                     .await
             }
+            Store::Postgres(p) => p.list(status, limit).await,
         }
     }
 
@@ -326,6 +376,7 @@ impl Store {
     ) -> Result<Census, StoreError> {
         match self {
             Store::Sled(s) => s.clone().blocking(move |s| s.census(limit)).await,
+            Store::Postgres(p) => p.census(limit).await,
         }
     }
 
@@ -337,6 +388,7 @@ impl Store {
     ) -> Result<PruneReport, StoreError> {
         match self {
             Store::Sled(s) => s.clone().blocking(move |s| s.prune(now, retention)).await,
+            Store::Postgres(p) => p.prune(now, retention).await,
         }
     }
 
@@ -344,6 +396,7 @@ impl Store {
     pub async fn report(&self, from: Date, to: Date) -> Result<Vec<ReportRow>, StoreError> {
         match self {
             Store::Sled(s) => s.clone().blocking(move |s| s.report(from, to)).await,
+            Store::Postgres(p) => p.report(from, to).await,
         }
     }
 
@@ -354,6 +407,7 @@ impl Store {
     ) -> Result<Option<OriginalLedger>, StoreError> {
         match self {
             Store::Sled(s) => s.ledger(command),
+            Store::Postgres(p) => p.ledger(command).await,
         }
     }
 
@@ -361,6 +415,7 @@ impl Store {
     pub fn sync_stats(&self) -> Option<&SyncStats> {
         match self {
             Store::Sled(s) => Some(s.stats()),
+            Store::Postgres(_) => None,
         }
     }
 
@@ -371,6 +426,7 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         match self {
             Store::Sled(s) => s.close().await,
+            Store::Postgres(p) => p.close().await,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::config::RetrySettings;
 use crate::event::{now_rfc3339, OutcomeEvent, Status};
 use crate::metrics;
 use crate::providers::{Provider, ProviderOutcome};
+use crate::store::ledger::LedgerChange;
 use crate::store::{RefundRecord, RefundState};
 use crate::trace::TraceContext;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -166,6 +167,13 @@ impl Worker {
             self.not_sent_after_all(record, reason).await;
             return Err(PipelineError::EventsDown);
         }
+        if !self.store.lease_holds() {
+            // Frozen or cut off past the lease: another replica may have
+            // settled this attempt already. Nothing leaves.
+            let reason = "not sent: this replica's lease may have expired".to_string();
+            self.not_sent_after_all(record, reason).await;
+            return Err(PipelineError::LeaseLost);
+        }
         let call_started = Instant::now();
         let traceparent = TraceContext::current().map(|t| t.traceparent());
         let outcome = provider.execute(record, traceparent.as_deref()).await;
@@ -237,7 +245,7 @@ impl Worker {
             },
             format!("attempt {attempts} not sent: {reason}"),
         );
-        self.store.put(record).await?;
+        self.write_after_call(record, LedgerChange::Keep).await?;
         let mut so_far = NotSentSoFar {
             reason,
             first_failure_at: first,

@@ -1,14 +1,17 @@
-//! Stage 4, finish: the outcome is written and synced; the event is
-//! published with a confirm, and the delivery acked after it. Until then
-//! the unacked delivery is the event's outbox: put back when the confirm
-//! fails, redelivered after a crash, it finds the recorded outcome and
-//! publishes the same event (same `event_id`) again. So the outcome needs
-//! no outbox mark in single-node mode (cluster mode writes one: the state
-//! log carries it to the replica that takes the partition over). The
-//! delivery's processing slot is let go as soon as the outcome is written
-//! (`app.rs`: the broker's window holds the refunds still finishing), so
-//! neither the outcome's sync nor the wait for the confirm delays the next
-//! refund, whose claim joins the same flush.
+//! Stage 4, finish: the outcome is written (with its outbox mark) and
+//! synced; the event is published with a confirm, and the delivery acked
+//! after it. A failed confirm puts the delivery back, and the outbox sweep
+//! publishes the event too (same `event_id`). The delivery's processing
+//! slot is let go as soon as the outcome is written (`app.rs`: the
+//! broker's window holds the refunds still finishing), so neither the
+//! outcome's sync nor the wait for the confirm delays the next refund,
+//! whose claim joins the same flush.
+//!
+//! An outcome the provider gave is never dropped: while the store cannot
+//! be written (a database outage) the write is tried again until it lands,
+//! and a write fenced by another replica's settlement (this replica's
+//! lease expired mid-call) settles a refund left in doubt by that attempt
+//! with the provider's answer.
 //! Rejections are published without a record (they depend on the message
 //! and on configuration, and a corrected command may re-use the id).
 
@@ -43,7 +46,7 @@ impl Worker {
             Status::Succeeded => LedgerChange::Mark(Reservation::Succeeded),
             _ => LedgerChange::Release,
         };
-        self.store.commit(record, change).await?;
+        self.write_after_call(record, change).await?;
         // The provider call is over: the next delivery may start, and its
         // claim shares this outcome's flush (the group commit) instead of
         // waiting for it. The delivery stays unacked, and the broker's
@@ -79,7 +82,7 @@ impl Worker {
             },
             "accepted by the provider; waiting for its callback",
         );
-        self.store.put(record).await?;
+        self.write_after_call(record, LedgerChange::Keep).await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(self.providers.label(&record.command.provider), "pending");
         info!(

@@ -34,12 +34,14 @@ mod amend;
 mod attempt;
 mod callbacks;
 mod claim;
+mod cut_off;
 mod finish;
 mod intake;
 mod known;
 mod outbox;
 mod park;
 mod resolve;
+mod written;
 
 pub use abandon::Abandoned;
 pub use callbacks::{CallbackError, CallbackOutcome};
@@ -80,6 +82,10 @@ pub enum PipelineError {
     /// no provider is called until they can.
     #[error("events cannot be published now; no provider call until they can")]
     EventsDown,
+    /// This replica's lease may have expired: no provider call until it
+    /// holds one again.
+    #[error("this replica's lease may have expired; no provider call until it holds one")]
+    LeaseLost,
 }
 
 /// How long a delivery that failed to finish waits before it is put back,

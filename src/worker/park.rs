@@ -161,7 +161,7 @@ impl Worker {
             },
             reason.clone(),
         );
-        self.store.put(record).await?;
+        self.write_after_call(record, LedgerChange::Keep).await?;
         self.store.sync_refund(&record.refund_id).await?;
         let now = now_rfc3339();
         let info = DeadLetter {
@@ -187,6 +187,18 @@ impl Worker {
         mut record: RefundRecord,
         reason: String,
     ) -> Result<(), PipelineError> {
+        let event = self.record_in_doubt(&mut record, &reason).await?;
+        self.publish_recorded(publisher, &event).await?;
+        self.park_in_doubt(publisher, delivery, &event).await
+    }
+
+    /// Records a refund in doubt (durably, with its reservation kept and
+    /// its event marked in the outbox) and returns its event.
+    pub(super) async fn record_in_doubt(
+        &self,
+        record: &mut RefundRecord,
+        reason: &str,
+    ) -> Result<OutcomeEvent, PipelineError> {
         error!(%reason, "outcome unknown: the refund is in doubt and will not be sent again");
         record.note_uncertain();
         record.in_doubt_episodes += 1;
@@ -197,7 +209,7 @@ impl Worker {
             record.attempts,
         )
         .episode(record.in_doubt_episodes)
-        .with_error("outcome_unknown", reason.clone());
+        .with_error("outcome_unknown", reason.to_string());
         record.transition(
             RefundState::InDoubt {
                 event: event.clone(),
@@ -205,12 +217,10 @@ impl Worker {
             format!("in doubt: {reason}"),
         );
         metrics::outcome(self.providers.label(&record.command.provider), "in_doubt");
-        self.store
-            .commit(&mut record, LedgerChange::Mark(Reservation::InDoubt))
+        self.write_after_call(record, LedgerChange::Mark(Reservation::InDoubt))
             .await?;
         self.store.sync_refund(&record.refund_id).await?;
-        self.publish_recorded(publisher, &event).await?;
-        self.park_in_doubt(publisher, delivery, &event).await
+        Ok(event)
     }
 
     /// Moves an in-doubt refund's message to the dead-letter queue, where a

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod broker;
+pub mod postgres;
 
 use broker::RabbitNode;
 use futures_util::StreamExt;
