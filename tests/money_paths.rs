@@ -15,7 +15,7 @@ use refund_worker::command::RefundCommand;
 use refund_worker::dlq::{Dlq, Filter};
 use refund_worker::ops::{dlq_purge, PurgeScope, WorkerApi};
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
-use refund_worker::store::{AttemptTrace, RefundRecord, RefundState, Store};
+use refund_worker::store::{AttemptTrace, RefundRecord, RefundState};
 use refund_worker::worker::Decision;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -293,7 +293,7 @@ async fn a_cut_off_attempt_is_decided_from_what_it_carried_not_from_todays_setti
         at: refund_worker::event::now_rfc3339(),
     });
     {
-        let store = Store::open(&app.settings.store.path).expect("store");
+        let store = app.open_store().await;
         store.claim(&mut record).await.expect("claim");
         store.sync_refund("rf-cg-crash").await.expect("sync");
         store.close().await.expect("close");
@@ -344,7 +344,7 @@ async fn an_outcome_whose_command_is_purged_before_its_event_is_confirmed_is_sti
         .expect("bind");
     app.publish(HYP_REFUND).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while app.record("rf-example-hyp-refund-1").await["state"]["state"] != "finished" {
+    while app.record_state("rf-example-hyp-refund-1").await.as_deref() != Some("finished") {
         assert!(tokio::time::Instant::now() < deadline, "never finished");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -383,7 +383,8 @@ async fn one_unreadable_record_does_not_stop_the_outbox() {
     );
     record.state = RefundState::Finished { event };
     {
-        let store = Store::open(&app.settings.store.path).expect("store");
+        let store = app.open_store().await;
+        store.claim(&mut record).await.expect("claim");
         store
             .commit(
                 &mut record,
@@ -394,14 +395,32 @@ async fn one_unreadable_record_does_not_stop_the_outbox() {
         store.close().await.expect("close");
         // A record that cannot be read, marked in the outbox, sorting
         // before the good one.
-        let db = sled::open(&app.settings.store.path).expect("sled");
-        db.open_tree("refunds")
-            .and_then(|t| t.insert("aaa-broken", b"\x07garbage".to_vec()))
-            .expect("insert");
-        db.open_tree("outbox")
-            .and_then(|t| t.insert("aaa-broken", b"x 1".to_vec()))
-            .expect("insert");
-        db.flush().expect("flush");
+        if support::on_postgres() {
+            let url = app.settings.store.postgres.url.clone().expect("url");
+            let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(connection);
+            client
+                .batch_execute(
+                    "INSERT INTO refunds (refund_id, state, status, provider, revision, record, \
+                     created_at, updated_at) VALUES ('aaa-broken', 'finished', 'succeeded', \
+                     'hyp_pay', 1, '{\"garbage\": true}', now(), now()); \
+                     INSERT INTO outbox (refund_id, event_id, since) \
+                     VALUES ('aaa-broken', 'x', now() - interval '1 hour')",
+                )
+                .await
+                .expect("insert");
+        } else {
+            let db = sled::open(&app.settings.store.path).expect("sled");
+            db.open_tree("refunds")
+                .and_then(|t| t.insert("aaa-broken", b"\x07garbage".to_vec()))
+                .expect("insert");
+            db.open_tree("outbox")
+                .and_then(|t| t.insert("aaa-broken", b"x 1".to_vec()))
+                .expect("insert");
+            db.flush().expect("flush");
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.spawn_worker().await;

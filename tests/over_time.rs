@@ -11,7 +11,7 @@ use refund_worker::event::{OutcomeEvent, Status};
 use refund_worker::ops::{dlq_purge, status_of, PurgeScope, WorkerApi};
 use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::store::ledger::LedgerChange;
-use refund_worker::store::{RefundRecord, RefundState, Store};
+use refund_worker::store::{RefundRecord, RefundState};
 use refund_worker::worker::{Decision, Resolution};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -226,7 +226,8 @@ async fn an_outcome_whose_event_was_never_confirmed_is_published_at_start() {
         event: event.clone(),
     };
     {
-        let store = Store::open(&app.settings.store.path).expect("store");
+        let store = app.open_store().await;
+        store.claim(&mut record).await.expect("claim");
         store
             .commit(&mut record, LedgerChange::Keep)
             .await
@@ -287,7 +288,7 @@ async fn an_outcome_whose_confirm_fails_keeps_its_delivery_which_publishes_it_la
         .expect("command")
         .refund_id;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while app.record(&refund_id).await["state"]["state"] != "finished" {
+    while app.record_state(&refund_id).await.as_deref() != Some("finished") {
         assert!(tokio::time::Instant::now() < deadline, "never finished");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -299,7 +300,7 @@ async fn an_outcome_whose_confirm_fails_keeps_its_delivery_which_publishes_it_la
     // outcome's outbox mark is still there too.
     assert_eq!(app.queue_depth(&app.settings.amqp.commands_queue).await, 1);
     {
-        let store = Store::open(&app.settings.store.path).expect("store");
+        let store = app.open_store().await;
         let census = store.census(|_| None).await.expect("census");
         assert_eq!(census.unconfirmed, 1, "the outbox mark");
         store.close().await.expect("close");

@@ -351,6 +351,19 @@ impl Store {
         }
     }
 
+    /// The oldest unconfirmed event, whether or not a sweep holds it (a
+    /// new session's check that events can be published).
+    pub async fn oldest_unconfirmed(&self) -> Result<Option<OutboxEntry>, StoreError> {
+        match self {
+            Store::Sled(s) => s
+                .clone()
+                .blocking(|s| s.unconfirmed(Duration::ZERO, usize::MAX))
+                .await
+                .map(|all| all.into_iter().next()),
+            Store::Postgres(p) => p.oldest_unconfirmed().await,
+        }
+    }
+
     /// Records whose lifecycle status (see `worker::record_status`) is
     /// `status` (any when `None`), at most `limit`.
     pub async fn list(

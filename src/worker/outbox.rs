@@ -75,10 +75,10 @@ impl Worker {
     pub async fn publish_oldest_unconfirmed(&self, publisher: &Publisher) -> Result<(), String> {
         let oldest = self
             .store
-            .unconfirmed(Duration::ZERO, 1)
+            .oldest_unconfirmed()
             .await
             .map_err(|e| e.to_string())?;
-        let Some(entry) = oldest.first() else {
+        let Some(entry) = oldest else {
             return Ok(());
         };
         let _guard = self.locks.lock(&entry.refund_id).await;

@@ -33,6 +33,13 @@ pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Whether this run's workers keep their refunds in PostgreSQL
+/// (`REFUND_WORKER_TEST_BACKEND=postgres`): the end-to-end tests run once
+/// against each backend (`scripts/test`).
+pub fn on_postgres() -> bool {
+    std::env::var("REFUND_WORKER_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
 /// A running worker with its own vhost, store, sandbox and event queue.
 pub struct TestApp {
     pub amqp_url: String,
@@ -206,6 +213,13 @@ impl TestApp {
         let sandbox_url = format!("http://{sandbox_addr}");
         let store_dir = tempfile::tempdir().expect("store dir");
         let mut settings = test_settings(&amqp_url, store_dir.path(), &sandbox_url);
+        if on_postgres() {
+            let url = tokio::task::spawn_blocking(postgres::database)
+                .await
+                .expect("database");
+            settings.store.backend = refund_worker::config::StoreBackend::Postgres;
+            settings.store.postgres.url = Some(refund_worker::secret::Secret::new(url));
+        }
         adjust(&mut settings);
 
         // Bind an event queue before the worker publishes anything.
@@ -227,6 +241,19 @@ impl TestApp {
         };
         app.spawn_worker().await;
         app
+    }
+
+    /// The worker's store, opened by the test (the worker stopped, for
+    /// sled: it holds the directory).
+    pub async fn open_store(&self) -> refund_worker::store::Store {
+        use refund_worker::store::{postgres::PgStore, Store};
+        if on_postgres() {
+            let store = PgStore::open(&self.settings.store.postgres)
+                .await
+                .expect("open");
+            return Store::Postgres(store);
+        }
+        Store::open(&self.settings.store.path).expect("open")
     }
 
     /// Starts the worker (again) on the same store.
@@ -396,6 +423,12 @@ impl TestApp {
             .await
             .expect("operator API")
             .expect("refund known")
+    }
+
+    /// A refund's lifecycle state, `None` while the store has no record.
+    pub async fn record_state(&self, refund_id: &str) -> Option<String> {
+        let record = self.api().refund(refund_id).await.expect("operator API")?;
+        record["state"]["state"].as_str().map(str::to_string)
     }
 
     /// Browses the dead-letter queue, replays what `filter` matches (in-doubt

@@ -88,6 +88,24 @@ impl PgStore {
         Ok(entries)
     }
 
+    /// See [`crate::store::Store::oldest_unconfirmed`].
+    pub async fn oldest_unconfirmed(&self) -> Result<Option<OutboxEntry>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT refund_id, event_id, extract(epoch FROM since)::bigint FROM outbox \
+                 ORDER BY since LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|row| OutboxEntry {
+            refund_id: row.get(0),
+            event_id: row.get(1),
+            since: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+        }))
+    }
+
     /// See [`crate::store::Store::insert_settled`].
     pub async fn insert_settled(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
         let Some(event) = record.state.event() else {
