@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod money;
 pub mod ops;
 pub mod providers;
+pub mod queue_migration;
 pub mod report;
 pub mod sandbox;
 pub mod secret;

@@ -104,6 +104,16 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Copy a single node's store into PostgreSQL (growing into replicas).
+    Store {
+        #[command(subcommand)]
+        command: cli::admin::StoreCommand,
+    },
+    /// Move a single node's classic queues to quorum queues.
+    Queues {
+        #[command(subcommand)]
+        command: cli::admin::QueuesCommand,
+    },
     /// Inspect, replay and purge the dead-letter queue.
     Dlq {
         /// A TOML file layered over config/default.toml (for amqp.*).
@@ -324,6 +334,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 exchange,
                 count,
             } => Ok(client::tail_events(&Secret::new(amqp_url), &exchange, count).await?),
+            Command::Store { command } => cli::admin::store(command).await,
+            Command::Queues { command } => cli::admin::queues(command).await,
             Command::Dlq {
                 config,
                 worker_url,

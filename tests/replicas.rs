@@ -93,14 +93,34 @@ impl Rig {
     }
 
     fn start(&self, replica: &mut Replica, name: &str) {
+        self.start_with(replica, name, |_| {});
+    }
+
+    fn start_with(&self, replica: &mut Replica, name: &str, adjust: impl Fn(&mut Command)) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("log");
-        let sandbox = &self.sandbox_url;
-        let child = Command::new(env!("CARGO_BIN_EXE_refund-worker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_refund-worker"));
+        command
             .args(["run", "--log-format", "json"])
+            .env("REFUND_WORKER__HTTP__ADDR", &replica.http);
+        self.environment(&mut command, name);
+        adjust(&mut command);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("worker binary");
+        replica.child = Some(child);
+    }
+
+    /// The replicas' configuration, in the environment.
+    fn environment(&self, command: &mut Command, name: &str) {
+        let sandbox = &self.sandbox_url;
+        command
             .env("RUST_LOG", "info")
             .env("REFUND_WORKER__AMQP__URL", self.urls.join(","))
             .env("REFUND_WORKER__AMQP__PREFETCH", "32")
@@ -111,7 +131,6 @@ impl Rig {
                 format!("{LEASE_SECS}s"),
             )
             .env("REFUND_WORKER__STORE__PATH", self.dir.path().join(name))
-            .env("REFUND_WORKER__HTTP__ADDR", &replica.http)
             .env("REFUND_WORKER__HTTP__OPERATOR_TOKEN", TOKEN)
             .env("REFUND_WORKER__RETRY__DELAYED_MS", "1000,2000")
             .env("REFUND_WORKER__PROVIDER_HTTP__TIMEOUT_MS", "3000")
@@ -127,13 +146,7 @@ impl Rig {
             .env(
                 "REFUND_WORKER__PROVIDERS__PAYNET__SECRET_KEY",
                 "sandbox-secret",
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("worker binary");
-        replica.child = Some(child);
+            );
     }
 
     fn kill(&self, replica: &mut Replica) {
@@ -541,4 +554,91 @@ async fn a_paynet_callback_reaches_a_replica_that_did_not_send_the_refund() {
         .await;
     assert_eq!(seen[id][0]["status"], "succeeded");
     assert_eq!(rig.sandbox.journal().len(), 1);
+}
+
+/// Growing from one node: a single node's sled store is copied into
+/// PostgreSQL and its classic queues become quorum queues, keeping the
+/// commands waiting in them; a replica then pays those once and answers a
+/// late duplicate of an earlier refund from the copied record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_grows_into_replicas_without_losing_or_repeating_a_refund() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let first = 73_000_000;
+    let config = SandboxConfig {
+        seed: Seed::hyp_pay_range(first, 10, 100_000),
+        ..Default::default()
+    };
+    let mut rig = Rig::new(config).await;
+    let body = |i: u64| {
+        json!({
+            "refund_id": format!("rf-grow-{i}"),
+            "provider": "hyp_pay",
+            "transaction": { "id": (first + i).to_string() },
+            "amount": { "minor": 1000, "currency": "ILS" },
+        })
+        .to_string()
+    };
+    let sled_env = |command: &mut Command| {
+        command
+            .env("REFUND_WORKER__STORE__BACKEND", "sled")
+            .env_remove("REFUND_WORKER__STORE__POSTGRES__URL");
+    };
+    let mut single = Replica {
+        http: free_addr(),
+        child: None,
+    };
+    rig.start_with(&mut single, "single", sled_env);
+    wait_ready(&[&single]).await;
+    for i in 0..5 {
+        rig.publish(&body(i)).await;
+    }
+    let mut seen = BTreeMap::new();
+    rig.events(&mut seen, Duration::from_secs(20), |s| s.len() >= 5)
+        .await;
+    rig.kill(&mut single);
+    // Commands keep arriving while the node is down.
+    for i in 5..8 {
+        rig.publish(&body(i)).await;
+    }
+    let run = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_refund-worker"));
+        command.args(args);
+        rig.environment(&mut command, "single");
+        sled_env(&mut command);
+        let output = command.output().expect("run");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let copied = run(&["store", "copy", "--to", &rig.database.clone()]);
+    assert!(copied.contains("\"records\": 5"), "{copied}");
+    let migrated = run(&["queues", "to-quorum"]);
+    assert!(
+        migrated.contains("refunds.commands: now a quorum queue (3 message(s) moved)"),
+        "{migrated}"
+    );
+
+    let replica = rig.replica("grown");
+    wait_ready(&[&replica]).await;
+    rig.publish(&body(0)).await;
+    let mut seen = BTreeMap::new();
+    let all = |s: &BTreeMap<String, Vec<Value>>| {
+        [0, 5, 6, 7]
+            .iter()
+            .all(|i| s.contains_key(&format!("rf-grow-{i}")))
+    };
+    rig.events(&mut seen, Duration::from_secs(20), all).await;
+    for i in 0..8 {
+        if (1..5).contains(&i) {
+            continue;
+        }
+        let events = seen
+            .get(&format!("rf-grow-{i}"))
+            .unwrap_or_else(|| panic!("no event for rf-grow-{i}: {seen:?}"));
+        assert_eq!(events[0]["status"], "succeeded", "{i}: {events:?}");
+    }
+    assert_eq!(rig.sandbox.journal().len(), 8, "each paid once");
 }

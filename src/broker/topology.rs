@@ -107,6 +107,24 @@ pub fn replicated(mut args: FieldTable, quorum: bool) -> FieldTable {
     args
 }
 
+/// The arguments the worker declares `queue` with (one of the topology's
+/// queues; none for another name).
+pub fn queue_arguments(settings: &Settings, queue: &str) -> FieldTable {
+    let amqp = &settings.amqp;
+    let quorum = settings.store.backend == StoreBackend::Postgres;
+    if queue == amqp.commands_queue {
+        return replicated(commands_queue_arguments(amqp), quorum);
+    }
+    let delay = delay_queues(settings)
+        .into_iter()
+        .zip(&settings.retry.delayed_ms)
+        .find(|(name, _)| name == queue);
+    match delay {
+        Some((_, delay_ms)) => replicated(delay_queue_arguments(amqp, *delay_ms), quorum),
+        None => replicated(FieldTable::default(), quorum),
+    }
+}
+
 /// What to say when the broker has a queue of the other type (classic
 /// where replicas need quorum queues, or the reverse).
 pub fn queue_type_mismatch(settings: &Settings, error: &lapin::Error) -> String {

@@ -23,6 +23,7 @@
 //! (the backends). The facade here only dispatches; neither backend imports
 //! the other.
 
+pub mod copy;
 pub mod ledger;
 pub mod postgres;
 mod record;

@@ -88,6 +88,77 @@ impl PgStore {
         Ok(entries)
     }
 
+    /// Writes what a sled store held (`store copy`): rows already there
+    /// stay as they are.
+    pub async fn import(
+        &self,
+        export: &crate::store::sled::Export,
+        report: &mut crate::store::copy::CopyReport,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        for record in &export.records {
+            let c = Columns::of(record)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO refunds (refund_id, state, status, provider, record, \
+                     pending_since, occurred_at, created_at, updated_at, revision, owner) \
+                     VALUES ($1, $2, $3, $4, $5, ($6::text)::timestamptz, ($7::text)::timestamptz, \
+                     ($8::text)::timestamptz, ($9::text)::timestamptz, 1, NULL) \
+                     ON CONFLICT (refund_id) DO NOTHING",
+                    &c.params(),
+                )
+                .await
+                .map_err(unavailable)?;
+            if inserted == 1 {
+                report.records += 1;
+            } else {
+                report.records_skipped += 1;
+            }
+        }
+        for (id, tombstone) in &export.tombstones {
+            let value = serde_json::to_value(tombstone).unwrap_or(Value::Null);
+            report.tombstones += usize::try_from(
+                tx.execute(
+                    "INSERT INTO tombstones (refund_id, tombstone, pruned_at, occurred_at) \
+                     VALUES ($1, $2, ($3::text)::timestamptz, ($4::text)::timestamptz) \
+                     ON CONFLICT (refund_id) DO NOTHING",
+                    &[id, &value, &tombstone.pruned_at, &tombstone.occurred_at],
+                )
+                .await
+                .map_err(unavailable)?,
+            )
+            .unwrap_or(0);
+        }
+        for (key, ledger) in &export.ledgers {
+            let value = serde_json::to_value(ledger).unwrap_or(Value::Null);
+            report.ledgers += usize::try_from(
+                tx.execute(
+                    "INSERT INTO ledgers (key, ledger, updated_at) VALUES ($1, $2, now()) \
+                     ON CONFLICT (key) DO NOTHING",
+                    &[key, &value],
+                )
+                .await
+                .map_err(unavailable)?,
+            )
+            .unwrap_or(0);
+        }
+        for mark in &export.outbox {
+            let since = i64::try_from(mark.since).unwrap_or(0);
+            report.outbox += usize::try_from(
+                tx.execute(
+                    "INSERT INTO outbox (refund_id, event_id, since) \
+                     VALUES ($1, $2, to_timestamp($3::bigint)) ON CONFLICT (refund_id) DO NOTHING",
+                    &[&mark.refund_id, &mark.event_id, &since],
+                )
+                .await
+                .map_err(unavailable)?,
+            )
+            .unwrap_or(0);
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
     /// See [`crate::store::Store::oldest_unconfirmed`].
     pub async fn oldest_unconfirmed(&self) -> Result<Option<OutboxEntry>, StoreError> {
         let client = self.client().await?;

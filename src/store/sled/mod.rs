@@ -40,6 +40,21 @@ use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 use tokio::sync::oneshot;
 
+/// Everything a sled store holds (`store copy`).
+#[derive(Debug, Default)]
+pub struct Export {
+    /// Every readable record.
+    pub records: Vec<RefundRecord>,
+    /// Every readable tombstone, by refund id.
+    pub tombstones: Vec<(String, Tombstone)>,
+    /// Every readable ledger, by key.
+    pub ledgers: Vec<(String, OriginalLedger)>,
+    /// Every outbox mark.
+    pub outbox: Vec<super::OutboxEntry>,
+    /// Entries that could not be read.
+    pub unreadable: Vec<String>,
+}
+
 /// How the sled store is opened.
 #[derive(Debug, Clone, Copy)]
 pub struct SledOptions {
@@ -463,6 +478,50 @@ impl SledStore {
                 .map_err(|source| corrupt_ledger(&key, source)),
             None => Ok(None),
         }
+    }
+
+    /// Everything the store holds, for a copy into another backend.
+    /// Blocking walks, on the blocking pool.
+    pub async fn export_all(self) -> Result<Export, StoreError> {
+        tokio::task::spawn_blocking(move || self.export())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    fn export(&self) -> Result<Export, StoreError> {
+        let trees = self.trees()?;
+        let mut export = Export::default();
+        for item in trees.refunds.iter() {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key).to_string();
+            match decode_record(&id, &value) {
+                Ok(record) => export.records.push(record),
+                Err(_) => export.unreadable.push(id),
+            }
+        }
+        for item in trees.tombstones.iter() {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key).to_string();
+            match decode::<Tombstone>(&id, &value) {
+                Ok(t) => export.tombstones.push((id, t)),
+                Err(_) => export.unreadable.push(format!("tombstone {id}")),
+            }
+        }
+        for item in trees.originals.iter() {
+            let (key, value) = item?;
+            let key = String::from_utf8_lossy(&key).to_string();
+            match OriginalLedger::decode(&value) {
+                Ok(ledger) => export.ledgers.push((key, ledger)),
+                Err(_) => export.unreadable.push(format!("ledger {key}")),
+            }
+        }
+        for item in trees.outbox.iter() {
+            let (key, value) = item?;
+            if let Some(entry) = outbox::parse_outbox(&String::from_utf8_lossy(&key), &value) {
+                export.outbox.push(entry);
+            }
+        }
+        Ok(export)
     }
 
     /// Syncer counters.

@@ -60,7 +60,7 @@ pub(super) fn outbox_value(event_id: &str, since: u64) -> String {
     format!("{event_id} {since}")
 }
 
-pub(super) fn parse_outbox(refund_id: &str, bytes: &[u8]) -> Option<OutboxEntry> {
+pub(crate) fn parse_outbox(refund_id: &str, bytes: &[u8]) -> Option<OutboxEntry> {
     let text = std::str::from_utf8(bytes).ok()?;
     let (event_id, since) = text.split_once(' ')?;
     Some(OutboxEntry {
