@@ -12,6 +12,7 @@
 pub mod plot;
 pub mod pressure;
 pub mod relay;
+pub mod replicas;
 
 use crate::broker::topology;
 use crate::config::{Settings, DEFAULT_TOML};

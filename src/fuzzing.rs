@@ -100,7 +100,7 @@ pub fn dead_letter_headers(data: &[u8]) {
 /// damaged disk could hand the store. Whatever decodes comes back the same
 /// through the compact form, and the census's glance agrees with it.
 pub fn store_record(data: &[u8]) {
-    use crate::store::sled::codec::{decode, encode, glance, RecordFormat};
+    use crate::store::codec::{decode, encode, glance, RecordFormat};
     let _ = glance(data);
     if let Ok(record) = decode(data) {
         let compact = encode(&record, RecordFormat::Compact);

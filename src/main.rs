@@ -172,6 +172,15 @@ enum Command {
         /// Pressure: seconds the provider is down.
         #[arg(long, default_value_t = 60)]
         outage_secs: u64,
+        /// Replicas on PostgreSQL instead (with --replicas N): PostgreSQL
+        /// against sled at 0 ms, one replica against N at the first
+        /// latency above 0 (200 ms unless given), and a replica killed
+        /// mid-drain. E.g. `bench --backend postgres --replicas 3 --n 4000`.
+        #[arg(long, value_parser = ["sled", "postgres"], default_value = "sled")]
+        backend: String,
+        /// Replicas for --backend postgres.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
         /// Worker and relay drains per configuration, taking turns (the
         /// relay alone varies by about a quarter between runs).
         #[arg(long, default_value_t = 3)]
@@ -362,6 +371,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 outage_secs,
                 rounds,
                 worker_exe,
+                backend,
+                replicas,
             } => {
                 let options = refund_worker::bench::BenchOptions {
                     pressure: pressure.then_some(refund_worker::bench::PressureOptions {
@@ -381,7 +392,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     },
                     rounds,
                 };
-                refund_worker::bench::run(&options).await?;
+                if backend == "postgres" {
+                    refund_worker::bench::replicas::run(&options, replicas.max(1)).await?;
+                } else {
+                    refund_worker::bench::run(&options).await?;
+                }
                 Ok(())
             }
         }

@@ -23,6 +23,7 @@
 //! (the backends). The facade here only dispatches; neither backend imports
 //! the other.
 
+pub(crate) mod codec;
 pub mod copy;
 pub mod ledger;
 pub mod postgres;
@@ -30,7 +31,7 @@ mod record;
 pub mod sled;
 
 pub use record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState, Tombstone};
-pub use sled::codec::{DecodeError, RecordFormat};
+pub use codec::{DecodeError, RecordFormat};
 pub use sled::prune::{PruneReport, Retention};
 pub use sled::syncer::SyncStats;
 pub use sled::SledOptions;

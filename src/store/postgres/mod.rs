@@ -26,6 +26,7 @@ mod queries;
 pub mod setup;
 
 use super::ledger::{ledger_key, LedgerChange, OriginalLedger};
+use super::codec::{self, RecordFormat};
 use super::{Claim, Known, RefundRecord, RefundState, StoreError, Tombstone};
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
@@ -59,6 +60,15 @@ pub(super) struct PgShared {
     /// The last renewal reached the database.
     healthy: AtomicBool,
     stop: Notify,
+    /// Broker confirmations whose outbox marks are to be taken off.
+    confirmations: tokio::sync::mpsc::UnboundedSender<Confirmation>,
+}
+
+/// An event the broker confirmed, and who waits for its mark to go.
+pub(super) struct Confirmation {
+    refund_id: String,
+    event_id: String,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 impl std::fmt::Debug for PgShared {
@@ -81,6 +91,7 @@ impl PgStore {
         let max = usize::try_from(settings.max_connections).unwrap_or(usize::MAX);
         let pool = target.pool(max)?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "refund-worker".into());
+        let (confirmations, confirmed) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(PgShared {
             pool,
             target,
@@ -91,6 +102,7 @@ impl PgStore {
             migrated: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
             stop: Notify::new(),
+            confirmations,
         });
         match shared.prepare().await {
             Ok(()) => {}
@@ -100,6 +112,7 @@ impl PgStore {
             Err(config) => return Err(config),
         }
         tokio::spawn(shared.clone().keep_alive());
+        tokio::spawn(take_off_confirmed(shared.pool.clone(), confirmed));
         Ok(PgStore { shared })
     }
 
@@ -134,29 +147,37 @@ impl PgStore {
             .query_opt(&stmt, &[&refund_id])
             .await
             .map_err(unavailable)?;
-        row.map(|row| record_of(refund_id, row.get(0), row.get(1)))
+        row.map(|row| record_of(refund_id, row.get::<_, &[u8]>(0), row.get(1)))
             .transpose()
     }
 
-    /// The record, else the tombstone.
+    /// The record, else the tombstone, in one round trip (every command
+    /// starts with it).
     pub async fn lookup(&self, refund_id: &str) -> Result<Option<Known>, StoreError> {
-        if let Some(record) = self.get(refund_id).await? {
-            return Ok(Some(Known::Record(Box::new(record))));
-        }
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT tombstone FROM tombstones WHERE refund_id = $1",
-                &[&refund_id],
+        let stmt = client
+            .prepare_cached(
+                "SELECT r.record, r.revision, t.tombstone FROM (SELECT $1::text AS id) k \
+                 LEFT JOIN refunds r ON r.refund_id = k.id \
+                 LEFT JOIN tombstones t ON t.refund_id = k.id",
             )
             .await
             .map_err(unavailable)?;
-        row.map(|row| {
-            serde_json::from_value::<Tombstone>(row.get(0))
-                .map(|t| Known::Tombstone(Box::new(t)))
-                .map_err(|e| corrupt(refund_id, e))
-        })
-        .transpose()
+        let row = client
+            .query_one(&stmt, &[&refund_id])
+            .await
+            .map_err(unavailable)?;
+        if let Some(record) = row.get::<_, Option<&[u8]>>(0) {
+            let record = record_of(refund_id, record, row.get::<_, Option<i64>>(1).unwrap_or(0))?;
+            return Ok(Some(Known::Record(Box::new(record))));
+        }
+        row.get::<_, Option<Value>>(2)
+            .map(|t| {
+                serde_json::from_value::<Tombstone>(t)
+                    .map(|t| Known::Tombstone(Box::new(t)))
+                    .map_err(|e| corrupt(refund_id, e))
+            })
+            .transpose()
     }
 
     /// See [`super::Store::claim`].
@@ -420,6 +441,49 @@ impl PgShared {
     }
 }
 
+/// Takes the outbox marks of confirmed events off, every confirmation
+/// waiting at the time in one statement: at full speed each refund has
+/// one, and they come together.
+async fn take_off_confirmed(
+    pool: Pool,
+    mut confirmed: tokio::sync::mpsc::UnboundedReceiver<Confirmation>,
+) {
+    while let Some(first) = confirmed.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = confirmed.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1000 {
+                break;
+            }
+        }
+        let ids: Vec<&str> = batch.iter().map(|c| c.refund_id.as_str()).collect();
+        let events: Vec<&str> = batch.iter().map(|c| c.event_id.as_str()).collect();
+        let result = async {
+            let fail = |e: tokio_postgres::Error| format!("database: {e}");
+            let mut client = pool.get().await.map_err(|e| format!("database: {e}"))?;
+            let stmt = client
+                .prepare_cached(
+                    "DELETE FROM outbox o USING unnest($1::text[], $2::text[]) AS c(id, event) \
+                     WHERE o.refund_id = c.id AND o.event_id = c.event",
+                )
+                .await
+                .map_err(fail)?;
+            // Not worth a disk sync: a mark lost in a crash means one more
+            // publication of the same event.
+            let tx = client.transaction().await.map_err(fail)?;
+            tx.batch_execute("SET LOCAL synchronous_commit TO off")
+                .await
+                .map_err(fail)?;
+            tx.execute(&stmt, &[&ids, &events]).await.map_err(fail)?;
+            tx.commit().await.map_err(fail)
+        }
+        .await;
+        for confirmation in batch {
+            let _ = confirmation.done.send(result.clone());
+        }
+    }
+}
+
 /// A database error: the store cannot be used now.
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(format!("database: {e}"))
@@ -432,9 +496,11 @@ fn corrupt(what: &str, e: serde_json::Error) -> StoreError {
     }
 }
 
-fn record_of(refund_id: &str, value: Value, revision: i64) -> Result<RefundRecord, StoreError> {
-    let mut record: RefundRecord =
-        serde_json::from_value(value).map_err(|e| corrupt(refund_id, e))?;
+fn record_of(refund_id: &str, bytes: &[u8], revision: i64) -> Result<RefundRecord, StoreError> {
+    let mut record = codec::decode(bytes).map_err(|source| StoreError::Corrupt {
+        refund_id: refund_id.to_string(),
+        source,
+    })?;
     record.revision = revision;
     Ok(record)
 }
@@ -445,7 +511,7 @@ struct Columns {
     state: &'static str,
     status: &'static str,
     provider: String,
-    record: Value,
+    record: Vec<u8>,
     pending_since: Option<String>,
     occurred_at: Option<String>,
     created_at: String,
@@ -454,7 +520,7 @@ struct Columns {
 
 impl Columns {
     fn of(record: &RefundRecord) -> Result<Self, StoreError> {
-        let value = serde_json::to_value(record).map_err(|e| corrupt(&record.refund_id, e))?;
+        let value = codec::encode(record, RecordFormat::Compact);
         Ok(Columns {
             refund_id: record.refund_id.clone(),
             state: record.state.name(),

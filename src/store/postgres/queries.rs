@@ -20,18 +20,23 @@ const SWEEP_CLAIM_SECS: f64 = 30.0;
 const PRUNE_BATCH: i64 = 500;
 
 impl PgStore {
-    /// See [`crate::store::Store::mark_published`].
+    /// See [`crate::store::Store::mark_published`]. Confirmations that
+    /// arrive together are taken off in one statement (`confirmations`).
     pub async fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM outbox WHERE refund_id = $1 AND event_id = $2")
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let confirmation = super::Confirmation {
+            refund_id: refund_id.to_string(),
+            event_id: event_id.to_string(),
+            done,
+        };
+        self.shared
+            .confirmations
+            .send(confirmation)
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        answer
             .await
-            .map_err(unavailable)?;
-        client
-            .execute(&stmt, &[&refund_id, &event_id])
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?
+            .map_err(StoreError::Unavailable)
     }
 
     /// See [`crate::store::Store::outbox_mark`].
@@ -307,7 +312,7 @@ impl PgStore {
             .await
             .map_err(unavailable)?;
         rows.into_iter()
-            .map(|row| record_of(row.get::<_, &str>(0), row.get(1), row.get(2)))
+            .map(|row| record_of(row.get::<_, &str>(0), row.get::<_, &[u8]>(1), row.get(2)))
             .collect()
     }
 
@@ -406,9 +411,10 @@ impl PgStore {
         let rows = tx
             .query(
                 "SELECT refund_id, record, revision FROM refunds r \
-                 WHERE state = 'finished' AND updated_at < ($1::text)::timestamptz \
+                 WHERE occurred_at < ($1::text)::timestamptz AND state = 'finished' \
+                 AND updated_at < ($1::text)::timestamptz \
                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.refund_id = r.refund_id) \
-                 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                 ORDER BY occurred_at LIMIT $2 FOR UPDATE SKIP LOCKED",
                 &[&cutoff, &PRUNE_BATCH],
             )
             .await
@@ -416,7 +422,7 @@ impl PgStore {
         let mut done = 0;
         for row in rows {
             let refund_id: String = row.get(0);
-            let Ok(record) = record_of(&refund_id, row.get(1), row.get(2)) else {
+            let Ok(record) = record_of(&refund_id, row.get::<_, &[u8]>(1), row.get(2)) else {
                 report.unreadable.push(refund_id);
                 continue;
             };
@@ -457,7 +463,7 @@ impl PgStore {
             .await
             .map_err(unavailable)?
             .into_iter()
-            .filter_map(|row| record_of(row.get::<_, &str>(0), row.get(1), row.get(2)).ok())
+            .filter_map(|row| record_of(row.get::<_, &str>(0), row.get::<_, &[u8]>(1), row.get(2)).ok())
             .collect::<Vec<_>>();
         let tombstones = client
             .query(

@@ -20,7 +20,7 @@
 //! process (`worker/locks.rs`), so writes here need no compare-and-swap on
 //! a record's revision.
 
-pub mod codec;
+
 mod outbox;
 pub mod prune;
 pub mod syncer;
@@ -30,7 +30,7 @@ use super::{Census, Claim, Known, PaidReservation, RefundRecord, StoreError, Tom
 use crate::command::RefundCommand;
 use crate::report::ReportRow;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use codec::{DecodeError, RecordFormat};
+use super::codec::{self, DecodeError, RecordFormat};
 use outbox::outbox_value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
