@@ -191,11 +191,13 @@ impl Dlq {
             else {
                 break;
             };
-            messages.push(describe(
+            let mut message = describe(
                 got.delivery.delivery_tag,
                 got.delivery.data.clone(),
                 got.delivery.properties.clone(),
-            ));
+            );
+            message.distrust_if_dead_lettered_from(&amqp.commands_queue);
+            messages.push(message);
         }
         Ok(Dlq {
             connection,
@@ -390,6 +392,38 @@ impl Dlq {
 }
 
 impl DeadMessage {
+    /// A command the broker dead-lettered straight from the commands queue
+    /// (expired, over a length limit) never passed the worker: its
+    /// `x-refund-*` headers are the producer's, not ours, so they say
+    /// nothing about it (a forged kind could make a refund look like
+    /// poison). It is described from its body and from the broker's
+    /// `x-death` record.
+    fn distrust_if_dead_lettered_from(&mut self, commands_queue: &str) {
+        let Some((queue, reason, time)) = latest_death(&self.properties) else {
+            return;
+        };
+        if queue != commands_queue {
+            return;
+        }
+        let body: Option<serde_json::Value> = serde_json::from_slice(&self.raw).ok();
+        let field = |key: &str| {
+            body.as_ref()
+                .and_then(|b| b.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        self.kind = "rejected_by_broker".into();
+        self.error = format!("the broker dead-lettered it from {queue} ({reason})");
+        self.refund_id = field("refund_id");
+        self.provider = field("provider");
+        self.attempts = 0;
+        let at = time.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
+        let at = at.and_then(|t| t.format(&Rfc3339).ok());
+        self.first_failure_at = at.clone();
+        self.last_failure_at = at;
+        self.age_secs = time.map(|t| OffsetDateTime::now_utc().unix_timestamp() - t);
+    }
+
     /// Whether the message stands for a refund: its refund id could be read
     /// (a header the worker wrote, or the body of a message the broker
     /// dead-lettered). Only a body that names no refund is poison.
@@ -407,8 +441,14 @@ impl DeadMessage {
         let at = self
             .first_failure_at
             .as_deref()
-            .or(self.last_failure_at.as_deref())?;
-        let at = OffsetDateTime::parse(at, &Rfc3339).ok()?;
+            .or(self.last_failure_at.as_deref())
+            .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok())
+            .or_else(|| {
+                // A message that never failed in the worker: when it was
+                // published.
+                let published = i64::try_from(*self.properties.timestamp().as_ref()?).ok()?;
+                OffsetDateTime::from_unix_timestamp(published).ok()
+            })?;
         Some((OffsetDateTime::now_utc() - at).unsigned_abs())
     }
 
@@ -416,6 +456,24 @@ impl DeadMessage {
     pub fn body_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.raw).ok()
     }
+}
+
+/// The most recent entry of the broker's `x-death` header: the queue, the
+/// reason and when (Unix seconds).
+fn latest_death(properties: &BasicProperties) -> Option<(String, String, Option<i64>)> {
+    let headers = properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let text = |key: &str| latest.inner().get(key).map(as_text).unwrap_or_default();
+    let time = match latest.inner().get("time") {
+        Some(AMQPValue::Timestamp(t)) => i64::try_from(*t).ok(),
+        _ => None,
+    };
+    Some((text("queue"), text("reason"), time))
 }
 
 /// The original properties without the failure headers, with the replay

@@ -193,11 +193,13 @@ impl WorkerApi {
         refund_id: &str,
         decision: &Decision,
         command: Option<Value>,
+        unread: bool,
     ) -> Result<Value, OpsError> {
         let body = serde_json::json!({
             "by": decision.by,
             "reason": decision.reason,
             "command": command,
+            "unread": unread,
         });
         let response = self
             .post(&format!("/refunds/{refund_id}/abandon"))
@@ -430,7 +432,8 @@ pub async fn dlq_purge(
             let Some(id) = &m.refund_id else {
                 return Err("no refund id".into());
             };
-            api.abandon(id, decision, m.body_json())
+            let unread = matches!(m.kind.as_str(), "oversize" | "wrong_content_type");
+            api.abandon(id, decision, m.body_json(), unread)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -465,7 +468,7 @@ pub async fn refunds_abandon(
     refund_id: &str,
     decision: &Decision,
 ) -> Result<(), OpsError> {
-    let record = api.abandon(refund_id, decision, None).await?;
+    let record = api.abandon(refund_id, decision, None, false).await?;
     println!("{} is now {}", refund_id, status_of(&record));
     Ok(())
 }

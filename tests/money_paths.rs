@@ -181,7 +181,7 @@ async fn a_purge_refuses_refunds_in_doubt() {
         reason: "cleanup".into(),
     };
     let refused = api(&app)
-        .abandon("rf-doubt", &decision, None)
+        .abandon("rf-doubt", &decision, None, false)
         .await
         .expect_err("in doubt");
     assert!(refused.to_string().contains("409"), "{refused}");
@@ -222,7 +222,7 @@ async fn a_refund_not_sent_after_an_unknown_outcome_is_never_settled_as_not_paid
         reason: "cleanup".into(),
     };
     let refused = api(&app)
-        .abandon("rf-cg-cutoff", &decision, None)
+        .abandon("rf-cg-cutoff", &decision, None, false)
         .await
         .expect_err("may have been paid");
     assert!(
@@ -777,4 +777,98 @@ fn a_misspelt_configuration_key_stops_the_worker_with_status_2() {
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// Review of N1/N5: a command the broker dead-lettered (expired in the
+/// queue) is a refund whatever header its producer set: a forged
+/// `x-refund-error-kind: malformed` does not make a purge drop it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_command_is_a_refund_whatever_its_headers_say() {
+    let mut app = TestApp::start().await;
+    app.stop_worker().await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-refund-error-kind".into(),
+        AMQPValue::LongString("malformed".into()),
+    );
+    app.channel
+        .basic_publish(
+            app.settings.amqp.commands_exchange.as_str().into(),
+            "refund.hyp_pay".into(),
+            BasicPublishOptions::default(),
+            hyp("rf-expired", "12290620", 100).as_bytes(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_expiration("1".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    app.wait_depth("refunds.dead", 1).await;
+    app.spawn_worker().await;
+    let report = dlq_purge(
+        &app.settings.amqp,
+        &api(&app),
+        &everything(),
+        &careful(),
+        None,
+    )
+    .await
+    .expect("purge");
+    assert_eq!(
+        report.abandoned,
+        vec!["rf-expired".to_string()],
+        "{report:?}"
+    );
+    let (key, event) = app.next_event().await;
+    assert_eq!(key, "refund.failed", "{event}");
+    assert_eq!(event["error"]["kind"], "abandoned");
+}
+
+/// Review of N5: a command that was not read (wrong content type) and was
+/// answered `rejected` is purged with its rejection repeated, never
+/// recorded as `failed`: a corrected command with the same id is paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_unread_command_stays_rejected_and_its_id_stays_free() {
+    let mut app = TestApp::start().await;
+    app.publish_raw(HYP_REFUND.as_bytes(), Some("text/json"))
+        .await;
+    assert_eq!(app.next_event().await.0, "refund.rejected");
+    app.wait_depth("refunds.dead", 1).await;
+    let report = dlq_purge(
+        &app.settings.amqp,
+        &api(&app),
+        &everything(),
+        &careful(),
+        None,
+    )
+    .await
+    .expect("purge");
+    assert_eq!(report.done, 1, "{report:?}");
+    let (key, again) = app.next_event().await;
+    assert_eq!(key, "refund.rejected", "{again}");
+    app.publish(HYP_REFUND).await;
+    assert_eq!(app.next_event().await.0, "refund.succeeded");
+    assert_eq!(app.sandbox.journal().len(), 1);
+}
+
+/// Review: a copy of a recorded refund that the stricter reader refuses
+/// (a key twice) is answered from its record, never `rejected` after
+/// `succeeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_recorded_refund_that_is_no_longer_valid_is_answered_from_its_record() {
+    let mut app = TestApp::start().await;
+    app.publish(&hyp("rf-twice", "12290620", 100)).await;
+    let (key, first) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded");
+    let damaged =
+        hyp("rf-twice", "12290620", 100).replacen('{', r#"{"order_id":"a","order_id":"b","#, 1);
+    app.publish(&damaged).await;
+    let (key, again) = app.next_event().await;
+    assert_eq!(key, "refund.succeeded", "{again}");
+    assert_eq!(again["event_id"], first["event_id"]);
+    assert_eq!(app.sandbox.journal().len(), 1);
 }

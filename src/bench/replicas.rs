@@ -191,12 +191,19 @@ impl Rig<'_> {
         for i in 0..count {
             let store = self.dir.path().join(format!("store-{name}-{i}"));
             let port = free_port()?;
-            let mut settings = bench_settings(&self.amqp_url, &name, prefetch, &store, port, &sandbox_url)?;
+            let mut settings =
+                bench_settings(&self.amqp_url, &name, prefetch, &store, port, &sandbox_url)?;
             settings.store.backend = backend;
             if i == 0 {
                 topology::declare(&self.channel, &settings).await?;
                 events = Some(bind_events(&self.channel, &settings.amqp.events_exchange).await?);
-                preload(&self.channel, &settings.amqp.commands_exchange, n, &format!("b{name}")).await?;
+                preload(
+                    &self.channel,
+                    &settings.amqp.commands_exchange,
+                    n,
+                    &format!("b{name}"),
+                )
+                .await?;
             }
             let child = self.spawn(&store, backend, database.as_deref(), &name, i)?;
             workers.children.push((child, port));
@@ -238,7 +245,8 @@ impl Rig<'_> {
         latency_ms: u64,
         prefetch: u16,
     ) -> anyhow::Result<ReplicaRun> {
-        let (mut workers, events, _sandbox) = self.prepare(backend, count, latency_ms, prefetch).await?;
+        let (mut workers, events, _sandbox) =
+            self.prepare(backend, count, latency_ms, prefetch).await?;
         let before = self.database_counters(workers.database.as_deref()).await;
         let label = format!("{count} x {backend:?} {latency_ms} ms");
         let drain = collect(events, self.options.n, &label, self.options.quiet).await?;
@@ -276,7 +284,9 @@ impl Rig<'_> {
         };
         let cpu = server_cpu_ms(&self.server.dir.join("data"));
         let commits = async {
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .ok()?;
             tokio::spawn(connection);
             let row = client
                 .query_one(
@@ -293,7 +303,12 @@ impl Rig<'_> {
         (cpu, commits.0, commits.1)
     }
 
-    async fn kill(&mut self, count: usize, latency_ms: u64, prefetch: u16) -> anyhow::Result<KillRun> {
+    async fn kill(
+        &mut self,
+        count: usize,
+        latency_ms: u64,
+        prefetch: u16,
+    ) -> anyhow::Result<KillRun> {
         let (mut workers, mut events, sandbox) = self
             .prepare(StoreBackend::Postgres, count, latency_ms, prefetch)
             .await?;
@@ -402,10 +417,18 @@ fn print_replicas(report: &ReplicaReport) {
     if let (Some(pg), Some(sled)) = (rate("postgres", 1, true), rate("sled", 1, true)) {
         println!("postgres / sled at 0 ms: {:.2} (goal >= 0.6)", pg / sled);
     }
-    let many = report.runs.iter().filter(|r| r.latency_ms > 0).map(|r| r.replicas).max();
+    let many = report
+        .runs
+        .iter()
+        .filter(|r| r.latency_ms > 0)
+        .map(|r| r.replicas)
+        .max();
     if let (Some(many), Some(one)) = (many, rate("postgres", 1, false)) {
         if let Some(all) = rate("postgres", many, false) {
-            println!("{many} replicas / one: {:.2} (goal for 3: >= 2.6)", all / one);
+            println!(
+                "{many} replicas / one: {:.2} (goal for 3: >= 2.6)",
+                all / one
+            );
         }
     }
     if let Some(k) = &report.kill {

@@ -21,7 +21,7 @@
 use super::{error, AppState};
 use crate::secret::constant_time_eq;
 use crate::store::{Known, Tombstone};
-use crate::worker::{Abandoned, Decision, Resolution, ResolveError};
+use crate::worker::{Abandoned, Carrier, Decision, Resolution, ResolveError};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -141,9 +141,13 @@ fn decision_error(e: ResolveError) -> Response {
 struct Abandonment {
     by: String,
     reason: String,
-    /// The body of the refund's message (for a refund with no record).
+    /// The body of the refund's message (a purge).
     #[serde(default)]
     command: Option<serde_json::Value>,
+    /// That message was not read as a command (too large, the wrong
+    /// content type).
+    #[serde(default)]
+    unread: bool,
 }
 
 async fn abandon_refund(
@@ -155,7 +159,11 @@ async fn abandon_refund(
         by: a.by,
         reason: a.reason,
     };
-    match state.worker.abandon(&id, decision, a.command).await {
+    let carrier = a.command.map(|body| Carrier {
+        body,
+        unread: a.unread,
+    });
+    match state.worker.abandon(&id, decision, carrier).await {
         Ok(Abandoned::Recorded(record)) => Json(record).into_response(),
         Ok(Abandoned::Decided(t)) => Json(tombstone_view(&id, &t)).into_response(),
         Ok(Abandoned::Rejected(reason)) => Json(serde_json::json!({

@@ -30,8 +30,8 @@ pub mod postgres;
 mod record;
 pub mod sled;
 
-pub use record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState, Tombstone};
 pub use codec::{DecodeError, RecordFormat};
+pub use record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState, Tombstone};
 pub use sled::prune::{PruneReport, Retention};
 pub use sled::syncer::SyncStats;
 pub use sled::SledOptions;

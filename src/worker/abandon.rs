@@ -27,6 +27,16 @@ use crate::store::ledger::LedgerChange;
 use crate::store::{Claim, Known, RefundRecord, RefundState, Tombstone};
 use tracing::warn;
 
+/// The message that carries the refund being abandoned (a purge).
+#[derive(Debug, Clone)]
+pub struct Carrier {
+    /// Its body, as JSON.
+    pub body: serde_json::Value,
+    /// It was not read as a command (too large, the wrong content type):
+    /// intake answered it with `rejected`, and it records nothing.
+    pub unread: bool,
+}
+
 /// What abandoning a refund amounted to.
 #[derive(Debug, Clone)]
 pub enum Abandoned {
@@ -41,14 +51,16 @@ pub enum Abandoned {
 }
 
 impl Worker {
-    /// Gives a refund up for good (see the module's rules). `command` is
-    /// the body of the message that carries it, for a refund the store does
-    /// not know.
+    /// Gives a refund up for good (see the module's rules). `carrier` is
+    /// the message that carries it (a purge): for a refund the store does
+    /// not know, its command; a message whose command differs from the
+    /// recorded one is answered `conflicting_payload` and the record is left
+    /// as it is.
     pub async fn abandon(
         &self,
         refund_id: &str,
         decision: Decision,
-        command: Option<serde_json::Value>,
+        carrier: Option<Carrier>,
     ) -> Result<Abandoned, ResolveError> {
         let who = who(&decision.by, &decision.reason)?;
         let _guard = self.locks.lock(refund_id).await;
@@ -57,14 +69,30 @@ impl Worker {
         for _ in 0..2 {
             match self.store.lookup(refund_id).await? {
                 Some(Known::Record(record)) => {
+                    if let Some(other) = carrier.as_ref().and_then(|c| another_command(&record, c))
+                    {
+                        return self.reject_other(refund_id, &other).await;
+                    }
                     return self.abandon_recorded(*record, &who).await;
                 }
                 Some(Known::Tombstone(t)) => return Ok(Abandoned::Decided(t)),
                 None => {
-                    let Some(body) = &command else {
+                    let Some(carrier) = &carrier else {
                         return Err(ResolveError::NotFound(refund_id.to_string()));
                     };
-                    if let Some(done) = self.abandon_unrecorded(refund_id, body, &who).await? {
+                    if carrier.unread {
+                        let error = ParseError::Poison(crate::command::Poison {
+                            kind: "unread",
+                            message: "too large or of the wrong content type".into(),
+                        });
+                        return self
+                            .reject_unreadable(refund_id, &carrier.body, error)
+                            .await;
+                    }
+                    if let Some(done) = self
+                        .abandon_unrecorded(refund_id, &carrier.body, &who)
+                        .await?
+                    {
                         return Ok(done);
                     }
                 }
@@ -197,6 +225,25 @@ impl Worker {
         Ok(Abandoned::Rejected(reason))
     }
 
+    /// A message reusing a recorded refund's id for another command: it
+    /// is answered `conflicting_payload`, and the refund is left as it is.
+    async fn reject_other(
+        &self,
+        refund_id: &str,
+        other: &RefundCommand,
+    ) -> Result<Abandoned, ResolveError> {
+        let reason = format!(
+            "refund_id {refund_id} was already used for a different command; the original \
+             refund is not affected"
+        );
+        let event = OutcomeEvent::new(refund_id, Status::Rejected, &other.echo(), 0)
+            .with_error("conflicting_payload", reason.clone());
+        self.publish_side(&event)
+            .await
+            .map_err(ResolveError::Publish)?;
+        Ok(Abandoned::Rejected(reason))
+    }
+
     async fn published_abandoned(
         &self,
         record: &RefundRecord,
@@ -271,4 +318,11 @@ impl Worker {
         warn!(refund_id, ?released, %who, "over-refund reservation released by an operator");
         Ok(released)
     }
+}
+
+/// The carrier's command, when it is a valid command other than the
+/// recorded one.
+fn another_command(record: &RefundRecord, carrier: &Carrier) -> Option<RefundCommand> {
+    let command = RefundCommand::parse(carrier.body.to_string().as_bytes()).ok()?;
+    (command.payload_hash() != record.payload_hash).then_some(command)
 }

@@ -190,13 +190,17 @@ impl Worker {
             // The provider says the money moved: whatever was recorded, its
             // amount counts against the original charge again, so that the
             // over-refund guard does not let it be refunded a second time.
+            let unconfirmed = self.store.outbox_mark(&record.refund_id).await?.is_some();
             self.store
                 .commit(&mut record, LedgerChange::Restore(Reservation::Succeeded))
                 .await?;
-            // Its recorded event stands and was published already.
-            self.store
-                .mark_published(&record.refund_id, &event.event_id)
-                .await?;
+            // The recorded event stands; its mark stays only if it was not
+            // confirmed yet.
+            if !unconfirmed {
+                self.store
+                    .mark_published(&record.refund_id, &event.event_id)
+                    .await?;
+            }
         } else {
             self.store.annotate(&mut record).await?;
         }

@@ -15,7 +15,12 @@
 use super::{PipelineError, Worker};
 use crate::broker::publisher::Publisher;
 use crate::command::{Echo, ParseError, RefundCommand};
+use crate::store::Known;
 use lapin::message::Delivery;
+
+/// The largest body not read as a command that is still searched for its
+/// `refund_id` (a bound on what one poison message costs).
+const MAX_UNREAD_BODY: usize = 4 << 20;
 
 impl Worker {
     /// The delivery's command, or `None` when intake already settled it
@@ -61,6 +66,13 @@ impl Worker {
             }
             Err(ParseError::Invalid(invalid)) => {
                 tracing::Span::current().record("refund_id", invalid.refund_id.as_str());
+                // A refund recorded before (by a version that read this
+                // body, or before the body was damaged) is its record's:
+                // the copy continues from the recorded command.
+                if let Some(Known::Record(record)) = self.store.lookup(&invalid.refund_id).await? {
+                    tracing::warn!(message = %invalid.message, "a copy of a recorded refund is not a valid command now: continuing from its record");
+                    return Ok(Some(record.command));
+                }
                 self.reject(
                     publisher,
                     &invalid.refund_id,
@@ -86,10 +98,14 @@ impl Worker {
         kind: &'static str,
         message: String,
     ) -> Result<(), PipelineError> {
-        let Some((refund_id, echo)) = Echo::of_body(&delivery.data) else {
+        let readable = delivery.data.len() <= MAX_UNREAD_BODY;
+        let Some((refund_id, echo)) = Echo::of_body(&delivery.data).filter(|_| readable) else {
             return self.poison(publisher, delivery, kind, message, None).await;
         };
         tracing::Span::current().record("refund_id", refund_id.as_str());
+        // Under the refund's lock: a well-formed copy being claimed now
+        // decides first.
+        let _guard = self.locks.lock(&refund_id).await;
         if self.store.lookup(&refund_id).await?.is_none() {
             let rejection = format!("{message}; the command was not read");
             self.reject(publisher, &refund_id, &echo, "invalid_command", rejection)

@@ -72,7 +72,13 @@ impl Worker {
         record: &RefundRecord,
         event: &OutcomeEvent,
     ) -> Result<(), PipelineError> {
-        if delivery.redelivered && self.store.outbox_mark(&record.refund_id).await?.is_none() {
+        // A record written by a version before every outcome had its mark
+        // (no attempt trace) may have had its message as the only carrier.
+        let marked_always = record.attempt.is_some();
+        if delivery.redelivered
+            && marked_always
+            && self.store.outbox_mark(&record.refund_id).await?.is_none()
+        {
             info!(
                 status = event.status.as_str(),
                 "redelivered after its outcome was published and confirmed: acking it"

@@ -43,7 +43,7 @@ mod park;
 mod resolve;
 mod written;
 
-pub use abandon::Abandoned;
+pub use abandon::{Abandoned, Carrier};
 pub use callbacks::{CallbackError, CallbackOutcome};
 pub use outbox::SweepReport;
 pub use resolve::{Decision, Resolution, ResolveError};

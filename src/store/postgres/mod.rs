@@ -25,8 +25,8 @@ mod lease;
 mod queries;
 pub mod setup;
 
-use super::ledger::{ledger_key, LedgerChange, OriginalLedger};
 use super::codec::{self, RecordFormat};
+use super::ledger::{ledger_key, LedgerChange, OriginalLedger};
 use super::{Claim, Known, RefundRecord, RefundState, StoreError, Tombstone};
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};

@@ -20,17 +20,16 @@
 //! process (`worker/locks.rs`), so writes here need no compare-and-swap on
 //! a record's revision.
 
-
 mod outbox;
 pub mod prune;
 pub mod syncer;
 
+use super::codec::{self, DecodeError, RecordFormat};
 use super::ledger::{ledger_key, LedgerChange, OriginalLedger, Reservation};
 use super::{Census, Claim, Known, PaidReservation, RefundRecord, StoreError, Tombstone};
 use crate::command::RefundCommand;
 use crate::report::ReportRow;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use super::codec::{self, DecodeError, RecordFormat};
 use outbox::outbox_value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

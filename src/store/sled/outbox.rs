@@ -9,16 +9,18 @@ use std::time::Duration;
 
 impl SledStore {
     /// The broker confirmed `event_id`: take the refund off the outbox,
-    /// unless a newer event replaced it meanwhile (then the newer mark is
-    /// put back). Callers hold the refund's lock, so nothing else writes
-    /// this mark in between.
+    /// unless a newer event replaced it meanwhile.
     pub fn mark_published(&self, refund_id: &str, event_id: &str) -> Result<(), StoreError> {
         let trees = self.trees()?;
         let key = refund_id.as_bytes();
-        if let Some(removed) = trees.outbox.remove(key)? {
-            if parse_outbox(refund_id, &removed).is_some_and(|e| e.event_id != event_id) {
-                trees.outbox.insert(key, removed)?;
-            }
+        let Some(current) = trees.outbox.get(key)? else {
+            return Ok(());
+        };
+        if parse_outbox(refund_id, &current).is_some_and(|e| e.event_id == event_id) {
+            // Only this mark: a newer one written meanwhile stays.
+            let _ = trees
+                .outbox
+                .compare_and_swap(key, Some(current), None as Option<&[u8]>)?;
         }
         Ok(())
     }
