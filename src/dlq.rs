@@ -70,7 +70,7 @@ pub struct DeadMessage {
     pub last_failure_at: Option<String>,
     /// Seconds since the last failure.
     pub age_secs: Option<i64>,
-    /// The body, as text.
+    /// The body, as text, with any card token masked.
     pub body: String,
     /// All headers, as text.
     pub headers: std::collections::BTreeMap<String, String>,
@@ -452,6 +452,12 @@ impl DeadMessage {
         Some((OffsetDateTime::now_utc() - at).unsigned_abs())
     }
 
+    /// The body as it is in the queue (a card token maybe whole), for an
+    /// edit that republishes it to the commands exchange.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// The body as JSON, when it is JSON.
     pub fn body_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.raw).ok()
@@ -533,7 +539,9 @@ fn describe(delivery_tag: u64, raw: Vec<u8>, properties: BasicProperties) -> Dea
                 .collect()
         })
         .unwrap_or_default();
-    let body = String::from_utf8_lossy(&raw).to_string();
+    // What people see: a payout's card token masked (a message the broker
+    // dead-lettered itself still carries it whole in `raw`).
+    let body = String::from_utf8_lossy(&crate::command::mask_card_tokens(&raw)).to_string();
     let refund_id = headers.get(HEADER_REFUND_ID).cloned().or_else(|| {
         serde_json::from_slice::<serde_json::Value>(&raw)
             .ok()?

@@ -34,6 +34,31 @@ pub struct Change {
     pub to: Value,
 }
 
+impl Change {
+    /// A card token's change as it may be shown and kept in a header: its
+    /// last four digits only.
+    fn masked(self) -> Self {
+        let mask = |v: Value| {
+            let text = match v {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                other => return other,
+            };
+            let body = serde_json::json!({ "card_token": text }).to_string();
+            let masked = crate::command::mask_card_tokens(body.as_bytes());
+            serde_json::from_slice::<Value>(&masked)
+                .ok()
+                .and_then(|m| m.get("card_token").cloned())
+                .unwrap_or(Value::Null)
+        };
+        Change {
+            path: self.path,
+            from: mask(self.from),
+            to: mask(self.to),
+        }
+    }
+}
+
 /// Parses `path=value` arguments.
 pub fn parse_sets(args: &[String]) -> Result<Vec<Set>, String> {
     if args.is_empty() {
@@ -68,6 +93,12 @@ pub fn apply(body: &[u8], sets: &[Set]) -> Result<(Value, Vec<Change>), String> 
     if !command.is_object() {
         return Err("the dead-lettered body is not a JSON object".into());
     }
+    let payout = command.get("operation").and_then(Value::as_str) == Some("payout");
+    if payout && sets.iter().any(|s| s.path[0] == "amount") {
+        return Err(
+            "the amount of a payout cannot be edited: abandon it and publish a new payout".into(),
+        );
+    }
     let mut changes = Vec::new();
     for set in sets {
         let mut node = &mut command;
@@ -84,12 +115,22 @@ pub fn apply(body: &[u8], sets: &[Set]) -> Result<(Value, Vec<Change>), String> 
             .ok_or_else(|| format!("{}: not an object on the way", set.path.join(".")))?;
         let last = &set.path[set.path.len() - 1];
         let from = object.get(last).cloned().unwrap_or(Value::Null);
-        if from != set.value {
-            object.insert(last.clone(), set.value.clone());
-            changes.push(Change {
+        // A token typed bare reads as a number; the command wants text.
+        let value = match &set.value {
+            Value::Number(n) if last == "card_token" => Value::String(n.to_string()),
+            other => other.clone(),
+        };
+        if from != value {
+            object.insert(last.clone(), value.clone());
+            let change = Change {
                 path: set.path.join("."),
                 from,
-                to: set.value.clone(),
+                to: value,
+            };
+            changes.push(if last == "card_token" {
+                change.masked()
+            } else {
+                change
             });
         }
     }
@@ -123,7 +164,7 @@ pub fn chain(
         "by": by,
         "reason": reason,
         "changes": changes,
-        "original_body": String::from_utf8_lossy(original_body),
+        "original_body": String::from_utf8_lossy(&crate::command::mask_card_tokens(original_body)),
     }));
     Value::Array(edits).to_string()
 }

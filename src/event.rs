@@ -3,7 +3,7 @@
 //! a re-publication after a redelivery or a restart carries the same id and
 //! consumers can deduplicate on it.
 
-use crate::command::{hex, Echo, Operation};
+use crate::command::{hex, Echo, Operation, PayoutEcho};
 use crate::money::Amount;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -86,6 +86,10 @@ pub struct OutcomeEvent {
     pub order_id: Option<String>,
     /// Echoed from the command.
     pub metadata: Option<Value>,
+    /// A payout's card by its last four digits (payouts only; the token
+    /// itself never leaves the worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payout: Option<PayoutEcho>,
     /// When the outcome was decided (RFC 3339, UTC).
     pub occurred_at: String,
 }
@@ -142,6 +146,7 @@ impl OutcomeEvent {
             attempts,
             order_id: echo.order_id.clone(),
             metadata: echo.metadata.clone(),
+            payout: echo.payout.clone(),
             occurred_at: now_rfc3339(),
         }
     }
@@ -214,6 +219,7 @@ mod tests {
             }),
             order_id: Some("ord-1".into()),
             metadata: None,
+            payout: None,
         };
         let event = OutcomeEvent::new("rf-1", Status::InDoubt, &echo, 1);
         let json: Value = serde_json::to_value(&event).expect("json");

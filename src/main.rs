@@ -66,6 +66,14 @@ enum Command {
             hide_env_values = true
         )]
         hyp_pass_p: String,
+        /// Hyp Pay credit password (zPass) the sandbox accepts for payouts.
+        #[arg(
+            long,
+            default_value = "sandbox-zpass",
+            env = "SANDBOX_HYP_Z_PASS",
+            hide_env_values = true
+        )]
+        hyp_z_pass: String,
         /// CreditGuard user the sandbox accepts.
         #[arg(long, default_value = "sandbox-user")]
         cg_user: String,
@@ -291,6 +299,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 latency_ms,
                 hyp_masof,
                 hyp_pass_p,
+                hyp_z_pass,
                 cg_user,
                 cg_password,
                 cg_terminal,
@@ -304,6 +313,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 let config = SandboxConfig {
                     hyp_masof,
                     hyp_pass_p,
+                    hyp_z_pass,
                     cg_user,
                     cg_password,
                     cg_terminal,

@@ -3,6 +3,7 @@
 //! Every name the worker exports is written here, so the list in the README
 //! and this file are the whole story.
 
+use crate::command::Operation;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
@@ -125,14 +126,23 @@ pub fn in_flight(delta: f64) {
     once(&HANDLE, || gauge!("refund_worker_in_flight")).increment(delta);
 }
 
-/// An outcome event was decided.
-pub fn outcome(provider: &str, status: &'static str) {
+/// An outcome event was decided. Payouts are counted again on their own
+/// (`refund_worker_payouts_total`): they move money with no earlier charge.
+pub fn outcome(provider: &str, operation: Option<Operation>, status: &'static str) {
     static HANDLES: ByAccount<Counter> = ByAccount::new();
     HANDLES
         .get(provider, status, || {
             counter!("refund_worker_outcomes_total", "provider" => provider.to_string(), "status" => status)
         })
         .increment(1);
+    if operation == Some(Operation::Payout) {
+        static PAYOUTS: ByAccount<Counter> = ByAccount::new();
+        PAYOUTS
+            .get(provider, status, || {
+                counter!("refund_worker_payouts_total", "provider" => provider.to_string(), "status" => status)
+            })
+            .increment(1);
+    }
 }
 
 /// One provider call and its outcome class.

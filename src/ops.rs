@@ -637,7 +637,7 @@ pub async fn dlq_edit_with(
             )));
         }
         let (command, changes) =
-            crate::dlq_edit::apply(m.body.as_bytes(), &sets).map_err(OpsError::Refused)?;
+            crate::dlq_edit::apply(m.raw(), &sets).map_err(OpsError::Refused)?;
         let diff = crate::dlq_edit::diff(&changes);
         show(&diff);
         if dry_run {

@@ -214,10 +214,32 @@ impl Provider {
     /// Kind-specific checks of a command, before any call. The message names
     /// the offending field.
     pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
+        if command.operation == Operation::Payout && !matches!(self, Provider::HypPay(_)) {
+            return Err(format!(
+                "operation: payout is not supported by {} accounts (only hyp_pay has payouts)",
+                self.kind()
+            ));
+        }
         match self {
             Provider::HypPay(p) => p.check(command),
             Provider::CreditGuard(p) => p.check(command),
             Provider::Paynet(p, _) => p.check(command),
+        }
+    }
+
+    /// A payout's account rules (enabled, largest payout): its daily limit
+    /// when it may be claimed. Only Hyp Pay pays out; [`Provider::check`]
+    /// refused a payout to any other kind already.
+    pub fn payout_rule(
+        &self,
+        command: &RefundCommand,
+    ) -> Result<Option<u64>, hyp_pay::PayoutRefused> {
+        match self {
+            Provider::HypPay(p) => p.payout_rule(command),
+            _ => Err(hyp_pay::PayoutRefused {
+                kind: "invalid_command",
+                message: format!("{} accounts have no payouts", self.kind()),
+            }),
         }
     }
 

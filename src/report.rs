@@ -42,6 +42,9 @@ pub struct ReportRow {
     pub day: String,
     /// ISO 4217, or empty for refunds without an amount.
     pub currency: String,
+    /// `refund` (refunds and cancels) or `payout`: payouts move money with
+    /// no earlier charge, so they are counted apart.
+    pub operation: String,
     /// Confirmed by the provider.
     pub succeeded: Tally,
     /// Declined (or abandoned).
@@ -74,29 +77,39 @@ pub fn tally(
     from: Date,
     to: Date,
 ) -> Vec<ReportRow> {
-    let mut rows: BTreeMap<(String, String, String), ReportRow> = BTreeMap::new();
-    let mut count =
-        |provider: &str, at: &str, amount: Option<&crate::money::Amount>, status: Status| {
-            let Some(day) = day_of(at).filter(|d| *d >= from && *d <= to) else {
-                return;
-            };
-            let currency = amount.map(|a| a.currency.clone()).unwrap_or_default();
-            let key = (provider.to_string(), day.to_string(), currency.clone());
-            let row = rows.entry(key).or_insert_with(|| ReportRow {
-                provider: provider.to_string(),
-                day: day.to_string(),
-                currency,
-                ..Default::default()
-            });
-            let tally = match status {
-                Status::Succeeded => &mut row.succeeded,
-                Status::Failed => &mut row.failed,
-                Status::InDoubt => &mut row.in_doubt,
-                Status::Pending => &mut row.pending,
-                Status::Rejected => return,
-            };
-            tally.add(amount.map(|a| a.minor));
+    let mut rows: BTreeMap<(String, String, String, &str), ReportRow> = BTreeMap::new();
+    let mut count = |provider: &str,
+                     at: &str,
+                     amount: Option<&crate::money::Amount>,
+                     status: Status,
+                     payout: bool| {
+        let Some(day) = day_of(at).filter(|d| *d >= from && *d <= to) else {
+            return;
         };
+        let currency = amount.map(|a| a.currency.clone()).unwrap_or_default();
+        let operation = if payout { "payout" } else { "refund" };
+        let key = (
+            provider.to_string(),
+            day.to_string(),
+            currency.clone(),
+            operation,
+        );
+        let row = rows.entry(key).or_insert_with(|| ReportRow {
+            provider: provider.to_string(),
+            day: day.to_string(),
+            currency,
+            operation: operation.to_string(),
+            ..Default::default()
+        });
+        let tally = match status {
+            Status::Succeeded => &mut row.succeeded,
+            Status::Failed => &mut row.failed,
+            Status::InDoubt => &mut row.in_doubt,
+            Status::Pending => &mut row.pending,
+            Status::Rejected => return,
+        };
+        tally.add(amount.map(|a| a.minor));
+    };
     let mut recorded = std::collections::HashSet::new();
     for record in records {
         recorded.insert(record.refund_id.clone());
@@ -111,6 +124,7 @@ pub fn tally(
                 &event.occurred_at,
                 record.command.amount.as_ref(),
                 status,
+                record.command.operation == crate::command::Operation::Payout,
             );
         }
     }
@@ -118,7 +132,14 @@ pub fn tally(
         if recorded.contains(&refund_id) {
             continue;
         }
-        count(&t.provider, &t.occurred_at, t.amount.as_ref(), t.status);
+        let payout = t.payout.unwrap_or(false);
+        count(
+            &t.provider,
+            &t.occurred_at,
+            t.amount.as_ref(),
+            t.status,
+            payout,
+        );
     }
     rows.into_values().collect()
 }
@@ -126,7 +147,7 @@ pub fn tally(
 /// The report as CSV (one header line).
 pub fn to_csv(rows: &[ReportRow]) -> String {
     let mut out = String::from(
-        "provider,day,currency,succeeded_count,succeeded_minor,failed_count,failed_minor,in_doubt_count,in_doubt_minor,pending_count,pending_minor,without_amount\n",
+        "provider,day,currency,operation,succeeded_count,succeeded_minor,failed_count,failed_minor,in_doubt_count,in_doubt_minor,pending_count,pending_minor,without_amount\n",
     );
     for r in rows {
         let without = r.succeeded.without_amount
@@ -134,10 +155,11 @@ pub fn to_csv(rows: &[ReportRow]) -> String {
             + r.in_doubt.without_amount
             + r.pending.without_amount;
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.provider,
             r.day,
             r.currency,
+            r.operation,
             r.succeeded.count,
             r.succeeded.minor,
             r.failed.count,

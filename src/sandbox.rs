@@ -11,6 +11,7 @@
 mod clock;
 pub mod creditguard;
 pub mod hyp_pay;
+mod hyp_pay_payout;
 pub mod paynet;
 
 use axum::extract::State;
@@ -34,6 +35,8 @@ pub struct SandboxConfig {
     pub hyp_masof: String,
     /// Hyp Pay password the sandbox accepts.
     pub hyp_pass_p: String,
+    /// Hyp Pay credit password (`zPass`) the sandbox accepts for payouts.
+    pub hyp_z_pass: String,
     /// CreditGuard API user the sandbox accepts.
     pub cg_user: String,
     /// CreditGuard password the sandbox accepts.
@@ -55,6 +58,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             hyp_masof: "0010131918".into(),
             hyp_pass_p: "sandbox-pass".into(),
+            hyp_z_pass: "sandbox-zpass".into(),
             cg_user: "sandbox-user".into(),
             cg_password: "sandbox-pass".into(),
             cg_terminal: "0882819014".into(),
@@ -78,6 +82,20 @@ pub struct Seed {
     /// Paynet transactions.
     #[serde(default)]
     pub paynet: Vec<paynet::PaynetOriginal>,
+    /// Card tokens Hyp Pay knows, for payouts.
+    #[serde(default)]
+    pub hyp_pay_cards: Vec<SeedCard>,
+}
+
+/// A card token the sandbox can pay out to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedCard {
+    /// The 19-digit token.
+    pub token: String,
+    /// `MM`.
+    pub expiry_month: String,
+    /// `YY`.
+    pub expiry_year: String,
 }
 
 impl Seed {
@@ -172,6 +190,9 @@ pub enum FaultKind {
     HtmlAfter,
     /// Execute, then keep the connection silent for `stall_ms`.
     StallAfter,
+    /// Answer `CCode=<code>` without executing (Hyp Pay: any documented
+    /// code a test wants to see), `{"answer_code": 997}`.
+    AnswerCode(u32),
 }
 
 /// A queued fault.

@@ -58,6 +58,9 @@ fn events_of_every_status_match_the_schema() {
         amount: None,
         order_id: Some("ord-1".into()),
         metadata: Some(serde_json::json!({"any": "json"})),
+        payout: Some(refund_worker::command::PayoutEcho {
+            card_last4: "0772".into(),
+        }),
     };
     for status in [
         Status::Succeeded,

@@ -6,8 +6,10 @@
 //! * [`Invalid`]: a message with a good `refund_id` whose content is wrong. It
 //!   gets a `refund.rejected` event so the sender learns about it.
 
+mod payout;
 mod strict;
 
+pub use payout::{mask_card_tokens, CardToken, PayoutEcho, PayoutTarget};
 pub use strict::{StrictValue, MAX_DEPTH};
 
 use crate::money::{self, Amount};
@@ -26,6 +28,8 @@ pub enum Operation {
     Refund,
     /// Cancel a charge that was not yet transmitted.
     Cancel,
+    /// Credit a card with no earlier charge (Hyp Pay `action=soft`).
+    Payout,
 }
 
 impl Operation {
@@ -34,6 +38,7 @@ impl Operation {
         match self {
             Operation::Refund => "refund",
             Operation::Cancel => "cancel",
+            Operation::Payout => "payout",
         }
     }
 }
@@ -49,9 +54,17 @@ pub struct RefundCommand {
     /// Refund (default) or cancel.
     #[serde(default = "default_operation")]
     pub operation: Operation,
-    /// Reference to the original charge; its shape depends on the provider kind.
-    #[serde(deserialize_with = "strict::map")]
+    /// Reference to the original charge; its shape depends on the provider
+    /// kind. Empty (absent) for a payout, which has none.
+    #[serde(
+        default,
+        deserialize_with = "strict::map",
+        skip_serializing_if = "Map::is_empty"
+    )]
     pub transaction: Map<String, Value>,
+    /// Where a payout goes (payouts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payout: Option<PayoutTarget>,
     /// Amount to refund; absent means the full amount where the provider allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount: Option<Amount>,
@@ -120,6 +133,8 @@ pub struct Echo {
     pub order_id: Option<String>,
     /// `metadata` as sent.
     pub metadata: Option<Value>,
+    /// A payout's card, by its last four digits.
+    pub payout: Option<PayoutEcho>,
 }
 
 /// Why parsing stopped.
@@ -234,9 +249,7 @@ impl RefundCommand {
         if self.provider.trim().is_empty() {
             return Err("provider must not be empty".into());
         }
-        if self.transaction.is_empty() {
-            return Err("transaction must name the original charge".into());
-        }
+        self.check_operation()?;
         if let Some(amount) = &self.amount {
             if !money::is_known_currency(&amount.currency) {
                 return Err(format!(
@@ -274,12 +287,65 @@ impl RefundCommand {
         Ok(())
     }
 
+    /// What each operation needs and refuses: a refund or a cancel names
+    /// the original charge; a payout names a card instead, and an amount.
+    fn check_operation(&self) -> Result<(), String> {
+        if self.operation != Operation::Payout {
+            if self.payout.is_some() {
+                return Err("payout is only for operation \"payout\"".into());
+            }
+            if self.transaction.is_empty() {
+                return Err("transaction must name the original charge".into());
+            }
+            return Ok(());
+        }
+        if self.payout.is_none() {
+            return Err("payout (the card to credit) is required for operation \"payout\"".into());
+        }
+        if !self.transaction.is_empty() {
+            return Err("transaction is not used by a payout (it has no original charge)".into());
+        }
+        if self.amount.is_none() {
+            return Err("amount is required for a payout".into());
+        }
+        if self.original_amount.is_some() {
+            return Err("original_amount is not used by a payout".into());
+        }
+        if self.installments.is_some() {
+            return Err("installments are not used by a payout".into());
+        }
+        Ok(())
+    }
+
     /// Hash of the normalised command (defaults filled, keys sorted), used to
     /// tell a redelivery from a different command re-using a `refund_id`.
+    /// A payout's card token is hashed masked, so that the masked copy a
+    /// dead letter carries is the same command when it is replayed.
     pub fn payload_hash(&self) -> String {
         // serde_json's Map is ordered by key, so this is canonical.
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let canonical = match &self.payout {
+            Some(_) => serde_json::to_vec(&self.masked()),
+            None => serde_json::to_vec(self),
+        }
+        .unwrap_or_default();
         hex(&Sha256::digest(&canonical))
+    }
+
+    /// The command as it may be shown outside the worker: a payout's card
+    /// token masked to its last four digits.
+    pub fn masked(&self) -> RefundCommand {
+        RefundCommand {
+            payout: self.payout.as_ref().map(PayoutTarget::masked),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this command carries a masked card token (a copy read back
+    /// from a dead letter): it can be matched with its record, never sent.
+    pub fn has_masked_token(&self) -> bool {
+        self.payout
+            .as_ref()
+            .is_some_and(|p| p.card_token.is_masked())
     }
 
     /// Fields echoed in events.
@@ -290,6 +356,7 @@ impl RefundCommand {
             amount: self.amount.clone(),
             order_id: self.order_id.clone(),
             metadata: self.metadata.clone(),
+            payout: self.payout.as_ref().map(PayoutTarget::echo),
         }
     }
 
@@ -394,6 +461,14 @@ impl Echo {
                 .and_then(|v| serde_json::from_value(v.clone()).ok()),
             order_id: string("order_id"),
             metadata: object.get("metadata").cloned(),
+            payout: object
+                .get("payout")
+                .and_then(|p| p.get("card_token"))
+                .and_then(Value::as_str)
+                .filter(|t| t.len() >= 4 && t.is_ascii())
+                .map(|t| PayoutEcho {
+                    card_last4: t[t.len() - 4..].to_string(),
+                }),
         }
     }
 }

@@ -80,9 +80,15 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
+/// A record as the API shows it: a payout's card token masked.
+fn shown(mut record: crate::store::RefundRecord) -> crate::store::RefundRecord {
+    record.command = record.command.masked();
+    record
+}
+
 async fn show_refund(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.worker.store().lookup(&id).await {
-        Ok(Some(Known::Record(record))) => Json(record).into_response(),
+        Ok(Some(Known::Record(record))) => Json(shown(*record)).into_response(),
         Ok(Some(Known::Tombstone(t))) => Json(tombstone_view(&id, &t)).into_response(),
         Ok(None) => no_such_refund(&id),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -121,7 +127,7 @@ struct ListQuery {
 async fn list_refunds(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(1000);
     match state.worker.store().list(q.status, limit).await {
-        Ok(records) => Json(records).into_response(),
+        Ok(records) => Json(records.into_iter().map(shown).collect::<Vec<_>>()).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -164,7 +170,7 @@ async fn abandon_refund(
         unread: a.unread,
     });
     match state.worker.abandon(&id, decision, carrier).await {
-        Ok(Abandoned::Recorded(record)) => Json(record).into_response(),
+        Ok(Abandoned::Recorded(record)) => Json(shown(*record)).into_response(),
         Ok(Abandoned::Decided(t)) => Json(tombstone_view(&id, &t)).into_response(),
         Ok(Abandoned::Rejected(reason)) => Json(serde_json::json!({
             "refund_id": id,
@@ -194,7 +200,7 @@ async fn resolve_refund(
     Json(resolution): Json<Resolution>,
 ) -> Response {
     match state.worker.resolve(&id, resolution).await {
-        Ok(record) => Json(record).into_response(),
+        Ok(record) => Json(shown(record)).into_response(),
         Err(e) => decision_error(e),
     }
 }

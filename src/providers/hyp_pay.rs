@@ -1,5 +1,5 @@
-//! Hyp Pay integration: `zikoyAPI` (refund) and `CancelTrans` (cancel) sent
-//! as POST forms to the account's action URL. POST, not GET: a password in a
+//! Hyp Pay integration: `zikoyAPI` (refund), `CancelTrans` (cancel) and
+//! `soft` with the credit password (payout) sent as POST forms to the account's action URL. POST, not GET: a password in a
 //! query string ends up in proxy and access logs. The pure translation lives
 //! in [`wire`].
 
@@ -33,7 +33,35 @@ impl HypPay {
     /// Checks what Hyp Pay needs: `transaction.id`, an amount for refunds,
     /// no installments.
     pub fn check(&self, command: &RefundCommand) -> Result<(), String> {
-        wire::request_for(command, &self.account).map(|_| ())
+        match command.operation {
+            Operation::Payout => wire::payout_request_for(command, &self.account).map(|_| ()),
+            _ => wire::request_for(command, &self.account).map(|_| ()),
+        }
+    }
+
+    /// The account's payout rules for a payout command, checked before it
+    /// is claimed: the kind and message of a rejection, or the daily limit
+    /// its claim reserves against (`None`: no daily limit).
+    pub fn payout_rule(&self, command: &RefundCommand) -> Result<Option<u64>, PayoutRefused> {
+        let payouts = &self.account.payouts;
+        if !payouts.enabled {
+            return Err(PayoutRefused {
+                kind: "payouts_disabled",
+                message: "payouts are not enabled on this account \
+                          (providers.<name>.payouts.enabled)"
+                    .into(),
+            });
+        }
+        let amount = command.amount.as_ref().map_or(0, |a| a.minor);
+        if let Some(max) = payouts.max_amount_minor.filter(|max| amount > *max) {
+            return Err(PayoutRefused {
+                kind: "payout_max_amount_exceeded",
+                message: format!(
+                    "a payout of {amount} exceeds payouts.max_amount_minor {max} of this account"
+                ),
+            });
+        }
+        Ok(payouts.daily_limit_minor)
     }
 
     /// Sends the command once.
@@ -42,6 +70,9 @@ impl HypPay {
         command: &RefundCommand,
         traceparent: Option<&str>,
     ) -> ProviderOutcome {
+        if command.operation == Operation::Payout {
+            return self.pay_out(command, traceparent).await;
+        }
         let form = match wire::request_for(command, &self.account) {
             Ok(form) => form,
             // check() ran before; this is unreachable in practice but must not panic.
@@ -57,6 +88,21 @@ impl HypPay {
         post_form(request, |body| wire::classify(command.operation, body)).await
     }
 
+    async fn pay_out(&self, command: &RefundCommand, traceparent: Option<&str>) -> ProviderOutcome {
+        let form = match wire::payout_request_for(command, &self.account) {
+            Ok(form) => form,
+            Err(message) => {
+                return ProviderOutcome::NotSent {
+                    reason: message,
+                    retry_after: None,
+                }
+            }
+        };
+        let request = self.endpoint.post(&self.http).form(&form.fields());
+        let request = super::with_trace(request, traceparent, &self.account.policy);
+        post_form(request, |body| wire::classify_payout(body, &form.amount)).await
+    }
+
     /// The terminal (`Masof`).
     pub fn terminal(&self) -> &str {
         &self.account.masof
@@ -67,6 +113,7 @@ impl HypPay {
         match operation {
             Operation::Refund => wire::ACTION_REFUND,
             Operation::Cancel => wire::ACTION_CANCEL,
+            Operation::Payout => wire::ACTION_PAYOUT,
         }
     }
 }
@@ -81,9 +128,42 @@ pub struct HypPayAccount {
     pub masof: String,
     /// API password.
     pub pass_p: Secret,
+    /// Credit password (`zPass`), needed for payouts only.
+    #[serde(default)]
+    pub z_pass: Secret,
+    /// Payouts from this terminal.
+    #[serde(default)]
+    pub payouts: PayoutSettings,
     /// Limits, circuit breaker and trace propagation of this account.
     #[serde(flatten)]
     pub policy: super::gate::AccountPolicy,
+}
+
+/// Whether an account pays out, and its limits. A payout has no original
+/// charge to bound it, so its bounds are the account's.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PayoutSettings {
+    /// Off by default: a payout to an account without it is rejected
+    /// (`payouts_disabled`).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The largest single payout, in minor units (unset: no such limit).
+    #[serde(default)]
+    pub max_amount_minor: Option<u64>,
+    /// The most paid out per UTC day and currency, in minor units,
+    /// counting payouts in flight and in doubt (unset: no such limit).
+    #[serde(default)]
+    pub daily_limit_minor: Option<u64>,
+}
+
+/// A payout the account's rules refuse before any call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutRefused {
+    /// The event's error kind, naming the rule.
+    pub kind: &'static str,
+    /// What is wrong.
+    pub message: String,
 }
 
 fn default_hyp_pay_url() -> String {
@@ -107,6 +187,18 @@ impl HypPayAccount {
             return Err(AccountError::new(
                 "pass_p",
                 "missing (set it in the environment or an uncommitted config file)",
+            ));
+        }
+        if self.payouts.enabled && self.z_pass.is_empty() {
+            return Err(AccountError::new(
+                "z_pass",
+                "missing: payouts.enabled needs the credit password (zPass)",
+            ));
+        }
+        if self.payouts.max_amount_minor == Some(0) || self.payouts.daily_limit_minor == Some(0) {
+            return Err(AccountError::new(
+                "payouts",
+                "a limit of 0 allows no payout: turn payouts.enabled off instead",
             ));
         }
         Ok(())

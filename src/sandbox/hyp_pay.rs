@@ -20,7 +20,7 @@ use std::time::Duration;
 const HTML_ERROR: &str = "<html><head><title>Error</title></head><body><h1>System error</h1>\
 <p>An unexpected error occurred. Please try again later.</p></body></html>";
 
-enum Answer {
+pub(super) enum Answer {
     Text(String),
     Html(StatusCode),
     StallThen(Duration, String),
@@ -78,6 +78,9 @@ fn decide(state: &mut SandboxState, params: &[(String, String)]) -> Answer {
     if get("PassP").as_deref() != Some(state.config.hyp_pass_p.as_str()) {
         return Answer::Text("CCode=902".into());
     }
+    if action == "soft" {
+        return super::hyp_pay_payout::decide(state, &get);
+    }
     let Some(trans_id) = get("TransId").filter(|t| !t.is_empty()) else {
         return Answer::Text("CCode=400".into());
     };
@@ -85,6 +88,7 @@ fn decide(state: &mut SandboxState, params: &[(String, String)]) -> Answer {
     match fault.as_ref().map(|f| &f.fault) {
         Some(FaultKind::Unavailable) => return Answer::Html(StatusCode::SERVICE_UNAVAILABLE),
         Some(FaultKind::HtmlBefore) => return Answer::Html(StatusCode::OK),
+        Some(FaultKind::AnswerCode(code)) => return Answer::Text(format!("CCode={code}")),
         _ => {}
     }
     let (executed, text) = match action.as_str() {

@@ -40,7 +40,7 @@
 //! as their bytes. JSON that the command carries as is (`transaction`,
 //! `installments`, `metadata`) is stored as its JSON text.
 
-use crate::command::{Operation, RefundCommand};
+use crate::command::{Operation, PayoutTarget, RefundCommand};
 use crate::event::{EventError, OutcomeEvent, Status};
 use crate::money::Amount;
 use crate::store::record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState};
@@ -59,6 +59,8 @@ struct Extras {
     attempt: Option<AttemptTrace>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     uncertain: Vec<AttemptTrace>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payout: Option<PayoutTarget>,
 }
 
 impl Extras {
@@ -66,8 +68,11 @@ impl Extras {
         let extras = Extras {
             attempt: record.attempt.clone(),
             uncertain: record.uncertain.clone(),
+            payout: record.command.payout.clone(),
         };
-        (extras.attempt.is_some() || !extras.uncertain.is_empty()).then_some(extras)
+        let any =
+            extras.attempt.is_some() || !extras.uncertain.is_empty() || extras.payout.is_some();
+        any.then_some(extras)
     }
 }
 
@@ -264,7 +269,8 @@ fn decode_compact(bytes: &[u8]) -> Result<RefundRecord> {
     };
     let refund_id = r.string()?;
     let payload_hash = r.hex()?;
-    let command = RefundCommand {
+    let mut command = RefundCommand {
+        payout: None,
         refund_id: r.string()?,
         provider,
         operation: r.operation()?,
@@ -298,6 +304,8 @@ fn decode_compact(bytes: &[u8]) -> Result<RefundRecord> {
     if r.remaining() != 0 {
         return Err(DecodeError::Compact("bytes after the record"));
     }
+    command.payout = extras.payout;
+    let state = with_payout_echo(state, &command);
     Ok(RefundRecord {
         refund_id,
         payload_hash,
@@ -312,13 +320,28 @@ fn decode_compact(bytes: &[u8]) -> Result<RefundRecord> {
         attempt: extras.attempt,
         uncertain: extras.uncertain,
         revision: 0,
+        daily_limit: None,
     })
+}
+
+/// The compact event has no place for a payout's card digits: they come
+/// from the command, as they did when the event was made.
+fn with_payout_echo(mut state: RefundState, command: &RefundCommand) -> RefundState {
+    let echo = command.payout.as_ref().map(PayoutTarget::echo);
+    match &mut state {
+        RefundState::Pending { event, .. }
+        | RefundState::Finished { event }
+        | RefundState::InDoubt { event } => event.payout = echo,
+        RefundState::Attempting { .. } | RefundState::NotSent { .. } => {}
+    }
+    state
 }
 
 fn operation_tag(operation: Operation) -> u8 {
     match operation {
         Operation::Refund => 0,
         Operation::Cancel => 1,
+        Operation::Payout => 2,
     }
 }
 
@@ -544,6 +567,7 @@ impl<'b> Reader<'b> {
         match self.byte()? {
             0 => Ok(Operation::Refund),
             1 => Ok(Operation::Cancel),
+            2 => Ok(Operation::Payout),
             _ => Err(DecodeError::Compact("unknown operation")),
         }
     }
@@ -587,6 +611,7 @@ impl<'b> Reader<'b> {
             attempts: self.u32()?,
             order_id: self.opt(Reader::string)?,
             metadata: self.opt(Reader::json)?,
+            payout: None,
             occurred_at: self.string()?,
         })
     }
@@ -613,6 +638,7 @@ mod tests {
                 currency: "ILS".into(),
             }),
             original_amount: Some(5000),
+            payout: None,
             installments: Some(serde_json::json!({"count": 3, "first": {"minor": 350}})),
             order_id: Some("ord-991".into()),
             reason: Some("customer \"request\"\nline two, שלום".into()),
@@ -692,6 +718,32 @@ mod tests {
                 let bytes = encode(&record, format);
                 assert_eq!(decode(&bytes).expect("decode"), record, "{format:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_payout_comes_back_whole_and_its_events_keep_the_last_four_digits() {
+        let command = RefundCommand::parse(
+            br#"{"refund_id":"po-1","provider":"hyp_pay","operation":"payout",
+                "amount":{"minor":2500,"currency":"ILS"},
+                "payout":{"card_token":"4724478937284730772","expiry_month":"05",
+                          "expiry_year":"31","holder_name":"Jenny"}}"#,
+        )
+        .expect("payout");
+        let mut record = RefundRecord::attempting(&command);
+        let event = OutcomeEvent::new("po-1", Status::Succeeded, &command.echo(), 1);
+        record.transition(RefundState::Finished { event }, "paid");
+        for format in [RecordFormat::Compact, RecordFormat::Json] {
+            let back = decode(&encode(&record, format)).expect("decodes");
+            assert_eq!(back, record, "{format:?}");
+            let echo = back.state.event().and_then(|e| e.payout.clone());
+            assert_eq!(echo.map(|p| p.card_last4).as_deref(), Some("0772"));
+            let token = back.command.payout.as_ref().map(|p| p.card_token.expose());
+            assert_eq!(
+                token,
+                Some("4724478937284730772"),
+                "the record keeps it whole"
+            );
         }
     }
 
@@ -807,6 +859,7 @@ mod tests {
         event.provider_code = Some("0".into());
         event.occurred_at = "2026-11-29T20:00:00.200000001Z".into();
         RefundRecord {
+            daily_limit: None,
             refund_id: command.refund_id.clone(),
             payload_hash: command.payload_hash(),
             state: RefundState::Finished { event },

@@ -1,4 +1,5 @@
-//! The over-refund guard: per original charge, what has been refunded and
+//! The over-refund guard and the payouts' daily limit: per original charge
+//! (or per account, currency and UTC day of payouts), what has been paid and
 //! what is in flight. A command that carries `original_amount` reserves its
 //! amount here before the provider call; the reservation is refused when the
 //! sum of successful, in-flight and in-doubt refunds would exceed the
@@ -9,6 +10,13 @@
 //! command gives it, so two commands that name one charge differently (say
 //! CreditGuard `tran_id` and `cg_uid`) are not summed together.
 //!
+//! A payout has no original charge: its claim reserves in the ledger of its
+//! account's payouts in its currency on the UTC day it was first claimed,
+//! against `payouts.daily_limit_minor` as configured at that claim (the
+//! limit of a day's ledger is today's setting, not the smallest ever seen,
+//! so raising it takes effect at once). A payout in doubt keeps its
+//! reservation there, as a refund in doubt does.
+//!
 //! This module is pure: the arithmetic of one charge's ledger. The store
 //! sits on top of it and applies it inside the same sled transaction as the
 //! refund's record (claim and reservation together, outcome and settlement
@@ -17,8 +25,9 @@
 //! and a crash can never leave a record and its reservation disagreeing.
 //! The arrows point one way: `store` → `ledger`.
 
-use crate::command::RefundCommand;
+use crate::command::{Operation, RefundCommand};
 use crate::event::now_rfc3339;
+use crate::store::record::RefundRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -63,7 +72,51 @@ pub struct OverRefund {
     pub requested: u64,
 }
 
-/// The ledger key of a command, if it carries `original_amount`.
+/// What a claim reserves against: a ledger and its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// The ledger's key.
+    pub key: String,
+    /// The limit (the original amount, or the day's payout limit).
+    pub cap: u64,
+}
+
+/// The ledger a record reserves in, if any: its original charge's (a
+/// command that carries `original_amount`), or a payout's day.
+pub fn record_key(record: &RefundRecord) -> Option<String> {
+    let command = &record.command;
+    if command.operation == Operation::Payout {
+        let currency = command.amount.as_ref().map_or("", |a| a.currency.as_str());
+        let day = record.created_at.get(..10).unwrap_or_default();
+        return Some(format!("payouts\n{}\n{currency}\n{day}", command.provider));
+    }
+    command.original_amount.map(|_| ledger_key(command))
+}
+
+/// What the claim of `record` reserves against, if anything. A payout's
+/// limit is [`RefundRecord::daily_limit`], set by the claim from today's
+/// configuration (no limit counts against `u64::MAX`, so that a limit set
+/// later in the day counts what was paid before it).
+pub fn claim_limit(record: &RefundRecord) -> Option<Limit> {
+    let cap = match record.command.operation {
+        Operation::Payout => record.daily_limit.unwrap_or(u64::MAX),
+        _ => record.command.original_amount?,
+    };
+    Some(Limit {
+        key: record_key(record)?,
+        cap,
+    })
+}
+
+/// The limit of a ledger that a contradicting answer re-creates.
+pub fn restore_cap(record: &RefundRecord) -> u64 {
+    match record.command.operation {
+        Operation::Payout => record.daily_limit.unwrap_or(u64::MAX),
+        _ => record.command.original_amount.unwrap_or_default(),
+    }
+}
+
+/// The ledger key of a command's original charge (see [`record_key`]).
 pub fn ledger_key(command: &RefundCommand) -> String {
     // serde_json's Map is sorted by key: a canonical form of the reference.
     let reference = serde_json::to_string(&command.transaction).unwrap_or_default();
@@ -74,7 +127,7 @@ pub fn ledger_key(command: &RefundCommand) -> String {
 /// it for a cancel or a full refund.
 pub fn requested_amount(command: &RefundCommand, original_amount: u64) -> u64 {
     match (&command.amount, command.operation) {
-        (Some(amount), crate::command::Operation::Refund) => amount.minor,
+        (Some(amount), Operation::Refund | Operation::Payout) => amount.minor,
         _ => original_amount,
     }
 }
@@ -115,7 +168,10 @@ impl OriginalLedger {
             return Ok(());
         }
         let requested = requested_amount(command, original_amount);
-        let original_amount = self.original_amount.min(original_amount);
+        let original_amount = match command.operation {
+            Operation::Payout => original_amount,
+            _ => self.original_amount.min(original_amount),
+        };
         let reserved = self.reserved();
         if reserved.saturating_add(requested) > original_amount {
             return Err(OverRefund {

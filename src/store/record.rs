@@ -136,6 +136,10 @@ pub struct RefundRecord {
     /// record itself.
     #[serde(skip)]
     pub revision: i64,
+    /// A payout's daily limit as configured when this process claims it
+    /// (`store::ledger::claim_limit`); not stored.
+    #[serde(skip)]
+    pub daily_limit: Option<u64>,
 }
 
 impl RefundRecord {
@@ -159,6 +163,7 @@ impl RefundRecord {
             attempt: None,
             uncertain: Vec::new(),
             revision: 0,
+            daily_limit: None,
         }
     }
 
@@ -269,6 +274,9 @@ pub struct Tombstone {
     /// The amount asked for, if the command had one.
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
     pub amount: Option<crate::money::Amount>,
+    /// Set for a payout only (reports count payouts apart).
+    #[serde(rename = "y", default, skip_serializing_if = "Option::is_none")]
+    pub payout: Option<bool>,
 }
 
 impl Tombstone {
@@ -291,6 +299,7 @@ impl Tombstone {
             pruned_at: now_rfc3339(),
             provider: record.command.provider.clone(),
             amount: record.command.amount.clone(),
+            payout: (record.command.operation == crate::command::Operation::Payout).then_some(true),
         })
     }
 

@@ -251,7 +251,11 @@ impl Worker {
         who: &str,
         was: &str,
     ) -> Result<(), ResolveError> {
-        metrics::outcome(self.providers.label(&record.command.provider), "failed");
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            Some(record.command.operation),
+            "failed",
+        );
         warn!(refund_id = record.refund_id.as_str(), %who, was, "refund abandoned: it will not be sent");
         self.publish_outside_delivery(event)
             .await

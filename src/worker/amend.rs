@@ -62,6 +62,7 @@ impl Worker {
                 ),
             });
         }
+        let corrected = keep_payout_rules(&record.command, corrected)?;
         if record.command.original_amount.is_some() || corrected.original_amount.is_some() {
             return Err(ResolveError::Invalid(
                 "a refund with original_amount holds an over-refund reservation for its \
@@ -84,4 +85,41 @@ impl Worker {
         warn!(refund_id, %who, changes, "command edited by an operator");
         Ok(true)
     }
+}
+
+/// A payout's correction may fix where the money goes (the card token, the
+/// holder), not how much or from where: its daily reservation is for that
+/// amount on that account. A token left masked (the dead letter's copy)
+/// means "unchanged" and takes the recorded one.
+fn keep_payout_rules(
+    recorded: &RefundCommand,
+    mut corrected: RefundCommand,
+) -> Result<RefundCommand, ResolveError> {
+    let payout = crate::command::Operation::Payout;
+    if recorded.operation != payout && corrected.operation != payout {
+        return Ok(corrected);
+    }
+    if corrected.operation != recorded.operation
+        || corrected.provider != recorded.provider
+        || corrected.amount != recorded.amount
+    {
+        return Err(ResolveError::Invalid(
+            "a payout's operation, account and amount cannot be edited (only payout.*, \
+             order_id, reason and metadata): abandon it and publish a new payout instead"
+                .into(),
+        ));
+    }
+    if let (Some(new), Some(old)) = (corrected.payout.as_mut(), recorded.payout.as_ref()) {
+        if new.card_token.is_masked() {
+            if new.card_token.last4() != old.card_token.last4() {
+                return Err(ResolveError::Invalid(
+                    "payout.card_token is masked and does not end like the recorded one: \
+                     give the whole token"
+                        .into(),
+                ));
+            }
+            new.card_token = old.card_token.clone();
+        }
+    }
+    Ok(corrected)
 }

@@ -136,6 +136,7 @@ impl Worker {
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(
             self.providers.label(&record.command.provider),
+            Some(record.command.operation),
             status.as_str(),
         );
         info!(

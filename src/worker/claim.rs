@@ -11,9 +11,10 @@ use super::admit::Admitted;
 use super::park::Unsent;
 use super::{PipelineError, Worker};
 use crate::broker::publisher::Publisher;
-use crate::command::RefundCommand;
+use crate::command::{Operation, RefundCommand};
 use crate::event::now_rfc3339;
 use crate::providers::Provider;
+use crate::store::ledger::OverRefund;
 use crate::store::{AttemptTrace, Claim, Known, RefundRecord, RefundState, StoreError};
 use lapin::message::Delivery;
 use tracing::{debug, info};
@@ -100,11 +101,25 @@ impl Worker {
                 .await?;
             return Ok(None);
         };
+        if command.has_masked_token() {
+            return self.park_masked(publisher, delivery, command).await;
+        }
         if let Err(message) = provider.check(command) {
             self.reject_command(publisher, command, "invalid_command", message)
                 .await?;
             return Ok(None);
         }
+        let daily_limit = match command.operation {
+            Operation::Payout => match provider.payout_rule(command) {
+                Ok(limit) => limit,
+                Err(refused) => {
+                    self.reject_command(publisher, command, refused.kind, refused.message)
+                        .await?;
+                    return Ok(None);
+                }
+            },
+            _ => None,
+        };
         let refund = Unsent {
             refund_id: &command.refund_id,
             provider: &command.provider,
@@ -115,6 +130,7 @@ impl Worker {
         };
         let mut fresh = RefundRecord::attempting(command);
         fresh.attempt = Some(provider.trace(&command.refund_id, 1));
+        fresh.daily_limit = daily_limit;
         match self.store.claim(&mut fresh).await? {
             Claim::Claimed => {
                 self.sync_before_call(&mut fresh).await?;
@@ -122,11 +138,8 @@ impl Worker {
                 Ok(Some((provider, fresh, admitted)))
             }
             Claim::OverRefund(over) => {
-                let message = format!(
-                    "refunding {} would exceed original_amount {}: {} already refunded or in flight",
-                    over.requested, over.original_amount, over.reserved
-                );
-                self.reject_command(publisher, command, "over_refund", message)
+                let (kind, message) = over_limit(command, &over);
+                self.reject_command(publisher, command, kind, message)
                     .await?;
                 Ok(None)
             }
@@ -136,6 +149,33 @@ impl Worker {
                 Box::pin(self.on_record(publisher, delivery, command, *existing)).await
             }
         }
+    }
+
+    /// A payout read back from a dead letter carries its card token masked;
+    /// with no record to take the whole token from, it cannot be sent, and
+    /// rejecting it would end a payout an operator can still complete. It
+    /// goes back to the dead-letter queue, saying how to supply the token.
+    async fn park_masked<'p>(
+        &'p self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        command: &RefundCommand,
+    ) -> Result<Option<Claimed<'p>>, PipelineError> {
+        let message = format!(
+            "payout {} carries a masked card token and has no record to take the whole \
+             token from: supply it (refund-worker dlq edit {} --set \
+             payout.card_token=<token> --by ... --reason ...)",
+            command.refund_id, command.refund_id
+        );
+        self.poison(
+            publisher,
+            delivery,
+            "card_token_masked",
+            message,
+            Some(command.refund_id.clone()),
+        )
+        .await?;
+        Ok(None)
     }
 
     /// What the next attempt of `record` carries: what an earlier attempt
@@ -218,5 +258,27 @@ impl Worker {
             reason,
         );
         let _ = self.store.put(record).await;
+    }
+}
+
+/// The rejection of a claim its ledger refused: the over-refund guard, or
+/// a payout's daily limit.
+fn over_limit(command: &RefundCommand, over: &OverRefund) -> (&'static str, String) {
+    match command.operation {
+        Operation::Payout => (
+            "payout_daily_limit_exceeded",
+            format!(
+                "a payout of {} would exceed payouts.daily_limit_minor {} of account {:?} \
+                 today (UTC): {} already paid out, in flight or in doubt",
+                over.requested, over.original_amount, command.provider, over.reserved
+            ),
+        ),
+        _ => (
+            "over_refund",
+            format!(
+                "refunding {} would exceed original_amount {}: {} already refunded or in flight",
+                over.requested, over.original_amount, over.reserved
+            ),
+        ),
     }
 }

@@ -55,6 +55,7 @@ impl Worker {
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(
             self.providers.label(&record.command.provider),
+            Some(record.command.operation),
             event.status.as_str(),
         );
         info!(
@@ -84,7 +85,11 @@ impl Worker {
         );
         self.write_after_call(record, LedgerChange::Keep).await?;
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(self.providers.label(&record.command.provider), "pending");
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            Some(record.command.operation),
+            "pending",
+        );
         info!(
             status = "pending",
             attempts = record.attempts,
@@ -149,6 +154,7 @@ impl Worker {
         );
         metrics::outcome(
             self.providers.label(echo.provider.as_deref().unwrap_or("")),
+            echo.operation,
             "rejected",
         );
         publisher.publish_event(&event).await?;

@@ -216,7 +216,11 @@ impl Worker {
             },
             format!("in doubt: {reason}"),
         );
-        metrics::outcome(self.providers.label(&record.command.provider), "in_doubt");
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            Some(record.command.operation),
+            "in_doubt",
+        );
         self.write_after_call(record, LedgerChange::Mark(Reservation::InDoubt))
             .await?;
         self.store.sync_refund(&record.refund_id).await?;
@@ -299,13 +303,20 @@ impl Worker {
         let exchange = self.settings.amqp.commands_exchange.clone();
         let routing_key = header_str(delivery, crate::broker::HEADER_ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string());
-        if matches!(target, ParkTarget::DeadLetters) {
-            metrics::dead_lettered(&info.kind);
-        }
+        // A dead letter is read by people and tools: a payout's card token
+        // leaves with its last four digits only (its record keeps it whole).
+        // A delay queue's copy comes back to be sent, so it keeps it.
+        let body = match target {
+            ParkTarget::DeadLetters => {
+                metrics::dead_lettered(&info.kind);
+                crate::command::mask_card_tokens(&delivery.data)
+            }
+            _ => std::borrow::Cow::Borrowed(delivery.data.as_slice()),
+        };
         publisher
             .park(
                 target,
-                &delivery.data,
+                &body,
                 &delivery.properties,
                 &exchange,
                 &routing_key,

@@ -177,7 +177,11 @@ impl Worker {
             .commit(&mut record, LedgerChange::Mark(Reservation::Succeeded))
             .await?;
         self.store.sync_refund(&record.refund_id).await?;
-        metrics::outcome(self.providers.label(&record.command.provider), "succeeded");
+        metrics::outcome(
+            self.providers.label(&record.command.provider),
+            Some(record.command.operation),
+            "succeeded",
+        );
         warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
         self.publish_outside_delivery(&event)
             .await

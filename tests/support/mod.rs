@@ -118,6 +118,15 @@ pub fn settings_layer(amqp_url: &str, store: &std::path::Path, sandbox_url: &str
         kind = "paynet"
         base_url = "{sandbox_url}"
         secret_key = "sandbox-secret"
+        [providers.hyp_payouts]
+        kind = "hyp_pay"
+        base_url = "{sandbox_url}/p/"
+        masof = "0010131918"
+        pass_p = "sandbox-pass"
+        z_pass = "sandbox-zpass"
+        payouts.enabled = true
+        payouts.max_amount_minor = 50000
+        payouts.daily_limit_minor = 100000
         "#,
         store = store.display()
     )

@@ -26,7 +26,7 @@ mod queries;
 pub mod setup;
 
 use super::codec::{self, RecordFormat};
-use super::ledger::{ledger_key, LedgerChange, OriginalLedger};
+use super::ledger::{self, LedgerChange, Limit, OriginalLedger};
 use super::{Claim, Known, RefundRecord, RefundState, StoreError, Tombstone};
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
@@ -182,8 +182,8 @@ impl PgStore {
 
     /// See [`super::Store::claim`].
     pub async fn claim(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
-        if record.command.original_amount.is_some() {
-            return self.claim_reserving(record).await;
+        if let Some(limit) = ledger::claim_limit(record) {
+            return self.claim_reserving(record, limit).await;
         }
         let me = self.me();
         let row = {
@@ -221,10 +221,13 @@ impl PgStore {
     /// A claim with its over-refund reservation: the original charge's
     /// ledger row is locked, so that two refunds of one charge on two
     /// replicas are reserved one after the other.
-    async fn claim_reserving(&self, record: &mut RefundRecord) -> Result<Claim, StoreError> {
+    async fn claim_reserving(
+        &self,
+        record: &mut RefundRecord,
+        limit: Limit,
+    ) -> Result<Claim, StoreError> {
         let me = self.me();
-        let key = ledger_key(&record.command);
-        let original = record.command.original_amount.unwrap_or_default();
+        let Limit { key, cap: original } = limit;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         let fresh = serde_json::to_value(OriginalLedger::new(original)).unwrap_or(Value::Null);
@@ -312,12 +315,12 @@ impl PgStore {
         record: &mut RefundRecord,
         change: LedgerChange,
     ) -> Result<(), StoreError> {
-        let ledger = match (change, record.command.original_amount) {
+        let ledger = match (change, ledger::record_key(record)) {
             (LedgerChange::Keep, _) | (_, None) => None,
-            (change, Some(_)) => Some(change),
+            (change, Some(key)) => Some((key, change)),
         };
-        if let Some(change) = ledger {
-            return self.commit_with_ledger(record, change).await;
+        if let Some((key, change)) = ledger {
+            return self.commit_with_ledger(record, key, change).await;
         }
         let event_id = record.state.event().map(|e| e.event_id.clone());
         let updated: i64 = {
@@ -347,9 +350,9 @@ impl PgStore {
     async fn commit_with_ledger(
         &self,
         record: &mut RefundRecord,
+        key: String,
         change: LedgerChange,
     ) -> Result<(), StoreError> {
-        let key = ledger_key(&record.command);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         let updated = {
@@ -373,9 +376,9 @@ impl PgStore {
                 serde_json::from_value::<OriginalLedger>(row.get(0))
                     .map_err(|e| corrupt(&format!("ledger {key}"), e))?,
             ),
-            None if matches!(change, LedgerChange::Restore(_)) => Some(OriginalLedger::new(
-                record.command.original_amount.unwrap_or_default(),
-            )),
+            None if matches!(change, LedgerChange::Restore(_)) => {
+                Some(OriginalLedger::new(ledger::restore_cap(record)))
+            }
             None => None,
         };
         if let Some(ledger) = ledger.as_mut() {

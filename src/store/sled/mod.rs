@@ -25,7 +25,7 @@ pub mod prune;
 pub mod syncer;
 
 use super::codec::{self, DecodeError, RecordFormat};
-use super::ledger::{ledger_key, LedgerChange, OriginalLedger, Reservation};
+use super::ledger::{self, ledger_key, LedgerChange, Limit, OriginalLedger, Reservation};
 use super::{Census, Claim, Known, PaidReservation, RefundRecord, StoreError, Tombstone};
 use crate::command::RefundCommand;
 use crate::report::ReportRow;
@@ -218,11 +218,11 @@ impl SledStore {
         let trees = self.trees()?;
         let key = record.refund_id.as_bytes();
         let bytes = self.encode_record(record);
-        let ledger = record
-            .command
-            .original_amount
-            .map(|original| (ledger_key(&record.command), original));
-        let Some((ledger_key, original)) = ledger else {
+        let Some(Limit {
+            key: ledger_key,
+            cap: original,
+        }) = ledger::claim_limit(record)
+        else {
             // No reservation: one compare-and-swap is the whole claim.
             return match trees
                 .refunds
@@ -306,9 +306,9 @@ impl SledStore {
             .state
             .event()
             .map(|event| outbox_value(&event.event_id, super::unix_now()));
-        let ledger = match (change, record.command.original_amount) {
+        let ledger = match (change, ledger::record_key(record)) {
             (LedgerChange::Keep, _) | (_, None) => None,
-            (change, Some(_)) => Some((ledger_key(&record.command), change)),
+            (change, Some(key)) => Some((key, change)),
         };
         let Some((ledger_key, change)) = ledger else {
             // No ledger entry to keep in step: two plain writes, the outbox
@@ -327,8 +327,7 @@ impl SledStore {
                 refunds.insert(key, bytes.as_slice())?;
                 let mut entry = read_ledger(originals, &ledger_key)?;
                 if entry.is_none() && matches!(change, LedgerChange::Restore(_)) {
-                    let original = record.command.original_amount.unwrap_or_default();
-                    entry = Some(OriginalLedger::new(original));
+                    entry = Some(OriginalLedger::new(ledger::restore_cap(record)));
                 }
                 if let Some(mut entry) = entry {
                     if entry.apply(&record.command, change) {

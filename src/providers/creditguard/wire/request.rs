@@ -225,6 +225,12 @@ pub fn request_for(
         }
     };
     let command_name = match command.operation {
+        Operation::Payout => {
+            return Err(format!(
+                "operation: {}",
+                "creditguard has no payout (only hyp_pay accounts do)"
+            ))
+        }
         Operation::Refund => {
             deal.total = command.amount.as_ref().map(|a| a.minor.to_string());
             if let Some(plan) = &installments {
@@ -264,7 +270,7 @@ pub fn request_for(
         }
     };
     let (refund_deal, cancel_deal) = match command.operation {
-        Operation::Refund => (Some(deal), None),
+        Operation::Refund | Operation::Payout => (Some(deal), None),
         Operation::Cancel => (None, Some(deal)),
     };
     Ok(RequestDoc {

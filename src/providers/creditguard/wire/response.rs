@@ -151,7 +151,7 @@ pub fn classify(operation: Operation, body: &str) -> ProviderOutcome {
         };
     };
     let block = match operation {
-        Operation::Refund => response.refund_deal.as_ref(),
+        Operation::Refund | Operation::Payout => response.refund_deal.as_ref(),
         Operation::Cancel => response.cancel_deal.as_ref(),
     };
     let status = block.and_then(|b| nonempty(&b.status));
@@ -169,7 +169,7 @@ pub fn classify(operation: Operation, body: &str) -> ProviderOutcome {
         }
         let performed = match operation {
             Operation::Cancel => Operation::Cancel,
-            Operation::Refund => {
+            Operation::Refund | Operation::Payout => {
                 let cancelled = block
                     .and_then(|b| b.transaction_type.as_ref())
                     .and_then(|t| t.code.as_deref())

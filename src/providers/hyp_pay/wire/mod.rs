@@ -10,10 +10,12 @@
 //! `request.rs` builds what we send; `response.rs` classifies what comes
 //! back; `tests.rs` checks both on the documented examples.
 
+mod payout;
 mod request;
 mod response;
 #[cfg(test)]
 mod tests;
 
+pub use payout::*;
 pub use request::*;
 pub use response::*;

@@ -81,6 +81,7 @@ pub fn request_for<'a>(
             )
         }
         Operation::Cancel => (ACTION_CANCEL, None),
+        Operation::Payout => return Err("a payout is built by payout_request_for".into()),
     };
     Ok(HypRequest {
         action,

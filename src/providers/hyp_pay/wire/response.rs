@@ -24,45 +24,69 @@ pub fn describe(code: u32) -> &'static str {
     }
 }
 
-/// Turns a 200 answer's body into an outcome.
-pub fn classify(operation: Operation, body: &str) -> ProviderOutcome {
-    let trimmed = body.trim();
-    if trimmed.is_empty() {
-        return ProviderOutcome::Unknown {
-            reason: "empty answer from Hyp Pay".into(),
-        };
-    }
-    if trimmed.starts_with('<') || trimmed.to_ascii_lowercase().contains("<html") {
-        return ProviderOutcome::Unknown {
-            reason: "HTML answer from Hyp Pay (system error)".into(),
-        };
-    }
-    let Some(fields) = parse_fields(trimmed) else {
-        return ProviderOutcome::Unknown {
-            reason: "answer is not URL-encoded".into(),
-        };
-    };
-    let get = |key: &str| {
-        fields
+/// A URL-encoded answer with a numeric `CCode`.
+#[derive(Debug)]
+pub struct Answer {
+    /// `CCode` as a number.
+    pub code: u32,
+    /// `CCode` as sent.
+    pub raw_code: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Answer {
+    /// A field's trimmed value.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.fields
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.trim().to_string())
+    }
+}
+
+/// Reads a 200 answer's body, or says why its outcome is unknown (an empty
+/// or HTML page, no readable `CCode`).
+pub fn read_answer(body: &str) -> Result<Answer, ProviderOutcome> {
+    let unknown = |reason: String| Err(ProviderOutcome::Unknown { reason });
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        return unknown("empty answer from Hyp Pay".into());
+    }
+    if trimmed.starts_with('<') || trimmed.to_ascii_lowercase().contains("<html") {
+        return unknown("HTML answer from Hyp Pay (system error)".into());
+    }
+    let Some(fields) = parse_fields(trimmed) else {
+        return unknown("answer is not URL-encoded".into());
     };
-    let Some(raw_code) = get("CCode") else {
-        return ProviderOutcome::Unknown {
-            reason: "answer has no CCode".into(),
-        };
+    let mut answer = Answer {
+        code: 0,
+        raw_code: String::new(),
+        fields,
+    };
+    let Some(raw_code) = answer.get("CCode") else {
+        return unknown("answer has no CCode".into());
     };
     let Ok(code) = raw_code.parse::<u32>() else {
-        return ProviderOutcome::Unknown {
-            reason: format!("CCode {raw_code:?} is not a number"),
-        };
+        return unknown(format!("CCode {raw_code:?} is not a number"));
     };
+    answer.code = code;
+    answer.raw_code = raw_code;
+    Ok(answer)
+}
+
+/// Turns a 200 answer's body into an outcome.
+pub fn classify(operation: Operation, body: &str) -> ProviderOutcome {
+    let answer = match read_answer(body) {
+        Ok(answer) => answer,
+        Err(unknown) => return unknown,
+    };
+    let (code, raw_code) = (answer.code, answer.raw_code.clone());
+    let get = |key: &str| answer.get(key);
     let message = describe(code).to_string();
     match code {
         0 => ProviderOutcome::Confirmed {
             provider_txn: match operation {
-                Operation::Refund => get("Id"),
+                Operation::Refund | Operation::Payout => get("Id"),
                 Operation::Cancel => get("TransId"),
             },
             performed: operation,

@@ -11,6 +11,8 @@ fn account() -> HypPayAccount {
         base_url: "https://pay.hyp.co.il/p/".into(),
         masof: "0010131918".into(),
         pass_p: Secret::new("your-api-password"),
+        z_pass: Secret::new("8179"),
+        payouts: Default::default(),
         policy: Default::default(),
     }
 }
@@ -175,4 +177,73 @@ fn classifies_system_errors_as_unknown_and_credentials_as_misconfigured() {
         classify(Operation::Refund, "CCode=1"),
         ProviderOutcome::Declined { .. }
     ));
+}
+
+fn payout_command(currency: &str) -> RefundCommand {
+    command(&format!(
+        r#"{{"refund_id":"po-1","provider":"hyp_pay","operation":"payout",
+            "amount":{{"minor":1000,"currency":"{currency}"}},
+            "payout":{{"card_token":"4724478937284730772","expiry_month":"05","expiry_year":"31",
+                       "holder_id":"203269535","holder_name":"Jenny","info":"payout"}}}}"#
+    ))
+}
+
+#[test]
+fn builds_the_documented_payout_request() {
+    // Docs: ?action=soft&Masof=0010345518&PassP=your-api-password&zPass=8179&Amount=10
+    //        &CC=4724478937284730772&Tmonth=05&Tyear=31&Token=True&UserId=203269535
+    //        &ClientName=Jenny&Info=payout
+    let account = account();
+    let cmd = payout_command("ILS");
+    let req = payout_request_for(&cmd, &account).expect("request");
+    let body = serde_urlencoded::to_string(req.fields()).expect("form");
+    assert_eq!(
+        body,
+        "action=soft&Masof=0010131918&PassP=your-api-password&zPass=8179&Amount=10.00\
+         &CC=4724478937284730772&Tmonth=05&Tyear=31&Token=True&UserId=203269535\
+         &ClientName=Jenny&Info=payout"
+    );
+    let usd = payout_command("USD");
+    let req = payout_request_for(&usd, &account).expect("request");
+    assert!(req.fields().contains(&("Coin", "2")));
+    assert!(payout_request_for(&payout_command("JPY"), &account).is_err());
+}
+
+#[test]
+fn classifies_the_documented_payout_answers() {
+    let ok = classify_payout(
+        "Id=5920751&CCode=0&Amount=10&ACode=0034903&Fild1=&Fild2=&Fild3=&Hesh=47",
+        "10.00",
+    );
+    assert!(
+        matches!(&ok, ProviderOutcome::Confirmed { provider_txn: Some(id), performed: Operation::Payout, .. } if id == "5920751"),
+        "{ok:?}"
+    );
+    for (body, expect) in [
+        (
+            "Id=0&CCode=401&Amount=1&ACode=&Fild1=&Fild2=&Fild3=",
+            "declined",
+        ),
+        ("Id=0&CCode=402&Amount=1&ACode=", "declined"),
+        ("Id=0&CCode=997&Amount=1&ACode=", "declined"),
+        ("Id=0&CCode=901&Amount=1&ACode=", "misconfigured"),
+        ("Id=0&CCode=902&Amount=1&ACode=", "misconfigured"),
+        ("Id=0&CCode=999&Amount=1&ACode=", "unknown"),
+        ("<html><body>error</body></html>", "unknown"),
+        ("Id=0&CCode=0&Amount=10&ACode=", "unknown"),
+        ("Id=5920751&CCode=0&Amount=100&ACode=1", "unknown"),
+    ] {
+        let outcome = classify_payout(body, "10.00");
+        let got = match outcome {
+            ProviderOutcome::Declined { .. } => "declined",
+            ProviderOutcome::Misconfigured { .. } => "misconfigured",
+            ProviderOutcome::Unknown { .. } => "unknown",
+            _ => "other",
+        };
+        assert_eq!(got, expect, "{body}");
+    }
+    match classify_payout("Id=0&CCode=901&Amount=1", "1") {
+        ProviderOutcome::Misconfigured { message, .. } => assert!(message.contains("zPass")),
+        other => panic!("{other:?}"),
+    }
 }

@@ -36,6 +36,9 @@ pub fn request_for(command: &RefundCommand, succeed_url: &str) -> Result<Reverse
         return Err("installments are not supported by paynet".into());
     }
     let amount = match (command.operation, &command.amount) {
+        (Operation::Payout, _) => {
+            return Err("operation: paynet has no payout (only hyp_pay accounts do)".into())
+        }
         (Operation::Cancel, _) | (Operation::Refund, None) => None,
         (Operation::Refund, Some(amount)) => {
             if money::minor_digits(&amount.currency) != 2 {
