@@ -23,23 +23,13 @@ use std::{
     io,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     thread::Builder as ThreadBuilder,
     time::Duration,
 };
 use tracing::{Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
-
-// refund-worker patch: what a pass of the loop does (see `IoLoop::prepare`).
-enum Pass {
-    /// The loop is stopping: nothing to do.
-    Skip,
-    /// Nothing to read or write until a socket event arrives.
-    Wait,
-    /// Read, write and handle frames.
-    Work,
-}
 
 #[derive(Debug, PartialEq)]
 enum Status {
@@ -211,7 +201,10 @@ impl<
         }
     }
 
-    pub(crate) fn start(mut self) -> Result<JoinHandle> {
+    // refund-worker patch: the thread runs the loop's body (`run_loop`) under
+    // the runtime's `block_on`, as it did for connecting and closing; the
+    // body is shared with the task (`spawn`).
+    pub(crate) fn start(self) -> Result<JoinHandle> {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
         let connect_span = tracing::Span::current();
@@ -220,108 +213,25 @@ impl<
             .spawn(move || {
                 let loop_span = io_loop_span(connect_span);
                 let _enter = loop_span.enter();
-                let connection_killswitch = self.channels.connection_killswitch();
-                let readable_waker = self.socket_state.readable_waker();
-                let mut readable_context = Context::from_waker(&readable_waker);
-                let writable_waker = self.socket_state.writable_waker();
-                let mut writable_context = Context::from_waker(&writable_waker);
-                let (mut stream, res) = loop {
-                    let connect = || (*self.connect)(self.uri.clone(), self.runtime.clone());
-                    let runtime = self.runtime.clone();
-                    let connect = connect.retry(self.backoff).sleep(move |dur| runtime.sleep(dur));
-                    let mut stream = self.runtime.block_on(connect).inspect_err(|err| {
-                        trace!("Poison connection attempt");
-                        self.connection_status.poison(err.clone());
-                        self.frames.clear_connection_steps(err);
-                    })?;
-                    self.half_closed = false;
-                    let mut res = Ok(());
-
-                    while self.should_continue(&connection_killswitch) {
-                        if let Err(err) = self.run(Pin::new(&mut stream), &mut readable_context, &mut writable_context, &connection_killswitch) {
-                            let io_err = err.is_io_error();
-                            res = self.critical_error(&connection_killswitch, err);
-                            if self.connecting() && io_err {
-                                break;
-                            }
-                        }
-                    }
-
-                    let connecting = self.connecting();
-                    let reconnect = self.reconnecting();
-
-                    trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
-                    if self.first_connection && connecting && self.half_closed && res.is_ok() {
-                        let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
-                        if self.frames.retry_connection_header() {
-                            // Before Connection.Start, retry the protocol header with
-                            // the same promise, including if it was only partly sent.
-                            res = Err(error);
-                        } else {
-                            // Later handshake stages may own asynchronous auth work;
-                            // do not carry that exchange onto a fresh TCP connection.
-                            self.channels.set_connection_error(error.clone());
-                            self.clear_serialized_frames(error.clone());
-                            break (stream, Err(error));
-                        }
-                    }
-                    self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
-                        ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
-                    ));
-
-                    if !connecting && !reconnect {
-                        break (stream, res);
-                    }
-
-                    let throttle = match self.global_backoff.next() {
-                        Some(throttle) => throttle,
-                        None => {
-                            error!("Exponential backoff attempts exhausted, aborting recovery");
-                            let error = res.err().unwrap_or_else(|| {
-                                io::Error::from(io::ErrorKind::ConnectionAborted).into()
-                            });
-                            self.channels.set_connection_error(error.clone());
-                            break (stream, Err(error));
-                        }
-                    };
-                    debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
-                    std::thread::sleep(throttle);
-
-                    self.reset();
-                    if !self.first_connection {
-                        self.internal_rpc.start_channels_recovery();
-                    }
-                };
-
-                trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
-                self.internal_rpc.stop();
-                if self.heartbeat.killswitch().killed()
-                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(move |cx| {
-                        Pin::new(&mut stream)
-                            .poll_close(cx)
-                    })) {
-                        error!(?err, "Failed to close IO stream");
-                    }
-                res
-            }).map_err(|err| Error::io(err, &runtime))?;
+                let loop_runtime = self.runtime.clone();
+                loop_runtime.block_on(self.run_loop(Self::connect_inline))
+            })
+            .map_err(|err| Error::io(err, &runtime))?;
         waker.wake();
         Ok(handle)
     }
 
     /// refund-worker patch: the I/O loop as a task on the runtime (see
-    /// `ConnectionProperties::with_io_loop_on_runtime`). The same loop as
-    /// the thread's in `start`: connect (with retries), run passes until the
-    /// connection stops, reconnect when recovering, close the stream. Where
-    /// the thread blocks on a socket event the task awaits it, and after a
-    /// pass that found work (or failed) it yields, so that the runtime's
-    /// other tasks run between passes.
+    /// `ConnectionProperties::with_io_loop_on_runtime`): the thread's loop
+    /// (`run_loop`), spawned instead of driven by a thread of its own. It
+    /// connects on the runtime's blocking pool (`connect_blocking`).
     pub(crate) fn spawn(self) {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
         let loop_span = io_loop_span(tracing::Span::current());
         runtime.spawn(tracing::Instrument::instrument(
             async move {
-                if let Err(err) = self.run_task().await {
+                if let Err(err) = self.run_loop(Self::connect_blocking).await {
                     trace!(?err, "io_loop task ended with an error");
                 }
             },
@@ -330,9 +240,38 @@ impl<
         waker.wake();
     }
 
-    /// Connects with the configured retries on a blocking thread: the
-    /// caller-supplied connect closure's future is not known to be `Send`,
-    /// so it cannot be awaited inside a spawned task.
+    /// refund-worker patch: the connect closure with the configured retries,
+    /// as a future that borrows nothing from the loop.
+    async fn connect_with_retries(
+        connect: Arc<C>,
+        uri: AMQPUri,
+        runtime: Runtime<RK>,
+        backoff: ExponentialBuilder,
+    ) -> Result<AsyncTcpStream<<RK as Reactor>::TcpStream>> {
+        let sleeper = runtime.clone();
+        let attempt = || (*connect)(uri.clone(), runtime.clone());
+        attempt
+            .retry(backoff)
+            .sleep(move |dur| sleeper.sleep(dur))
+            .await
+    }
+
+    /// refund-worker patch: how the thread connects: on its own thread, as
+    /// before.
+    fn connect_inline(
+        &self,
+    ) -> impl Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>> + use<RK, C> {
+        Self::connect_with_retries(
+            self.connect.clone(),
+            self.uri.clone(),
+            self.runtime.clone(),
+            self.backoff,
+        )
+    }
+
+    /// refund-worker patch: how the task connects: on a blocking thread, as
+    /// the caller-supplied connect closure's future is not known to be
+    /// `Send`, so it cannot be awaited inside a spawned task.
     fn connect_blocking(
         &self,
     ) -> impl Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>>
@@ -343,23 +282,34 @@ impl<
         let uri = self.uri.clone();
         let runtime = self.runtime.clone();
         let backoff = self.backoff;
-        self.runtime
-            .spawn_blocking(move || {
-                let sleeper = runtime.clone();
-                let attempt = || (*connect)(uri.clone(), runtime.clone());
-                let attempt = attempt
-                    .retry(backoff)
-                    .sleep(move |dur| sleeper.sleep(dur));
-                runtime.block_on(attempt)
-            })
+        self.runtime.spawn_blocking(move || {
+            runtime.block_on(Self::connect_with_retries(
+                connect,
+                uri,
+                runtime.clone(),
+                backoff,
+            ))
+        })
     }
 
-    async fn run_task(mut self) -> Result<()> {
+    // refund-worker patch: the loop that was the body of the thread in
+    // `start`, as an async fn that both the thread and the task run. It awaits
+    // where the thread blocked (connecting, the next socket event, the throttle
+    // before reconnecting, closing the stream) and yields after a pass that
+    // failed, as `run` yields before a pass that has work: a task must let the
+    // runtime's other tasks run, and under tokio's `block_on` a loop that never
+    // returns `Pending` keeps the coop budget exhausted (its socket polls would
+    // keep returning `Pending`).
+    async fn run_loop<F, Fut>(mut self, connect: F) -> Result<()>
+    where
+        F: Fn(&Self) -> Fut,
+        Fut: Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>>,
+    {
         let connection_killswitch = self.channels.connection_killswitch();
         let readable_waker = self.socket_state.readable_waker();
         let writable_waker = self.socket_state.writable_waker();
         let (mut stream, res) = loop {
-            let mut stream = self.connect_blocking().await.inspect_err(|err| {
+            let mut stream = connect(&self).await.inspect_err(|err| {
                 trace!("Poison connection attempt");
                 self.connection_status.poison(err.clone());
                 self.frames.clear_connection_steps(err);
@@ -368,41 +318,21 @@ impl<
             let mut res = Ok(());
 
             while self.should_continue(&connection_killswitch) {
-                let pass = match self.prepare(&connection_killswitch) {
-                    Ok(pass) => pass,
-                    Err(err) => {
-                        let io_err = err.is_io_error();
-                        res = self.critical_error(&connection_killswitch, err);
-                        if self.connecting() && io_err {
-                            break;
-                        }
-                        // The thread would go round again at once; a task
-                        // lets the runtime's other tasks run first.
-                        yield_now().await;
-                        continue;
-                    }
-                };
-                match pass {
-                    Pass::Skip => {
-                        yield_now().await;
-                        continue;
-                    }
-                    Pass::Wait => self.socket_state.wait_async().await,
-                    Pass::Work => yield_now().await,
-                }
-                let mut readable_context = Context::from_waker(&readable_waker);
-                let mut writable_context = Context::from_waker(&writable_waker);
-                if let Err(err) = self.run_io(
-                    Pin::new(&mut stream),
-                    &mut readable_context,
-                    &mut writable_context,
-                    &connection_killswitch,
-                ) {
+                if let Err(err) = self
+                    .run(
+                        Pin::new(&mut stream),
+                        &readable_waker,
+                        &writable_waker,
+                        &connection_killswitch,
+                    )
+                    .await
+                {
                     let io_err = err.is_io_error();
                     res = self.critical_error(&connection_killswitch, err);
                     if self.connecting() && io_err {
                         break;
                     }
+                    yield_now().await;
                 }
             }
 
@@ -413,8 +343,12 @@ impl<
             if self.first_connection && connecting && self.half_closed && res.is_ok() {
                 let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
                 if self.frames.retry_connection_header() {
+                    // Before Connection.Start, retry the protocol header with
+                    // the same promise, including if it was only partly sent.
                     res = Err(error);
                 } else {
+                    // Later handshake stages may own asynchronous auth work;
+                    // do not carry that exchange onto a fresh TCP connection.
                     self.channels.set_connection_error(error.clone());
                     self.clear_serialized_frames(error.clone());
                     break (stream, Err(error));
@@ -435,14 +369,17 @@ impl<
                 Some(throttle) => throttle,
                 None => {
                     error!("Exponential backoff attempts exhausted, aborting recovery");
-                    let error = res
-                        .err()
-                        .unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionAborted).into());
+                    let error = res.err().unwrap_or_else(|| {
+                        io::Error::from(io::ErrorKind::ConnectionAborted).into()
+                    });
                     self.channels.set_connection_error(error.clone());
                     break (stream, Err(error));
                 }
             };
-            debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
+            debug!(
+                "Throttling {:?} before reconnection to avoid flooding",
+                throttle
+            );
             self.runtime.sleep(throttle).await;
 
             self.reset();
@@ -476,28 +413,23 @@ impl<
         }
     }
 
-    fn run<T: AsyncRead + AsyncWrite + ?Sized>(
+    // refund-worker patch: async, for `run_loop`. It awaits the next socket
+    // event where the thread blocked on it, and yields before a pass that has
+    // work, so that a busy socket cannot keep the runtime's other tasks
+    // waiting (and they can queue more frames for this pass to write). It
+    // takes the wakers and makes the contexts after its await: a `Context` is
+    // not `Send`.
+    async fn run<T: AsyncRead + AsyncWrite + ?Sized>(
         &mut self,
-        stream: Pin<&mut T>,
-        readable_context: &mut Context<'_>,
-        writable_context: &mut Context<'_>,
+        mut stream: Pin<&mut T>,
+        readable_waker: &Waker,
+        writable_waker: &Waker,
         connection_killswitch: &KillSwitch,
     ) -> Result<()> {
-        match self.prepare(connection_killswitch)? {
-            Pass::Skip => return Ok(()),
-            Pass::Wait => self.socket_state.wait(),
-            Pass::Work => {}
-        }
-        self.run_io(stream, readable_context, writable_context, connection_killswitch)
-    }
-
-    // refund-worker patch: `run` split in two around its wait, so that the
-    // task can await the socket event where the thread blocks on it.
-    fn prepare(&mut self, connection_killswitch: &KillSwitch) -> Result<Pass> {
         trace!("io_loop run");
         self.poll_socket_events();
         if !self.ensure_setup()? {
-            return Ok(Pass::Skip);
+            return Ok(());
         }
         self.check_connection_state();
         trace!(
@@ -508,18 +440,12 @@ impl<
         );
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
             trace!("io_loop cannot do anything for now, waiting for socket events.");
-            return Ok(Pass::Wait);
+            self.socket_state.wait().await;
+        } else {
+            yield_now().await;
         }
-        Ok(Pass::Work)
-    }
-
-    fn run_io<T: AsyncRead + AsyncWrite + ?Sized>(
-        &mut self,
-        mut stream: Pin<&mut T>,
-        readable_context: &mut Context<'_>,
-        writable_context: &mut Context<'_>,
-        connection_killswitch: &KillSwitch,
-    ) -> Result<()> {
+        let readable_context = &mut Context::from_waker(readable_waker);
+        let writable_context = &mut Context::from_waker(writable_waker);
         self.poll_socket_events();
         self.attempt_flush(stream.as_mut(), writable_context, connection_killswitch)?;
         self.write(stream.as_mut(), writable_context, connection_killswitch)?;
@@ -854,7 +780,7 @@ fn io_loop_span(connect_span: tracing::Span) -> tracing::Span {
 
 /// refund-worker patch: gives the runtime's other tasks a turn. The first
 /// poll wakes the task and returns `Pending`; tokio puts a task that woke
-/// itself at the back of its queue.
+/// itself at the back of its queue (and a `block_on` polls it again at once).
 fn yield_now() -> impl Future<Output = ()> {
     let mut yielded = false;
     std::future::poll_fn(move |cx| {

@@ -51,15 +51,9 @@ impl SocketState {
         self.writable
     }
 
-    pub(crate) fn wait(&mut self) {
-        match self.events.recv() {
-            Ok(event) => self.handle_event(event),
-            Err(err) => error!(?err, "waiting for socket event failed"),
-        }
-    }
-
-    /// refund-worker patch: [`SocketState::wait`] for the I/O loop's task.
-    pub(crate) async fn wait_async(&mut self) {
+    // refund-worker patch: async (flume's `recv_async`), so that the I/O loop
+    // can run as a task; the thread awaits it under `block_on`.
+    pub(crate) async fn wait(&mut self) {
         match self.events.recv_async().await {
             Ok(event) => self.handle_event(event),
             Err(err) => error!(?err, "waiting for socket event failed"),
