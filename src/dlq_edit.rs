@@ -35,21 +35,16 @@ pub struct Change {
 }
 
 impl Change {
-    /// A card token's change as it may be shown and kept in a header: its
-    /// last four digits only.
+    /// A change under `payout` as it may be shown and kept in a header: a
+    /// card token by its last four digits only.
     fn masked(self) -> Self {
+        let token_or_object = self.path == "payout.card_token" || self.path == "payout";
         let mask = |v: Value| {
-            let text = match v {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                other => return other,
-            };
-            let body = serde_json::json!({ "card_token": text }).to_string();
-            let masked = crate::command::mask_card_tokens(body.as_bytes());
-            serde_json::from_slice::<Value>(&masked)
-                .ok()
-                .and_then(|m| m.get("card_token").cloned())
-                .unwrap_or(Value::Null)
+            if token_or_object || v.is_object() {
+                crate::command::mask_payout_value(&v)
+            } else {
+                v
+            }
         };
         Change {
             path: self.path,
@@ -127,7 +122,7 @@ pub fn apply(body: &[u8], sets: &[Set]) -> Result<(Value, Vec<Change>), String> 
                 from,
                 to: value,
             };
-            changes.push(if last == "card_token" {
+            changes.push(if set.path[0] == "payout" {
                 change.masked()
             } else {
                 change

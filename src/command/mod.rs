@@ -9,7 +9,7 @@
 mod payout;
 mod strict;
 
-pub use payout::{mask_card_tokens, CardToken, PayoutEcho, PayoutTarget};
+pub use payout::{mask_card_tokens, mask_payout_value, CardToken, PayoutEcho, PayoutTarget};
 pub use strict::{StrictValue, MAX_DEPTH};
 
 use crate::money::{self, Amount};
@@ -238,7 +238,14 @@ impl RefundCommand {
         let command: RefundCommand =
             serde_path_to_error::deserialize(Value::Object(object.clone())).map_err(|e| {
                 let path = e.path().to_string();
-                invalid(format!("{path}: {}", e.into_inner()))
+                let message = format!("{path}: {}", e.into_inner());
+                // serde quotes a value of the wrong type; under `payout` it
+                // can be the card token.
+                invalid(if path.starts_with("payout") {
+                    payout::mask_digit_runs(&message)
+                } else {
+                    message
+                })
             })?;
         command.check().map_err(invalid)?;
         Ok(command)

@@ -156,7 +156,9 @@ impl Fields {
                 ))
             }
         };
-        *slot = Some(value);
+        if slot.replace(value).is_some() {
+            return Err(format!("the key {key:?} is given twice"));
+        }
         Ok(())
     }
 
@@ -250,6 +252,45 @@ fn mask_value(value: &mut serde_json::Value) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(mask_value),
         _ => {}
+    }
+}
+
+/// A message with every run of 6 or more digits starred: what an error
+/// about the `payout` object may say of a value.
+pub(super) fn mask_digit_runs(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 6 {
+            out.push_str(&"*".repeat(run.len()));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in message.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+/// A value an edit puts at or under `payout`, masked: a string or number
+/// as a token would be, an object's `card_token` keys.
+pub fn mask_payout_value(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::String(s) => serde_json::Value::String(mask_string(s)),
+        serde_json::Value::Number(n) => serde_json::Value::String(mask_string(&n.to_string())),
+        other => {
+            let mut masked = other.clone();
+            mask_value(&mut masked);
+            masked
+        }
     }
 }
 
@@ -355,6 +396,38 @@ mod tests {
             assert!(err.contains(field), "{json}: {err}");
             assert!(!err.contains("472447893728473077"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_rejection_never_quotes_a_token_given_in_the_wrong_shape() {
+        for payout in [
+            format!("\"{TOKEN}\""),
+            TOKEN.to_string(),
+            format!("[\"{TOKEN}\"]"),
+        ] {
+            let body = format!(
+                r#"{{"refund_id":"po-1","provider":"h","operation":"payout","amount":{{"minor":1,"currency":"ILS"}},"payout":{payout}}}"#
+            );
+            let err = format!("{:?}", super::super::RefundCommand::parse(body.as_bytes()));
+            assert!(!err.contains("4724478937"), "{err}");
+            assert!(err.contains("payout"), "{err}");
+        }
+        let twice = parse(&format!(
+            r#"{{"card_token":"{TOKEN}","card_token":"{TOKEN}","expiry_month":"05","expiry_year":"31","holder_name":"J"}}"#
+        ));
+        assert!(twice.is_err_and(|e| e.contains("twice")));
+    }
+
+    #[test]
+    fn an_edit_of_the_whole_payout_object_is_masked() {
+        let v = serde_json::json!({"card_token": TOKEN, "holder_name": "J"});
+        let masked = mask_payout_value(&v).to_string();
+        assert!(
+            !masked.contains(TOKEN) && masked.contains("0772"),
+            "{masked}"
+        );
+        let bare = mask_payout_value(&serde_json::json!(TOKEN)).to_string();
+        assert!(!bare.contains("47244789"), "{bare}");
     }
 
     #[test]

@@ -81,19 +81,16 @@ pub fn payout_request_for<'a>(
         .amount
         .as_ref()
         .ok_or("amount is required for a payout")?;
-    // The payout page has no currency field; `Coin` is how `action=soft`
-    // names one (1 ILS, the default, 2 USD, 3 EUR, 4 GBP).
-    let coin = match amount.currency.as_str() {
-        "ILS" => None,
-        "USD" => Some("2"),
-        "EUR" => Some("3"),
-        "GBP" => Some("4"),
-        other => {
-            return Err(format!(
-                "amount.currency {other}: Hyp Pay payouts are in ILS, USD, EUR or GBP"
-            ))
-        }
-    };
+    // The payout page has no currency field: a payout is in the terminal's
+    // shekels. Sending another currency's amount (or an undocumented
+    // `Coin`) could pay 100 USD as 100 ILS and see it confirmed.
+    if amount.currency != "ILS" {
+        return Err(format!(
+            "amount.currency {}: Hyp Pay payouts are in ILS (the payout request has no currency)",
+            amount.currency
+        ));
+    }
+    let coin = None;
     Ok(PayoutRequest {
         account,
         command,
