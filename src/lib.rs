@@ -11,7 +11,6 @@
 
 pub mod app;
 pub mod background;
-pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod command;
@@ -20,12 +19,10 @@ pub mod dlq;
 pub mod dlq_edit;
 pub mod duration;
 pub mod event;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod http;
 pub mod lenient;
-pub mod local_broker;
-pub mod local_cluster;
-pub mod local_postgres;
 pub mod locks;
 pub mod metrics;
 pub mod money;
@@ -33,7 +30,6 @@ pub mod ops;
 pub mod providers;
 pub mod queue_migration;
 pub mod report;
-pub mod sandbox;
 pub mod secret;
 pub mod shutdown;
 pub mod store;

@@ -8,11 +8,9 @@ use clap::{Parser, Subcommand};
 use cli::ops::{DlqCommand, RefundsCommand};
 use refund_worker::client;
 use refund_worker::config::{ConfigError, LogFormat, Settings};
-use refund_worker::sandbox::{SandboxConfig, Seed};
 use refund_worker::secret::Secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// jemalloc instead of glibc's malloc: a fifth of the worker's CPU was in
 /// malloc and free, much of it waiting for the lock of the arena a block
@@ -43,62 +41,6 @@ enum Command {
         /// Log format (overrides log.format).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
-    },
-    /// Run the provider sandbox (Hyp Pay at /p/).
-    Sandbox {
-        /// Listen address.
-        #[arg(long, default_value = "127.0.0.1:8090", env = "SANDBOX_ADDR")]
-        addr: String,
-        /// JSON file of original transactions (default: examples/sandbox-seed.json, built in).
-        #[arg(long)]
-        seed: Option<PathBuf>,
-        /// Delay added before every provider answer, in milliseconds.
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
-        /// Hyp Pay terminal number the sandbox accepts.
-        #[arg(long, default_value = "0010131918")]
-        hyp_masof: String,
-        /// Hyp Pay password the sandbox accepts.
-        #[arg(
-            long,
-            default_value = "sandbox-pass",
-            env = "SANDBOX_HYP_PASS_P",
-            hide_env_values = true
-        )]
-        hyp_pass_p: String,
-        /// Hyp Pay credit password (zPass) the sandbox accepts for payouts.
-        #[arg(
-            long,
-            default_value = "sandbox-zpass",
-            env = "SANDBOX_HYP_Z_PASS",
-            hide_env_values = true
-        )]
-        hyp_z_pass: String,
-        /// CreditGuard user the sandbox accepts.
-        #[arg(long, default_value = "sandbox-user")]
-        cg_user: String,
-        /// CreditGuard password the sandbox accepts.
-        #[arg(
-            long,
-            default_value = "sandbox-pass",
-            env = "SANDBOX_CG_PASSWORD",
-            hide_env_values = true
-        )]
-        cg_password: String,
-        /// CreditGuard terminal number.
-        #[arg(long, default_value = "0882819014")]
-        cg_terminal: String,
-        /// Paynet secret key the sandbox accepts.
-        #[arg(
-            long,
-            default_value = "sandbox-secret",
-            env = "SANDBOX_PAYNET_SECRET",
-            hide_env_values = true
-        )]
-        paynet_secret: String,
-        /// Delay before Paynet's final answer is posted to succeedUrl (ms).
-        #[arg(long, default_value_t = 200)]
-        paynet_callback_delay_ms: u64,
     },
     /// Publish command files (JSON) to the commands exchange, with confirms.
     Publish {
@@ -145,70 +87,6 @@ enum Command {
         #[command(subcommand)]
         command: RefundsCommand,
     },
-    /// Benchmark: the worker against a baseline relay on the same broker.
-    Bench {
-        /// Commands per drain (make each drain last ≥ 10 s on your machine).
-        #[arg(long, default_value_t = 10_000)]
-        n: usize,
-        /// Prefetch values to sweep.
-        #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
-        prefetch: Vec<u16>,
-        /// Provider latencies to sweep (ms).
-        #[arg(long, value_delimiter = ',', default_value = "0,50")]
-        latency_ms: Vec<u64>,
-        /// Use this broker instead of starting a private node.
-        #[arg(long)]
-        amqp_url: Option<String>,
-        /// Write the results as JSON.
-        #[arg(long, default_value = "bench.json")]
-        json: PathBuf,
-        /// Write the plot (SVG).
-        #[arg(long, default_value = "bench.svg")]
-        plot: PathBuf,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Run the provider-pressure scenarios instead: a burst for a
-        /// rate-limited account with another account behind it (with and
-        /// without the per-account share), and a provider outage (breaker
-        /// on and off).
-        #[arg(long)]
-        pressure: bool,
-        /// Pressure: refunds in the burst.
-        #[arg(long, default_value_t = 5000)]
-        burst: usize,
-        /// Pressure: seconds the provider is down.
-        #[arg(long, default_value_t = 60)]
-        outage_secs: u64,
-        /// Replicas on PostgreSQL instead (with --replicas N): PostgreSQL
-        /// against sled at 0 ms, one replica against N at the first
-        /// latency above 0 (200 ms unless given), and a replica killed
-        /// mid-drain. E.g. `bench --backend postgres --replicas 3 --n 4000`.
-        #[arg(long, value_parser = ["sled", "postgres"], default_value = "sled")]
-        backend: String,
-        /// Replicas for --backend postgres.
-        #[arg(long, default_value_t = 3)]
-        replicas: usize,
-        /// Worker and relay drains per configuration, taking turns (the
-        /// relay alone varies by about a quarter between runs).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Run this worker binary instead of this one (to compare two
-        /// builds in one run; the relay is always this binary's).
-        #[arg(long, hide = true)]
-        worker_exe: Option<PathBuf>,
-    },
-    /// The benchmark's baseline relay as a process of its own (used by
-    /// `bench`, so that its CPU is measured like the worker's).
-    #[command(hide = true)]
-    BenchRelay {
-        /// The run's configuration file (written by `bench`).
-        #[arg(long)]
-        config: PathBuf,
-        /// Messages to relay.
-        #[arg(long)]
-        n: usize,
-    },
     /// The reconciliation report: per provider account, day and currency,
     /// counts and sums of succeeded, failed, in-doubt and pending refunds.
     Report {
@@ -228,12 +106,16 @@ enum Command {
         #[arg(long, env = "REFUND_WORKER_URL")]
         worker_url: Option<String>,
     },
-    /// Start a private RabbitMQ cluster on this machine (for trying and
-    /// testing several replicas); prints its amqp.url and runs until Ctrl-C.
-    LocalCluster {
-        /// Nodes.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
+    /// Probe the running worker's readiness (`/readyz` on http.addr): exit
+    /// 0 when ready, 1 otherwise. For container health checks, with no
+    /// shell tool in the image.
+    Health {
+        /// A TOML file layered over config/default.toml (for http.addr).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The worker's HTTP address (default: http.addr of the configuration).
+        #[arg(long, env = "REFUND_WORKER_URL")]
+        worker_url: Option<String>,
     },
     /// Print outcome events as they are published (one line each).
     Events {
@@ -293,37 +175,6 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     runtime(None)?.block_on(async move {
         match cli.command {
             Command::Run { .. } => unreachable!("handled above"),
-            Command::Sandbox {
-                addr,
-                seed,
-                latency_ms,
-                hyp_masof,
-                hyp_pass_p,
-                hyp_z_pass,
-                cg_user,
-                cg_password,
-                cg_terminal,
-                paynet_secret,
-                paynet_callback_delay_ms,
-            } => {
-                let seed = match seed {
-                    Some(path) => Seed::from_file(&path).map_err(anyhow::Error::msg)?,
-                    None => Seed::default_seed(),
-                };
-                let config = SandboxConfig {
-                    hyp_masof,
-                    hyp_pass_p,
-                    hyp_z_pass,
-                    cg_user,
-                    cg_password,
-                    cg_terminal,
-                    paynet_secret,
-                    paynet_callback_delay: Duration::from_millis(paynet_callback_delay_ms),
-                    latency: Duration::from_millis(latency_ms),
-                    seed,
-                };
-                cli::sandbox::run(addr, config).await
-            }
             Command::Publish {
                 amqp_url,
                 exchange,
@@ -347,12 +198,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 config,
                 worker_url,
             } => cli::ops::report(config, worker_url.as_deref(), &from, &to, &format).await,
-            Command::LocalCluster { nodes } => cli::run::local_cluster(nodes).await,
             Command::Events {
                 amqp_url,
                 exchange,
                 count,
             } => Ok(client::tail_events(&Secret::new(amqp_url), &exchange, count).await?),
+            Command::Health { config, worker_url } => {
+                cli::ops::health(config, worker_url.as_deref()).await
+            }
             Command::Store { command } => cli::admin::store(command).await,
             Command::Queues { command } => cli::admin::queues(command).await,
             Command::Dlq {
@@ -365,50 +218,6 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 worker_url,
                 command,
             } => cli::ops::refunds(config, worker_url.as_deref(), command).await,
-            Command::BenchRelay { config, n } => {
-                refund_worker::bench::relay_process(&config, n).await
-            }
-            Command::Bench {
-                n,
-                prefetch,
-                latency_ms,
-                amqp_url,
-                json,
-                plot,
-                quiet,
-                pressure,
-                burst,
-                outage_secs,
-                rounds,
-                worker_exe,
-                backend,
-                replicas,
-            } => {
-                let options = refund_worker::bench::BenchOptions {
-                    pressure: pressure.then_some(refund_worker::bench::PressureOptions {
-                        burst,
-                        outage: Duration::from_secs(outage_secs),
-                    }),
-                    n,
-                    prefetch,
-                    latency_ms,
-                    amqp_url,
-                    json: Some(json),
-                    plot: Some(plot),
-                    quiet,
-                    worker_exe: match worker_exe {
-                        Some(path) => path,
-                        None => std::env::current_exe().context("locating this executable")?,
-                    },
-                    rounds,
-                };
-                if backend == "postgres" {
-                    refund_worker::bench::replicas::run(&options, replicas.max(1)).await?;
-                } else {
-                    refund_worker::bench::run(&options).await?;
-                }
-                Ok(())
-            }
         }
     })
 }

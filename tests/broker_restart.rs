@@ -63,7 +63,7 @@ async fn the_worker_survives_a_broker_restart() {
 /// executed each once, and the commands queue is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
-    use refund_worker::sandbox::{SandboxConfig, Seed};
+    use refund_sandbox::{SandboxConfig, Seed};
     use std::collections::{BTreeMap, BTreeSet};
 
     let _one_at_a_time = RESTARTS.lock().await;
@@ -132,7 +132,7 @@ async fn a_broker_restart_under_load_loses_nothing_and_pays_nothing_twice() {
 /// broker is back, the outbox publishes the recorded final event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_during_a_broker_outage_get_503_and_the_outbox_publishes_later() {
-    use refund_worker::sandbox::SandboxConfig;
+    use refund_sandbox::SandboxConfig;
     use serde_json::json;
 
     let _one_at_a_time = RESTARTS.lock().await;

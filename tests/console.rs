@@ -5,7 +5,7 @@
 
 mod support;
 
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
+use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use std::time::Duration;
 use support::{TestApp, OPERATOR_TOKEN};
 

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed};
+use refund_sandbox::{Sandbox, SandboxConfig, Seed};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};

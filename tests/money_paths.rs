@@ -11,10 +11,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
+use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::command::RefundCommand;
 use refund_worker::dlq::{Dlq, Filter};
 use refund_worker::ops::{dlq_purge, PurgeScope, WorkerApi};
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::store::{AttemptTrace, RefundRecord, RefundState};
 use refund_worker::worker::Decision;
 use serde_json::{json, Value};

@@ -8,7 +8,7 @@ mod support;
 use axum::body::Bytes;
 use axum::routing::post;
 use futures_util::StreamExt;
-use refund_worker::sandbox::{Sandbox, SandboxConfig};
+use refund_sandbox::{Sandbox, SandboxConfig};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -5,11 +5,11 @@
 
 mod support;
 
+use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::command::RefundCommand;
 use refund_worker::dlq::Filter;
 use refund_worker::event::{OutcomeEvent, Status};
 use refund_worker::ops::{dlq_purge, status_of, PurgeScope, WorkerApi};
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::store::ledger::LedgerChange;
 use refund_worker::store::{RefundRecord, RefundState};
 use refund_worker::worker::{Decision, Resolution};

@@ -9,8 +9,8 @@
 
 mod support;
 
+use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::config::ProviderAccount;
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::secret::Secret;
 use serde_json::{json, Value};
 use std::io::Write;

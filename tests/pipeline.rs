@@ -3,7 +3,7 @@
 
 mod support;
 
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig};
+use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use serde_json::Value;
 use std::time::Duration;
 use support::{header, with_refund_id, TestApp, HYP_CANCEL, HYP_DECLINE, HYP_REFUND, INVALID};

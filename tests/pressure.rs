@@ -5,7 +5,7 @@
 
 mod support;
 
-use refund_worker::sandbox::{Fault, FaultKind, SandboxConfig, Seed};
+use refund_sandbox::{Fault, FaultKind, SandboxConfig, Seed};
 use serde_json::json;
 use std::time::Duration;
 use support::{header, policy_mut, TestApp, HYP_REFUND, WAIT};

@@ -3,7 +3,7 @@
 
 mod support;
 
-use refund_worker::sandbox::{Fault, FaultKind};
+use refund_sandbox::{Fault, FaultKind};
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::{TestApp, WAIT};
@@ -287,7 +287,7 @@ async fn paynet_disapproval_same_day_partials_and_unknown_transactions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paynet_command_redelivered_while_pending_is_not_sent_again() {
-    let config = refund_worker::sandbox::SandboxConfig {
+    let config = refund_sandbox::SandboxConfig {
         paynet_callback_delay: Duration::from_millis(1500),
         ..Default::default()
     };

@@ -14,8 +14,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use refund_worker::local_cluster::LocalCluster;
-use refund_worker::sandbox::{Sandbox, SandboxConfig, Seed};
+use refund_sandbox::{Sandbox, SandboxConfig, Seed};
+use refund_testkit::local_cluster::LocalCluster;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};

@@ -4,9 +4,9 @@
 
 mod support;
 
+use refund_sandbox::SandboxConfig;
+use refund_testkit::local_broker::TlsFiles;
 use refund_worker::app::App;
-use refund_worker::local_broker::TlsFiles;
-use refund_worker::sandbox::SandboxConfig;
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;

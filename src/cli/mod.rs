@@ -5,4 +5,3 @@
 pub(crate) mod admin;
 pub(crate) mod ops;
 pub(crate) mod run;
-pub(crate) mod sandbox;

@@ -1,6 +1,7 @@
 //! `refund-worker dlq …` and `refund-worker refunds …`: their arguments
 //! and the dispatch to the operator commands in the library (`ops.rs`).
 
+use anyhow::Context;
 use clap::Subcommand;
 use refund_worker::command::Operation;
 use refund_worker::config::{Settings, ToolSettings};
@@ -314,5 +315,30 @@ pub(crate) async fn report(
     let tools = Settings::load_tools(config.as_deref())?;
     let api = worker_api(&tools, worker_url);
     ops::report(&api, from, to, format).await?;
+    Ok(())
+}
+
+/// `refund-worker health`: one GET of `/readyz` with a short timeout. Ready
+/// is exit 0; anything else (not ready, no answer) is an error, exit 1, with
+/// the reason on stderr.
+pub(crate) async fn health(
+    config: Option<PathBuf>,
+    worker_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let tools = Settings::load_tools(config.as_deref())?;
+    let base = worker_url.map_or_else(|| tools.worker_url(), str::to_string);
+    let url = format!("{}/readyz", base.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url}: no answer"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
+    println!("ready");
     Ok(())
 }

@@ -61,26 +61,3 @@ pub(crate) async fn wait_for_signal() {
     }
     let _ = tokio::signal::ctrl_c().await;
 }
-
-/// `refund-worker local-cluster`: a private cluster until a signal; the
-/// nodes stop when this process ends.
-pub(crate) async fn local_cluster(nodes: usize) -> anyhow::Result<()> {
-    eprintln!("starting a {nodes}-node RabbitMQ cluster (about 30 s)...");
-    let cluster = tokio::task::spawn_blocking(move || {
-        refund_worker::local_cluster::LocalCluster::start(nodes)
-    })
-    .await??;
-    let urls = cluster.vhost()?;
-    println!("REFUND_WORKER__AMQP__URL={urls}");
-    for node in &cluster.nodes {
-        eprintln!(
-            "node {} on port {} (data in {})",
-            node.node,
-            node.port,
-            node.dir.display()
-        );
-    }
-    eprintln!("running; Ctrl-C stops the nodes");
-    wait_for_signal().await;
-    Ok(())
-}

@@ -1,8 +1,8 @@
-//! The test binary's private RabbitMQ node (see `refund_worker::local_broker`),
+//! The test binary's private RabbitMQ node (see `refund_testkit::local_broker`),
 //! started on first use and shared by the binary's tests; each test gets
 //! its own vhost so tests run in parallel without seeing each other's queues.
 
-use refund_worker::local_broker::{LocalBroker, TlsFiles};
+use refund_testkit::local_broker::{LocalBroker, TlsFiles};
 use std::sync::OnceLock;
 
 pub struct RabbitNode(LocalBroker);

@@ -14,9 +14,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use refund_sandbox::{Sandbox, SandboxConfig};
 use refund_worker::app::App;
 use refund_worker::config::{Settings, DEFAULT_TOML};
-use refund_worker::sandbox::{Sandbox, SandboxConfig};
 use refund_worker::shutdown::{self, ShutdownTrigger};
 use serde_json::Value;
 use std::time::Duration;

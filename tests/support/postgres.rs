@@ -1,8 +1,8 @@
 //! The test binary's private PostgreSQL server (see
-//! `refund_worker::local_postgres`), started on first use and shared by the
+//! `refund_testkit::local_postgres`), started on first use and shared by the
 //! binary's tests; each test gets a database of its own.
 
-use refund_worker::local_postgres::LocalPostgres;
+use refund_testkit::local_postgres::LocalPostgres;
 use std::sync::OnceLock;
 
 static SERVER: OnceLock<LocalPostgres> = OnceLock::new();

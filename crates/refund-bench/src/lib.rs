@@ -1,4 +1,4 @@
-//! `refund-worker bench`: how fast the worker drains a queue, compared with
+//! `refund-bench`: how fast the worker drains a queue, compared with
 //! the fastest thing the same broker can do in the same run.
 //!
 //! For each configuration (provider latency × prefetch) it preloads N
@@ -14,14 +14,14 @@ pub mod pressure;
 pub mod relay;
 pub mod replicas;
 
-use crate::broker::topology;
-use crate::config::{Settings, DEFAULT_TOML};
-use crate::local_broker::LocalBroker;
-use crate::sandbox::{Sandbox, SandboxConfig, Seed};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use refund_sandbox::{Sandbox, SandboxConfig, Seed};
+use refund_testkit::local_broker::LocalBroker;
+use refund_worker::broker::topology;
+use refund_worker::config::{Settings, DEFAULT_TOML};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -144,7 +144,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         let _ = connection.close(200, "bench done".into()).await;
         println!(
             "refund-worker bench --pressure, {} ({})",
-            crate::event::now_rfc3339(),
+            refund_worker::event::now_rfc3339(),
             machine_description()
         );
         for r in &results {
@@ -155,7 +155,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             eprintln!("wrote {}", path.display());
         }
         return Ok(BenchReport {
-            date: crate::event::now_rfc3339(),
+            date: refund_worker::event::now_rfc3339(),
             machine: machine_description(),
             results: Vec::new(),
         });
@@ -180,7 +180,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let _ = connection.close(200, "bench done".into()).await;
     let report = BenchReport {
-        date: crate::event::now_rfc3339(),
+        date: refund_worker::event::now_rfc3339(),
         machine: machine_description(),
         results,
     };
@@ -485,7 +485,7 @@ async fn relay_round(
     .await?;
     // Its own process, so its CPU is measured like the worker's.
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("bench-relay")
+        .arg("relay")
         .arg("--config")
         .arg(config.with_extension("toml"))
         .arg("--n")
@@ -507,10 +507,10 @@ async fn relay_round(
     })
 }
 
-/// `refund-worker bench-relay`: the relay as a process of its own.
+/// `refund-bench relay`: the relay as a process of its own.
 pub async fn relay_process(config: &Path, n: usize) -> anyhow::Result<()> {
     let settings = settings_from(&std::fs::read_to_string(config)?)?;
-    let url = crate::secret::url_list(&settings.amqp.url)
+    let url = refund_worker::secret::url_list(&settings.amqp.url)
         .next()
         .unwrap_or_default()
         .to_string();
@@ -580,7 +580,7 @@ pub(crate) async fn publish_confirmed(
 /// The benchmark's own event queue on `exchange`, consumed without acks.
 async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<lapin::Consumer> {
     let name = format!("{exchange}.bench");
-    Ok(crate::client::consume_events(channel, exchange, &name).await?)
+    Ok(refund_worker::client::consume_events(channel, exchange, &name).await?)
 }
 
 /// Consumes `n` events and measures the drain.

@@ -11,13 +11,13 @@
 //!   defaults: 5 failures, 30 s cool-down) and off, then whether every
 //!   refund still succeeded once, with nothing failed or left over.
 
-use crate::app::App;
-use crate::config::Settings;
-use crate::sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
-use crate::shutdown;
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
+use refund_sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
+use refund_worker::app::App;
+use refund_worker::config::Settings;
+use refund_worker::shutdown;
 use std::time::{Duration, Instant};
 
 /// The figures of one pressure scenario run.
@@ -86,8 +86,8 @@ async fn prepare(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    crate::broker::topology::declare(&channel, settings).await?;
-    let events = crate::client::consume_events(
+    refund_worker::broker::topology::declare(&channel, settings).await?;
+    let events = refund_worker::client::consume_events(
         &channel,
         &settings.amqp.events_exchange,
         &format!("{}.bench", settings.amqp.events_exchange),
@@ -175,7 +175,7 @@ async fn burst_run(
     let run = format!("burst{}", (share * 10.0) as u32);
     let mut settings = settings(amqp_url, &run, &dir.path().join("store"), &sandbox_url)?;
     settings.amqp.account_share = share;
-    if let Some(crate::providers::ProviderAccount::HypPay(a)) =
+    if let Some(refund_worker::providers::ProviderAccount::HypPay(a)) =
         settings.providers.get_mut("limited")
     {
         a.policy.rate_per_sec = Some(50.0);
@@ -249,7 +249,7 @@ async fn outage_run(
     let sandbox_url = format!("http://{}", sandbox.spawn("127.0.0.1:0").await?);
     let run = format!("outage{failures}");
     let mut settings = settings(amqp_url, &run, &dir.path().join("store"), &sandbox_url)?;
-    if let Some(crate::providers::ProviderAccount::HypPay(a)) =
+    if let Some(refund_worker::providers::ProviderAccount::HypPay(a)) =
         settings.providers.get_mut("limited")
     {
         a.policy.breaker.failures = failures;

@@ -3,7 +3,6 @@
 //! small persistent event published with confirms, ack after the confirm,
 //! many in flight), and nothing else: no store, no HTTP.
 
-use crate::config::AmqpSettings;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -11,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use refund_worker::config::AmqpSettings;
 
 /// Relays `n` commands from the commands queue to events.
 pub async fn run(amqp_url: String, amqp: AmqpSettings, n: usize) -> Result<(), lapin::Error> {

@@ -16,13 +16,13 @@
 //! CPU per refund and its commits per refund (`pg_stat_database`).
 
 use super::{bench_settings, bind_events, collect, cpu_ms, free_port, preload, BenchOptions};
-use crate::broker::topology;
-use crate::config::StoreBackend;
-use crate::local_broker::LocalBroker;
-use crate::local_postgres::LocalPostgres;
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
+use refund_testkit::local_broker::LocalBroker;
+use refund_testkit::local_postgres::LocalPostgres;
+use refund_worker::broker::topology;
+use refund_worker::config::StoreBackend;
 use serde::Serialize;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -174,7 +174,7 @@ impl Rig<'_> {
         count: usize,
         latency_ms: u64,
         prefetch: u16,
-    ) -> anyhow::Result<(Workers, lapin::Consumer, crate::sandbox::Sandbox)> {
+    ) -> anyhow::Result<(Workers, lapin::Consumer, refund_sandbox::Sandbox)> {
         self.runs += 1;
         let n = self.options.n;
         let (sandbox, sandbox_url) = super::sandbox(latency_ms, n).await?;

@@ -12,11 +12,13 @@
 //! different details.
 
 use super::{Execution, FaultKind, Sandbox, SandboxState};
-use crate::providers::creditguard::wire::{self, Coded, Deal, DealResponse, Response, ResponseDoc};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Form;
+use refund_worker::providers::creditguard::wire::{
+    self, Coded, Deal, DealResponse, Response, ResponseDoc,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Duration;

@@ -10,11 +10,11 @@
 //! malformed fields and for an unknown `TransId` on refunds.
 
 use super::{Execution, FaultKind, Sandbox, SandboxState};
-use crate::money;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use refund_worker::money;
 use std::time::Duration;
 
 const HTML_ERROR: &str = "<html><head><title>Error</title></head><body><h1>System error</h1>\

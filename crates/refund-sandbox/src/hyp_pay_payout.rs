@@ -7,8 +7,8 @@
 
 use super::hyp_pay::Answer;
 use super::{Execution, FaultKind, SandboxState};
-use crate::money;
 use axum::http::StatusCode;
+use refund_worker::money;
 use std::time::Duration;
 
 /// Answers one payout request.
@@ -59,7 +59,8 @@ pub(super) fn decide(state: &mut SandboxState, get: &dyn Fn(&str) -> Option<Stri
 /// Pays out and journals it (the token by its last four digits only).
 fn execute(state: &mut SandboxState, token: &str, amount: u64, amount_text: String) -> String {
     let new_id = state.new_id();
-    let last4 = &token[token.len().saturating_sub(4)..];
+    let chars: Vec<char> = token.chars().collect();
+    let last4: String = chars[chars.len().saturating_sub(4)..].iter().collect();
     state.journal.push(Execution {
         provider: "hyp_pay".into(),
         action: "soft".into(),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// The seed shipped with the repository (used when no `--seed` is given).
-pub const DEFAULT_SEED: &str = include_str!("../examples/sandbox-seed.json");
+pub const DEFAULT_SEED: &str = include_str!("../../../examples/sandbox-seed.json");
 
 /// Sandbox credentials and behaviour.
 #[derive(Debug, Clone)]
