@@ -405,6 +405,11 @@ async fn session(
         Err(e) => return Err(e),
     };
     worker.set_side_publisher(Some(Publisher::clone(&publisher)));
+    let depth = connection.create_channel().await?;
+    let dead_letters = tokio::spawn(crate::background::watch_dead_letters(
+        depth,
+        amqp.dead_letter_queue.clone(),
+    ));
     health.set_broker(true);
     health.set_consuming(true);
     info!(
@@ -448,6 +453,7 @@ async fn session(
             }
         }
     };
+    dead_letters.abort();
     if matches!(end, SessionEnd::Shutdown) {
         // Let in-flight deliveries ack on this connection before closing it.
         drain(in_flight).await;

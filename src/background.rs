@@ -95,6 +95,9 @@ pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut sh
         let started = std::time::Instant::now();
         let scan = store.census(move |p| limits.pending_alert_after(p)).await;
         let took = started.elapsed();
+        if scan.is_err() {
+            crate::metrics::store_census_failed();
+        }
         if let Ok(census) = scan {
             crate::metrics::store_extra(census.tombstones, census.unconfirmed);
             crate::metrics::store_counts(census.records, census.in_doubt, census.unfinished);
@@ -113,6 +116,37 @@ pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut sh
             _ = shutdown.triggered() => return,
             _ = tokio::time::sleep(census_pause(took)) => {}
         }
+    }
+}
+
+/// How often the dead-letter queue's depth is read.
+pub const DEAD_LETTER_WATCH: Duration = Duration::from_secs(15);
+
+/// Reads the dead-letter queue's depth (a passive declare on a channel of
+/// its own, so that a refusal closes only that channel) every
+/// [`DEAD_LETTER_WATCH`], for the `refund_worker_dead_letters_waiting`
+/// gauge, until the channel closes; the session starts it again.
+pub async fn watch_dead_letters(channel: lapin::Channel, queue: String) {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => crate::metrics::dead_letters_waiting(q.message_count()),
+            Err(e) => {
+                tracing::debug!(error = %e, "dead-letter queue depth unknown until the next session");
+                return;
+            }
+        }
+        tokio::time::sleep(DEAD_LETTER_WATCH).await;
     }
 }
 

@@ -145,6 +145,31 @@ pub fn outcome(provider: &str, operation: Option<Operation>, status: &'static st
     }
 }
 
+/// A delivery that could not be finished (it goes back to the queue), by
+/// why: `store` (the store failed), `publish` (an event or dead letter was
+/// not confirmed), `events_down`, `lease_lost`, `fenced`, `busy`.
+pub fn delivery_failed(kind: &'static str) {
+    counter!("refund_worker_deliveries_failed_total", "reason" => kind).increment(1);
+}
+
+/// Readiness as `/readyz` answers it, and whether the store answers: set
+/// when `/metrics` is scraped, so the gauges are never older than the
+/// scrape.
+pub fn readiness(ready: bool, store_healthy: bool) {
+    gauge!("refund_worker_ready").set(f64::from(u8::from(ready)));
+    gauge!("refund_worker_store_healthy").set(f64::from(u8::from(store_healthy)));
+}
+
+/// A store census that failed (the store did not answer).
+pub fn store_census_failed() {
+    counter!("refund_worker_store_errors_total", "operation" => "census").increment(1);
+}
+
+/// Messages waiting in the dead-letter queue (read every few seconds).
+pub fn dead_letters_waiting(count: u32) {
+    gauge!("refund_worker_dead_letters_waiting").set(f64::from(count));
+}
+
 /// One provider call and its outcome class.
 pub fn provider_call(provider: &str, class: &'static str, took: Duration) {
     static HANDLES: ByAccount<Histogram> = ByAccount::new();

@@ -331,6 +331,8 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     app.publish_raw(b"junk", None).await;
     let _ = app.next_dead_letter().await;
     let body = scrape(&app).await;
+    assert_eq!(sample(&body, "refund_worker_ready "), 1.0, "{body}");
+    assert_eq!(sample(&body, "refund_worker_store_healthy "), 1.0);
     let source = include_str!("../src/metrics.rs");
     let names = include_str!("../deploy/monitoring/metric-names.txt");
     let mut seen = 0;

@@ -86,7 +86,7 @@ pub async fn serve(listeners: Listeners, health: Arc<Health>, worker: Worker, sh
     let private = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/metrics", get(metrics))
         .merge(operator::routes(state.clone()))
         .merge(console::routes(state.clone()));
     match listeners.callbacks {
@@ -113,6 +113,12 @@ async fn run(listener: TcpListener, app: Router, mut shutdown: Shutdown) {
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.triggered().await })
         .await;
+}
+
+async fn metrics(State(state): State<AppState>) -> String {
+    let store_healthy = state.worker.store().healthy();
+    crate::metrics::readiness(state.health.ready() && store_healthy, store_healthy);
+    crate::metrics::render()
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -65,6 +65,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info_span, warn, Instrument};
 
+impl PipelineError {
+    /// Its metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Store(StoreError::Fenced { .. }) => "fenced",
+            PipelineError::Store(_) => "store",
+            PipelineError::Publish(_) => "publish",
+            PipelineError::Busy => "busy",
+            PipelineError::EventsDown => "events_down",
+            PipelineError::LeaseLost => "lease_lost",
+        }
+    }
+}
+
 /// Why a delivery could not be finished; it goes back to the queue.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -194,6 +208,7 @@ impl Worker {
                 Ok(()) => self.ack(&delivery, &ack, arrived),
                 Err(e) => {
                     error!(error = %e, "delivery not finished; putting it back");
+                    metrics::delivery_failed(e.kind());
                     tokio::time::sleep(REQUEUE_PAUSE).await;
                     let requeue = BasicNackOptions {
                         requeue: true,
