@@ -603,7 +603,8 @@ mod tests {
         assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_age("3d"), Ok(Duration::from_secs(259_200)));
         assert!(parse_age("soon").is_err());
-        assert!(parse_age("5w").is_err());
+        assert_eq!(parse_age("1w"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_age("5x").is_err());
         assert_eq!(human_age(42), "42s");
         assert_eq!(human_age(3_900), "1h5m");
         assert_eq!(human_age(90_000), "1d1h");

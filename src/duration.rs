@@ -6,31 +6,14 @@ use serde::Deserialize;
 use std::time::Duration;
 
 /// Parses a duration: a number with a unit (`500ms`, `10s`, `15m`, `2h`,
-/// `30d`) or plain seconds.
+/// `30d`, or humantime's combinations like `1h 30m`) or plain seconds.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s, 15m, 2h, 30d"))?;
-    let unit_secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    n.checked_mul(unit_secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 10s, 15m, 2h, 30d ({e})"))
 }
 
 /// Accepts `"30d"`-style strings and plain seconds.

@@ -3,7 +3,7 @@
 //! a re-publication after a redelivery or a restart carries the same id and
 //! consumers can deduplicate on it.
 
-use crate::command::{hex, Echo, Operation, PayoutEcho};
+use crate::command::{Echo, Operation, PayoutEcho};
 use crate::money::Amount;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -101,24 +101,12 @@ pub fn event_id(refund_id: &str, status: Status) -> String {
 }
 
 /// An RFC 9562 version 8 UUID ("custom": here a SHA-256 name-based id)
-/// from the first 16 bytes of a digest: the version nibble is 8 and the
-/// variant bits are `10`, the rest is the digest. Deterministic, so a
-/// re-publication carries the same id. (Events recorded before this carry
-/// the UUID-shaped ids they were first published with.)
+/// from the first 16 bytes of a digest (`uuid` sets the version and
+/// variant bits). Deterministic, so a re-publication carries the same id.
 fn uuid_shape(digest: &[u8]) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    bytes[6] = (bytes[6] & 0x0f) | 0x80;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let h = hex(&bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    uuid::Uuid::new_v8(bytes).hyphenated().to_string()
 }
 
 /// Current time as RFC 3339.
@@ -191,6 +179,14 @@ mod tests {
         assert_ne!(a, event_id("rf-1", Status::Failed));
         assert_ne!(a, event_id("rf-2", Status::Succeeded));
         assert_eq!(a.len(), 36);
+        // Pinned: the ids of events already published must not change
+        // (SHA-256 of "rf-1\nsucceeded", version and variant bits set).
+        assert_eq!(a, "47e58fee-fe60-82b7-a066-0b6647819aee");
+        // The example refund of the README's quick start.
+        assert_eq!(
+            event_id("rf-example-hyp-refund-1", Status::Succeeded),
+            "20d20838-40b7-8ca3-b9f2-0e3209213aa7"
+        );
         // RFC 9562 version 8, variant 10.
         assert_eq!(&a[14..15], "8", "{a}");
         assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");

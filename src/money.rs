@@ -110,7 +110,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trips() {
+    fn formatted_amounts_parse_back_to_the_same_minor_units() {
         for minor in [0u64, 1, 99, 100, 1050, 123_456_789] {
             assert_eq!(parse_decimal(&format_decimal(minor, 2), 2), Some(minor));
         }

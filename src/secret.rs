@@ -63,10 +63,12 @@ pub fn url_list(url: &Secret) -> impl Iterator<Item = &str> {
         .filter(|u| !u.is_empty())
 }
 
-/// Compares secrets (tokens) without an early exit on the first differing
-/// byte, so the time an answer takes says nothing about how much matched.
+/// Compares secrets (tokens) in constant time (`subtle`, which keeps the
+/// compiler from turning the comparison back into an early exit), so the
+/// time an answer takes says nothing about how much matched.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Removes the user-info part of a URL (`amqp://user:pass@host/` →

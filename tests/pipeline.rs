@@ -446,9 +446,16 @@ async fn a_second_worker_on_the_same_queue_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_urls_are_tried_in_order_until_one_answers() {
+    // A dead address, then this test's vhost, then another live vhost: the
+    // worker must skip the dead one and stop at the first that answers.
+    // Had it taken the last one (or any other order), its events would go
+    // to the other vhost and this test's event queue would stay empty.
+    let other = tokio::task::spawn_blocking(|| support::broker::RabbitNode::shared().vhost())
+        .await
+        .expect("another vhost");
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
         let list = format!(
-            "amqp://guest:guest@127.0.0.1:9/nowhere, {}",
+            "amqp://guest:guest@127.0.0.1:9/nowhere, {}, {other}",
             s.amqp.url.expose()
         );
         s.amqp.url = refund_worker::secret::Secret::new(list);

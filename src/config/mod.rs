@@ -844,6 +844,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn payout_settings_come_from_the_environment_as_text() {
+        let s = load_env(&[
+            ("REFUND_WORKER__PROVIDERS__HYP_PAY__Z_PASS", "8179"),
+            (
+                "REFUND_WORKER__PROVIDERS__HYP_PAY__PAYOUTS__ENABLED",
+                "true",
+            ),
+            (
+                "REFUND_WORKER__PROVIDERS__HYP_PAY__PAYOUTS__MAX_AMOUNT_MINOR",
+                "50000",
+            ),
+            (
+                "REFUND_WORKER__PROVIDERS__HYP_PAY__PAYOUTS__DAILY_LIMIT_MINOR",
+                "100000",
+            ),
+        ])
+        .expect("valid");
+        match &s.providers["hyp_pay"] {
+            ProviderAccount::HypPay(a) => {
+                assert!(a.payouts.enabled);
+                assert_eq!(a.payouts.max_amount_minor, Some(50000));
+                assert_eq!(a.payouts.daily_limit_minor, Some(100000));
+                assert_eq!(a.z_pass.expose(), "8179");
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = load_env(&[(
+            "REFUND_WORKER__PROVIDERS__HYP_PAY__PAYOUTS__ENABLED",
+            "true",
+        )])
+        .expect_err("no zPass")
+        .to_string();
+        assert!(err.contains("z_pass"), "{err}");
+        let err = load_env(&[("REFUND_WORKER__PROVIDERS__HYP_PAY__PAYOUTS__ENABLD", "true")])
+            .expect_err("a typo")
+            .to_string();
+        assert!(err.contains("payouts.enabled"), "{err}");
+    }
+
     fn load_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let base = [
             ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", "hyp_pay"),
@@ -964,7 +1004,9 @@ mod tests {
             .to_string();
         assert!(err.contains("store.tombstone_retention"), "{err}");
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("5w").is_err());
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-5s").is_err());
     }
 
     #[test]
@@ -1152,7 +1194,7 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_has_one_thread_up_to_prefetch_64_unless_configured() {
+    fn the_runtime_has_one_thread_up_to_prefetch_32_unless_configured() {
         let env = |prefetch: &str, threads: Option<&str>| {
             [
                 ("REFUND_WORKER__PROVIDERS__HYP_PAY__KIND", Some("hyp_pay")),

@@ -13,6 +13,7 @@ pub mod plot;
 pub mod pressure;
 pub mod relay;
 pub mod replicas;
+pub mod tombstones;
 
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -30,6 +30,12 @@ enum Command {
         #[arg(long)]
         n: usize,
     },
+    /// What N tombstones of pruned refunds take in a sled store on disk.
+    Tombstones {
+        /// Tombstones to write.
+        #[arg(long, default_value_t = 1_000_000)]
+        n: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -83,8 +89,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        if let Some(Command::Relay { config, n }) = cli.command {
-            return refund_bench::relay_process(&config, n).await;
+        match cli.command {
+            Some(Command::Relay { config, n }) => {
+                return refund_bench::relay_process(&config, n).await
+            }
+            Some(Command::Tombstones { n }) => return refund_bench::tombstones::run(n).await,
+            None => {}
         }
         let b = cli.bench;
         let worker_exe = match b.worker_exe {

@@ -203,6 +203,16 @@ impl SledStore {
         }
     }
 
+    /// Writes the tombstone of a pruned refund as the pruner does (not yet
+    /// durable): for the benchmark's size measurement of a store's
+    /// tombstones (`refund-bench tombstones`).
+    pub fn put_tombstone(&self, refund_id: &str, tombstone: &Tombstone) -> Result<(), StoreError> {
+        self.trees()?
+            .tombstones
+            .insert(refund_id.as_bytes(), encode(tombstone))?;
+        Ok(())
+    }
+
     /// The record, else the tombstone (see [`super::Store::lookup`]).
     pub fn lookup(&self, refund_id: &str) -> Result<Option<Known>, StoreError> {
         if let Some(record) = self.get(refund_id)? {
