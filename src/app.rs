@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info, warn};
 
 /// How long in-flight deliveries get to finish at shutdown.
@@ -147,36 +147,7 @@ impl App {
             listener,
             health,
         } = self;
-        let http_task = tokio::spawn(http::serve(
-            listener,
-            health.clone(),
-            worker.clone(),
-            shutdown.clone(),
-        ));
-        let store_metrics = tokio::spawn(background::refresh_store_metrics(
-            worker.store().clone(),
-            settings.clone(),
-            shutdown.clone(),
-        ));
-        let pruner = tokio::spawn(background::prune_periodically(
-            worker.store().clone(),
-            settings.store.retention(),
-            settings.store.prune_every(),
-            shutdown.clone(),
-        ));
-        let sweeper = tokio::spawn(background::sweep_outbox_periodically(
-            worker.clone(),
-            settings.store.outbox_sweep_every(),
-            shutdown.clone(),
-        ));
-        let cut_off = (settings.store.backend == StoreBackend::Postgres).then(|| {
-            let every = (settings.store.postgres.lease / 2).min(Duration::from_secs(2));
-            tokio::spawn(background::settle_cut_off_periodically(
-                worker.clone(),
-                every,
-                shutdown.clone(),
-            ))
-        });
+        let tasks = spawn_background(&settings, &worker, listener, &health, &shutdown);
         let mut in_flight = JoinSet::new();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -185,52 +156,13 @@ impl App {
             .with_jitter();
         let mut reconnect = backoff.build();
         info!(amqp = %redact_url(settings.amqp.url.expose()), "starting");
-        let mut consumed = false;
-        let mut refusals = 0;
-        let mut fatal = None;
-        loop {
+        let mut sessions = Sessions::default();
+        let fatal = loop {
             let mut stop = shutdown.clone();
-            let next =
-                match session(&settings, &worker, &health, &mut in_flight, stop.clone()).await {
-                    Ok(SessionEnd::Shutdown) => Next::Stop,
-                    Ok(SessionEnd::Lost(reason)) => {
-                        consumed = true;
-                        warn!(%reason, "broker session lost; reconnecting");
-                        Next::Reconnect { fresh: true }
-                    }
-                    Ok(SessionEnd::Refused(reason)) if !consumed => {
-                        // Our own previous connection may linger for a moment
-                        // after a restart; a second worker does not go away.
-                        refusals += 1;
-                        warn!(%reason, refusals, "the commands queue is in exclusive use");
-                        if refusals >= START_REFUSALS {
-                            let queue = settings.amqp.commands_queue.clone();
-                            error!(%queue, "another worker consumes the commands queue; stopping");
-                            Next::Fatal(AppError::AnotherWorker(queue))
-                        } else {
-                            Next::Reconnect { fresh: false }
-                        }
-                    }
-                    Ok(SessionEnd::Refused(reason)) => {
-                        warn!(%reason, "the commands queue is in exclusive use; retrying");
-                        Next::Reconnect { fresh: false }
-                    }
-                    Ok(SessionEnd::Misfit(reason)) => {
-                        error!(%reason, "refusing to run");
-                        Next::Fatal(AppError::StoreConfig(reason))
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "broker unreachable; retrying");
-                        broker::prefer_next_node();
-                        Next::Reconnect { fresh: false }
-                    }
-                };
-            match next {
-                Next::Stop => break,
-                Next::Fatal(error) => {
-                    fatal = Some(error);
-                    break;
-                }
+            let end = session(&settings, &worker, &health, &mut in_flight, stop.clone()).await;
+            match sessions.next(end, &settings) {
+                Next::Stop => break None,
+                Next::Fatal(error) => break Some(error),
                 // The session had connected: start the backoff afresh.
                 Next::Reconnect { fresh: true } => reconnect = backoff.build(),
                 Next::Reconnect { fresh: false } => {}
@@ -240,33 +172,117 @@ impl App {
             health.set_broker(false);
             let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
             tokio::select! {
-                _ = stop.triggered() => break,
+                _ = stop.triggered() => break None,
                 _ = tokio::time::sleep(delay) => {}
             }
-        }
+        };
         health.set_consuming(false);
         drain(&mut in_flight).await;
         if let Err(e) = worker.store().close().await {
             error!(error = %e, "final store flush failed");
         }
         if let Some(fatal) = fatal {
-            for task in [&http_task, &pruner, &sweeper, &store_metrics] {
-                task.abort();
-            }
-            if let Some(task) = &cut_off {
-                task.abort();
-            }
+            tasks.iter().for_each(JoinHandle::abort);
             return Err(fatal);
         }
-        let _ = http_task.await;
-        let _ = pruner.await;
-        let _ = sweeper.await;
-        let _ = store_metrics.await;
-        if let Some(task) = cut_off {
+        for task in tasks {
             let _ = task.await;
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// The listeners and the periodic tasks, until `shutdown`.
+fn spawn_background(
+    settings: &Arc<Settings>,
+    worker: &Worker,
+    listener: Listeners,
+    health: &Arc<Health>,
+    shutdown: &Shutdown,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![
+        tokio::spawn(http::serve(
+            listener,
+            health.clone(),
+            worker.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(background::refresh_store_metrics(
+            worker.store().clone(),
+            settings.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(background::prune_periodically(
+            worker.store().clone(),
+            settings.store.retention(),
+            settings.store.prune_every(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(background::sweep_outbox_periodically(
+            worker.clone(),
+            settings.store.outbox_sweep_every(),
+            shutdown.clone(),
+        )),
+    ];
+    if settings.store.backend == StoreBackend::Postgres {
+        let every = (settings.store.postgres.lease / 2).min(Duration::from_secs(2));
+        tasks.push(tokio::spawn(background::settle_cut_off_periodically(
+            worker.clone(),
+            every,
+            shutdown.clone(),
+        )));
+    }
+    tasks
+}
+
+/// What the run loop learned from the sessions so far.
+#[derive(Debug, Default)]
+struct Sessions {
+    /// A session consumed the queue once: a later exclusive-use refusal is
+    /// our own old connection lingering, not another worker.
+    consumed: bool,
+    /// Exclusive-use refusals before the first session consumed.
+    refusals: u32,
+}
+
+impl Sessions {
+    /// What to do after a session ended so.
+    fn next(&mut self, end: Result<SessionEnd, lapin::Error>, settings: &Settings) -> Next {
+        match end {
+            Ok(SessionEnd::Shutdown) => Next::Stop,
+            Ok(SessionEnd::Lost(reason)) => {
+                self.consumed = true;
+                warn!(%reason, "broker session lost; reconnecting");
+                Next::Reconnect { fresh: true }
+            }
+            Ok(SessionEnd::Refused(reason)) if !self.consumed => {
+                // Our own previous connection may linger for a moment
+                // after a restart; a second worker does not go away.
+                self.refusals += 1;
+                warn!(%reason, refusals = self.refusals, "the commands queue is in exclusive use");
+                if self.refusals >= START_REFUSALS {
+                    let queue = settings.amqp.commands_queue.clone();
+                    error!(%queue, "another worker consumes the commands queue; stopping");
+                    Next::Fatal(AppError::AnotherWorker(queue))
+                } else {
+                    Next::Reconnect { fresh: false }
+                }
+            }
+            Ok(SessionEnd::Refused(reason)) => {
+                warn!(%reason, "the commands queue is in exclusive use; retrying");
+                Next::Reconnect { fresh: false }
+            }
+            Ok(SessionEnd::Misfit(reason)) => {
+                error!(%reason, "refusing to run");
+                Next::Fatal(AppError::StoreConfig(reason))
+            }
+            Err(e) => {
+                warn!(error = %e, "broker unreachable; retrying");
+                broker::prefer_next_node();
+                Next::Reconnect { fresh: false }
+            }
+        }
     }
 }
 
@@ -336,45 +352,17 @@ async fn session(
     mut shutdown: Shutdown,
 ) -> Result<SessionEnd, lapin::Error> {
     let amqp = &settings.amqp;
-    if !worker.store().healthy() {
-        return Ok(SessionEnd::Lost(
-            "the store is unavailable: not taking refunds until it answers".into(),
-        ));
-    }
-    let connection = broker::connect_with(amqp, "refund-worker").await?;
-    let setup = connection.create_channel().await?;
-    if let Err(e) = topology::declare(&setup, settings).await {
-        let _ = connection.close(200, "topology refused".into()).await;
-        if e.to_string().contains("inequivalent arg 'x-queue-type'") {
-            return Ok(SessionEnd::Misfit(topology::queue_type_mismatch(
-                settings, &e,
-            )));
-        }
-        return Err(e);
-    }
-    let _ = setup.close(200, "topology declared".into()).await;
-    let publisher = Publisher::new(connection.create_channel().await?, amqp).await?;
-    // Events must go out before refunds are taken: an event left
-    // unconfirmed (by the last session, or a channel the broker closed)
-    // is published first, and a refusal ends the session here, so that no
-    // provider is called while events cannot be published.
-    if let Err(e) = worker.publish_oldest_unconfirmed(&publisher).await {
-        let _ = connection
-            .close(200, "events cannot be published".into())
-            .await;
-        return Ok(SessionEnd::Lost(format!(
-            "events cannot be published ({e}); not taking refunds"
-        )));
-    }
+    let (connection, publisher) = match prepare(settings, worker).await? {
+        Ok(prepared) => prepared,
+        Err(end) => return Ok(end),
+    };
     let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(
-            amqp.prefetch.saturating_add(lookahead(amqp.prefetch)),
-            BasicQosOptions::default(),
-        )
-        .await?;
     // `amqp.prefetch` deliveries are processed at once; the broker's window
     // is a little wider (see `lookahead`).
+    let window = amqp.prefetch.saturating_add(lookahead(amqp.prefetch));
+    channel
+        .basic_qos(window, BasicQosOptions::default())
+        .await?;
     let slots = Arc::new(Semaphore::new(usize::from(amqp.prefetch)));
     let mut slot = None;
     // Shared by every delivery of the session: one reference count each
@@ -385,31 +373,12 @@ async fn session(
         Arc::new(channel),
     );
     let tag = format!("refund-worker-{}", std::process::id());
-    let consumed = channel
-        .basic_consume(
-            amqp.commands_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions {
-                exclusive: exclusive_consumer(settings),
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let mut consumer = match consumed {
+    let mut consumer = match start_consuming(&connection, &channel, &tag, settings).await? {
         Ok(consumer) => consumer,
-        Err(e) if e.to_string().contains("exclusive") => {
-            let _ = connection.close(200, "queue in exclusive use".into()).await;
-            return Ok(SessionEnd::Refused(e.to_string()));
-        }
-        Err(e) => return Err(e),
+        Err(end) => return Ok(end),
     };
     worker.set_side_publisher(Some(Publisher::clone(&publisher)));
-    let depth = connection.create_channel().await?;
-    let dead_letters = tokio::spawn(crate::background::watch_dead_letters(
-        depth,
-        amqp.dead_letter_queue.clone(),
-    ));
+    let dead_letters = watch_dead_letters(&connection, amqp).await?;
     health.set_broker(true);
     health.set_consuming(true);
     info!(
@@ -421,18 +390,7 @@ async fn session(
     let end = loop {
         tokio::select! {
             _ = watch.tick() => if let Some(why) = unfit(&publisher, worker.store()) {
-                // Events cannot be published (the broker closed the
-                // channel: a publish refused for want of permission, the
-                // exchange deleted) or refunds cannot be recorded (the
-                // database is down): stop taking refunds, let those in
-                // flight finish or put themselves back, and reconnect once
-                // both work again.
-                error!(%why, "not taking refunds");
-                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                health.set_consuming(false);
-                drain(in_flight).await;
-                let _ = connection.close(200, "not fit to take refunds".into()).await;
-                break SessionEnd::Lost(why);
+                break stop_taking(&connection, &channel, &tag, health, in_flight, why).await;
             },
             _ = shutdown.triggered() => {
                 info!("shutdown: no new deliveries");
@@ -461,6 +419,112 @@ async fn session(
         let _ = connection.close(200, "shutting down".into()).await;
     }
     Ok(end)
+}
+
+/// Starts reading the dead-letter queue's depth on a channel of its own
+/// for the session (`refund_worker_dead_letters_waiting`).
+async fn watch_dead_letters(
+    connection: &lapin::Connection,
+    amqp: &crate::config::AmqpSettings,
+) -> Result<JoinHandle<()>, lapin::Error> {
+    let depth = connection.create_channel().await?;
+    Ok(tokio::spawn(background::watch_dead_letters(
+        depth,
+        amqp.dead_letter_queue.clone(),
+    )))
+}
+
+/// Events cannot be published (the broker closed the channel: a publish
+/// refused for want of permission, the exchange deleted) or refunds cannot
+/// be recorded (the database is down): stop taking refunds, let those in
+/// flight finish or put themselves back, and end the session, to reconnect
+/// once both work again.
+async fn stop_taking(
+    connection: &lapin::Connection,
+    channel: &lapin::Channel,
+    tag: &str,
+    health: &Health,
+    in_flight: &mut JoinSet<()>,
+    why: String,
+) -> SessionEnd {
+    error!(%why, "not taking refunds");
+    let _ = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
+    health.set_consuming(false);
+    drain(in_flight).await;
+    let _ = connection
+        .close(200, "not fit to take refunds".into())
+        .await;
+    SessionEnd::Lost(why)
+}
+
+/// Checks the store answers, connects, declares the topology and opens
+/// the events channel; then publishes the oldest unconfirmed event, so
+/// that no provider is called while events cannot be published.
+/// `Err(end)`: the session ends here.
+async fn prepare(
+    settings: &Settings,
+    worker: &Worker,
+) -> Result<Result<(lapin::Connection, Publisher), SessionEnd>, lapin::Error> {
+    if !worker.store().healthy() {
+        return Ok(Err(SessionEnd::Lost(
+            "the store is unavailable: not taking refunds until it answers".into(),
+        )));
+    }
+    let connection = broker::connect_with(&settings.amqp, "refund-worker").await?;
+    let setup = connection.create_channel().await?;
+    if let Err(e) = topology::declare(&setup, settings).await {
+        let _ = connection.close(200, "topology refused".into()).await;
+        if e.to_string().contains("inequivalent arg 'x-queue-type'") {
+            return Ok(Err(SessionEnd::Misfit(topology::queue_type_mismatch(
+                settings, &e,
+            ))));
+        }
+        return Err(e);
+    }
+    let _ = setup.close(200, "topology declared".into()).await;
+    let publisher = Publisher::new(connection.create_channel().await?, &settings.amqp).await?;
+    // An event left unconfirmed (by the last session, or a channel the
+    // broker closed) is published first, and a refusal ends the session.
+    if let Err(e) = worker.publish_oldest_unconfirmed(&publisher).await {
+        let _ = connection
+            .close(200, "events cannot be published".into())
+            .await;
+        return Ok(Err(SessionEnd::Lost(format!(
+            "events cannot be published ({e}); not taking refunds"
+        ))));
+    }
+    Ok(Ok((connection, publisher)))
+}
+
+/// Starts the consumer of the commands queue (exclusive in single-node
+/// mode). `Err(end)`: another consumer holds the queue.
+async fn start_consuming(
+    connection: &lapin::Connection,
+    channel: &lapin::Channel,
+    tag: &str,
+    settings: &Settings,
+) -> Result<Result<lapin::Consumer, SessionEnd>, lapin::Error> {
+    let consumed = channel
+        .basic_consume(
+            settings.amqp.commands_queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions {
+                exclusive: exclusive_consumer(settings),
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match consumed {
+        Ok(consumer) => Ok(Ok(consumer)),
+        Err(e) if e.to_string().contains("exclusive") => {
+            let _ = connection.close(200, "queue in exclusive use".into()).await;
+            Ok(Err(SessionEnd::Refused(e.to_string())))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// With sled each worker's store is the only record of its refunds, so a

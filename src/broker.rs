@@ -79,13 +79,7 @@ async fn connect_first(
     let all: Vec<&str> = urls(url).collect();
     let first = FIRST_NODE.load(std::sync::atomic::Ordering::Relaxed) % all.len().max(1);
     for candidate in all.iter().cycle().skip(first).take(all.len()).copied() {
-        // The connection's I/O loop runs as a task on our runtime, not on a
-        // thread of lapin's own: one thread hand-off fewer for every frame
-        // sent and every socket read (our patched lapin, see
-        // `vendor/lapin/PATCHES.md`).
-        let properties = ConnectionProperties::default()
-            .with_connection_name(name.into())
-            .with_io_loop_on_runtime();
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connected = match &ca_pem {
             None => Connection::connect(candidate, properties).await,
             Some(pem) => {

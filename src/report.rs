@@ -1,15 +1,13 @@
 //! The daily reconciliation report: per provider account, day (UTC, of the
 //! outcome) and currency, how many refunds succeeded, failed, are in doubt
 //! and are pending, and their sums in minor units, from the store: records
-//! and the tombstones of pruned ones. Rejected commands never reached a
+//! and the tombstones of pruned ones (counted by `store/report.rs`; this
+//! module is the row and its printing). Rejected commands never reached a
 //! provider and are not recorded, so they are not in it. A refund without
 //! an amount (a full refund or a cancel) is counted in `without_amount`:
 //! its sum is the provider's to tell.
 
-use crate::event::Status;
-use crate::store::{RefundRecord, RefundState, Tombstone};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use time::Date;
 
 /// Count and sum of one kind of outcome.
@@ -24,7 +22,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, minor: Option<u64>) {
+    /// Counts one outcome (its amount, if it has one).
+    pub(crate) fn add(&mut self, minor: Option<u64>) {
         self.count += 1;
         match minor {
             Some(minor) => self.minor += minor,
@@ -55,93 +54,10 @@ pub struct ReportRow {
     pub pending: Tally,
 }
 
-/// The day of an RFC 3339 time.
-fn day_of(at: &str) -> Option<Date> {
-    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.to_offset(time::UtcOffset::UTC).date())
-}
-
 /// Parses `YYYY-MM-DD`.
 pub fn parse_day(text: &str) -> Result<Date, String> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     Date::parse(text.trim(), &format).map_err(|_| format!("{text:?} is not a date like 2026-11-23"))
-}
-
-/// The report for the days `from..=to` over `records` and the
-/// `tombstones` of pruned refunds (by refund id). A refund being pruned can
-/// have both for a moment: the record counts.
-pub fn tally(
-    records: impl Iterator<Item = RefundRecord>,
-    tombstones: impl Iterator<Item = (String, Tombstone)>,
-    from: Date,
-    to: Date,
-) -> Vec<ReportRow> {
-    let mut rows: BTreeMap<(String, String, String, &str), ReportRow> = BTreeMap::new();
-    let mut count = |provider: &str,
-                     at: &str,
-                     amount: Option<&crate::money::Amount>,
-                     status: Status,
-                     payout: bool| {
-        let Some(day) = day_of(at).filter(|d| *d >= from && *d <= to) else {
-            return;
-        };
-        let currency = amount.map(|a| a.currency.clone()).unwrap_or_default();
-        let operation = if payout { "payout" } else { "refund" };
-        let key = (
-            provider.to_string(),
-            day.to_string(),
-            currency.clone(),
-            operation,
-        );
-        let row = rows.entry(key).or_insert_with(|| ReportRow {
-            provider: provider.to_string(),
-            day: day.to_string(),
-            currency,
-            operation: operation.to_string(),
-            ..Default::default()
-        });
-        let tally = match status {
-            Status::Succeeded => &mut row.succeeded,
-            Status::Failed => &mut row.failed,
-            Status::InDoubt => &mut row.in_doubt,
-            Status::Pending => &mut row.pending,
-            Status::Rejected => return,
-        };
-        tally.add(amount.map(|a| a.minor));
-    };
-    let mut recorded = std::collections::HashSet::new();
-    for record in records {
-        recorded.insert(record.refund_id.clone());
-        if let Some(event) = record.state.event() {
-            let status = match &record.state {
-                RefundState::InDoubt { .. } => Status::InDoubt,
-                RefundState::Pending { .. } => Status::Pending,
-                _ => event.status,
-            };
-            count(
-                &record.command.provider,
-                &event.occurred_at,
-                record.command.amount.as_ref(),
-                status,
-                record.command.operation == crate::command::Operation::Payout,
-            );
-        }
-    }
-    for (refund_id, t) in tombstones {
-        if recorded.contains(&refund_id) {
-            continue;
-        }
-        let payout = t.payout.unwrap_or(false);
-        count(
-            &t.provider,
-            &t.occurred_at,
-            t.amount.as_ref(),
-            t.status,
-            payout,
-        );
-    }
-    rows.into_values().collect()
 }
 
 /// The report as CSV (one header line).

@@ -6,10 +6,11 @@
 //! (see `trace.rs`).
 
 mod json;
+mod otlp;
 
 use crate::config::LogFormat;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,12 +48,23 @@ pub fn init(format: LogFormat, filter: &str) {
     let _ = init_with(format, filter, None);
 }
 
-/// As [`init`], exporting spans to `otlp_endpoint` (the collector's base
-/// URL, e.g. `http://127.0.0.1:4318`) when given.
+/// Where spans go: an OTLP/HTTP collector's base URL (`http://…:4318` or
+/// `https://…`) and, for a collector whose certificate a private CA signed,
+/// that CA's PEM file.
+#[derive(Debug, Clone, Copy)]
+pub struct Otlp<'a> {
+    /// `telemetry.otlp_endpoint`.
+    pub endpoint: &'a str,
+    /// `telemetry.otlp_tls_ca_path`.
+    pub ca: Option<&'a std::path::Path>,
+}
+
+/// As [`init`], exporting spans to `otlp` when given. Called on the
+/// worker's runtime (the exporter's requests run on it).
 pub fn init_with(
     format: LogFormat,
     filter: &str,
-    otlp_endpoint: Option<&str>,
+    otlp: Option<Otlp<'_>>,
 ) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
@@ -72,12 +84,13 @@ pub fn init_with(
     } else {
         fmt.boxed()
     };
-    let provider = match otlp_endpoint {
+    let provider = match otlp {
         None => None,
-        Some(endpoint) => {
+        Some(otlp) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
-                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .with_http_client(otlp::OtlpClient::new(otlp.ca)?)
+                .with_endpoint(format!("{}/v1/traces", otlp.endpoint.trim_end_matches('/')))
                 .build()
                 .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
             let resource = opentelemetry_sdk::Resource::builder()

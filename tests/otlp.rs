@@ -1,7 +1,8 @@
 //! OTLP export: the real binary with `telemetry.otlp_endpoint` pointing at
-//! a receiver this test starts; a command with a `traceparent` leads to an
-//! exported span in the caller's trace, whose parent is the caller's span.
-//! (Its own test binary: the exporter is process-global.)
+//! a receiver this test starts, over HTTP and over HTTPS with a private CA
+//! (`telemetry.otlp_tls_ca_path`); a command with a `traceparent` leads to
+//! an exported span in the caller's trace, whose parent is the caller's
+//! span. (Its own test binary: the exporter is process-global.)
 
 mod support;
 
@@ -22,12 +23,12 @@ fn hex(text: &str) -> Vec<u8> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refund_spans_are_exported_under_the_callers_trace() {
-    // The receiver: what an OTLP/HTTP collector gets at /v1/traces.
-    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+type Received = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// What an OTLP/HTTP collector gets at /v1/traces.
+fn receiver(received: &Received) -> axum::Router {
     let sink = received.clone();
-    let app = axum::Router::new().route(
+    axum::Router::new().route(
         "/v1/traces",
         post(move |body: Bytes| {
             let sink = sink.clone();
@@ -36,13 +37,86 @@ async fn refund_spans_are_exported_under_the_callers_trace() {
                 ""
             }
         }),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_spans_are_exported_under_the_callers_trace() {
+    let received = Received::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let collector = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = receiver(&received);
     tokio::spawn(async move { axum::serve(listener, app).await });
+    export_one_refund(&collector, None, &received).await;
+}
 
+/// An `https://` collector whose certificate a private CA signed: the
+/// worker trusts it through `telemetry.otlp_tls_ca_path`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_signed_by_a_private_ca() {
+    let certs = tempfile::tempdir().expect("cert dir");
+    let files = refund_testkit::tls::certificates(certs.path());
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = format!(
+        "https://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    tokio::spawn(serve_tls(listener, &files, receiver(&received)));
+    export_one_refund(&collector, Some(&files.ca), &received).await;
+}
+
+/// Serves `app` over TLS with the test certificate.
+fn serve_tls(
+    listener: tokio::net::TcpListener,
+    files: &refund_testkit::local_broker::TlsFiles,
+    app: axum::Router,
+) -> impl std::future::Future<Output = ()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .expect("cert")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&files.key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    }
+}
+
+/// Runs the worker binary exporting to `collector`, sends one traced
+/// refund, stops the worker (which flushes its exporter) and checks what
+/// `received` got.
+async fn export_one_refund(collector: &str, ca: Option<&std::path::Path>, received: &Received) {
     let amqp_url = tokio::task::spawn_blocking(|| RabbitNode::shared().vhost())
         .await
         .expect("vhost");
@@ -67,7 +141,8 @@ async fn refund_spans_are_exported_under_the_callers_trace() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_refund-worker"))
         .args(["run", "--config"])
         .arg(&config)
-        .env("REFUND_WORKER__TELEMETRY__OTLP_ENDPOINT", &collector)
+        .env("REFUND_WORKER__TELEMETRY__OTLP_ENDPOINT", collector)
+        .envs(ca.map(|ca| ("REFUND_WORKER__TELEMETRY__OTLP_TLS_CA_PATH", ca)))
         .env("REFUND_WORKER__HTTP__ADDR", http_addr.to_string())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -8,82 +8,11 @@ use refund_sandbox::SandboxConfig;
 use refund_testkit::local_broker::TlsFiles;
 use refund_worker::app::App;
 use serde_json::json;
-use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 use support::broker::RabbitNode;
 use support::{TestApp, HYP_REFUND, OPERATOR_TOKEN};
-
-/// A CA and a server certificate for `localhost`, made with openssl.
-fn certificates(dir: &Path) -> TlsFiles {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=refund-worker test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ]);
-    // The broker runs as this user and must read the key.
-    TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    }
-}
 
 /// This binary's node has an AMQPS listener as well; every test starts it
 /// this way before anything else can start it without.
@@ -91,7 +20,7 @@ fn tls_node() -> (&'static RabbitNode, &'static TlsFiles) {
     static FILES: OnceLock<(tempfile::TempDir, TlsFiles)> = OnceLock::new();
     let (_, files) = FILES.get_or_init(|| {
         let dir = tempfile::tempdir().expect("cert dir");
-        let files = certificates(dir.path());
+        let files = refund_testkit::tls::certificates(dir.path());
         (dir, files)
     });
     (RabbitNode::shared_tls(files), files)

@@ -7,10 +7,18 @@ use refund_worker::config::{LogFormat, Settings};
 use refund_worker::{shutdown, telemetry};
 
 pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    let otlp = settings
+        .telemetry
+        .otlp_endpoint
+        .as_deref()
+        .map(|endpoint| telemetry::Otlp {
+            endpoint,
+            ca: settings.telemetry.otlp_tls_ca_path.as_deref(),
+        });
     let telemetry = telemetry::init_with(
         log_format.unwrap_or(settings.log.format),
         &settings.log.filter,
-        settings.telemetry.otlp_endpoint.as_deref(),
+        otlp,
     )
     .map_err(anyhow::Error::msg)?;
     let app = App::build(settings)
@@ -30,7 +38,7 @@ pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> an
     // each of those is a thread wake-up (two per refund, measured).
     let result = tokio::spawn(app.run(listener)).await?;
     // Export the spans still buffered (off the async runtime: the exporter
-    // blocks).
+    // blocks on requests that run on it).
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result.map_err(exit_2_for_configuration)?;
     Ok(())

@@ -5,6 +5,7 @@
 //! it touches a message.
 
 pub use crate::duration::parse as parse_duration;
+pub use crate::store::postgres::PostgresSettings;
 
 mod keys;
 mod load;
@@ -214,91 +215,50 @@ pub enum StoreBackend {
     Postgres,
 }
 
-/// `store.postgres.*`: the shared database of the replicas.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-pub struct PostgresSettings {
-    /// `postgres://user:password@host:port/database` (secret: it holds a
-    /// password; `REFUND_WORKER__STORE__POSTGRES__URL` or its `_FILE`).
-    #[serde(default)]
-    pub url: Option<Secret>,
-    /// Connections in this replica's pool.
-    #[serde(
-        default = "default_max_connections",
-        deserialize_with = "crate::lenient::u64"
-    )]
-    pub max_connections: u64,
-    /// How long a replica that stopped renewing its lease (killed, frozen,
-    /// cut off) still owns its refunds; after that another replica settles
-    /// what it was attempting. Renewed every third of it.
-    #[serde(
-        default = "default_lease",
-        deserialize_with = "crate::duration::required"
-    )]
-    pub lease: Duration,
-    /// PEM file of the CA (or CAs) that signed the database's certificate,
-    /// when it is not a public one (a managed service's own CA).
-    #[serde(default)]
-    pub tls_ca_path: Option<PathBuf>,
-}
-
-impl Default for PostgresSettings {
-    fn default() -> Self {
-        PostgresSettings {
-            url: None,
-            max_connections: default_max_connections(),
-            lease: default_lease(),
-            tls_ca_path: None,
-        }
-    }
-}
-
-impl PostgresSettings {
-    /// Checks what can be checked without the database.
-    fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.as_ref().filter(|u| !u.is_empty()).ok_or_else(|| {
+/// Checks `store.postgres.*` as far as it can be without the database.
+fn validate_postgres(postgres: &PostgresSettings) -> Result<(), ConfigError> {
+    let url = postgres
+        .url
+        .as_ref()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
             invalid(
                 "store.postgres.url",
                 "missing: store.backend = \"postgres\" needs \
-                 postgres://user:password@host:port/database",
+             postgres://user:password@host:port/database",
             )
         })?;
-        if url.expose().parse::<tokio_postgres::Config>().is_err() {
-            // Not the parser's words: they may quote the password.
-            return Err(invalid(
-                "store.postgres.url",
-                "not a PostgreSQL URL (postgres://user:password@host:port/database)",
-            ));
-        }
-        if !(1..=1000).contains(&self.max_connections) {
-            return Err(invalid(
-                "store.postgres.max_connections",
-                format!("must be between 1 and 1000, not {}", self.max_connections),
-            ));
-        }
-        if self.lease < Duration::from_secs(3) {
-            return Err(invalid(
-                "store.postgres.lease",
-                "must be at least 3s (it is renewed every third of it)",
-            ));
-        }
-        if let Some(path) = &self.tls_ca_path {
-            if let Err(e) = std::fs::read(path) {
-                return Err(invalid(
-                    "store.postgres.tls_ca_path",
-                    format!("cannot read {}: {e}", path.display()),
-                ));
-            }
-        }
-        Ok(())
+    if url.expose().parse::<tokio_postgres::Config>().is_err() {
+        // Not the parser's words: they may quote the password.
+        return Err(invalid(
+            "store.postgres.url",
+            "not a PostgreSQL URL (postgres://user:password@host:port/database)",
+        ));
     }
-}
-
-fn default_max_connections() -> u64 {
-    16
-}
-
-fn default_lease() -> Duration {
-    Duration::from_secs(10)
+    if !(1..=1000).contains(&postgres.max_connections) {
+        return Err(invalid(
+            "store.postgres.max_connections",
+            format!(
+                "must be between 1 and 1000, not {}",
+                postgres.max_connections
+            ),
+        ));
+    }
+    if postgres.lease < Duration::from_secs(3) {
+        return Err(invalid(
+            "store.postgres.lease",
+            "must be at least 3s (it is renewed every third of it)",
+        ));
+    }
+    if let Some(path) = &postgres.tls_ca_path {
+        if let Err(e) = std::fs::read(path) {
+            return Err(invalid(
+                "store.postgres.tls_ca_path",
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Store settings.
@@ -472,6 +432,10 @@ pub struct TelemetrySettings {
     /// refund spans go to `<url>/v1/traces`. Unset: no export.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// PEM file of the CA (or CAs) that signed an `https://` collector's
+    /// certificate, when it is not a public one.
+    #[serde(default)]
+    pub otlp_tls_ca_path: Option<PathBuf>,
 }
 
 /// Log line format.
@@ -560,6 +524,16 @@ impl Settings {
 
     /// Checks values that deserialise fine but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_runtime()?;
+        self.validate_amqp()?;
+        self.validate_store()?;
+        self.validate_http()?;
+        self.validate_telemetry_and_retries()?;
+        self.validate_providers()
+    }
+
+    /// `runtime.*`.
+    fn validate_runtime(&self) -> Result<(), ConfigError> {
         if let Some(threads) = self.runtime.worker_threads {
             if threads > MAX_WORKER_THREADS {
                 return Err(invalid(
@@ -570,6 +544,11 @@ impl Settings {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `amqp.*`.
+    fn validate_amqp(&self) -> Result<(), ConfigError> {
         let urls: Vec<&str> = crate::secret::url_list(&self.amqp.url).collect();
         if urls.is_empty() {
             return Err(invalid("amqp.url", "missing"));
@@ -620,11 +599,16 @@ impl Settings {
         if self.amqp.confirm_timeout_ms == 0 {
             return Err(invalid("amqp.confirm_timeout_ms", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// `store.*` (and `store.postgres.*` for that backend).
+    fn validate_store(&self) -> Result<(), ConfigError> {
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
         if self.store.backend == StoreBackend::Postgres {
-            self.store.postgres.validate()?;
+            validate_postgres(&self.store.postgres)?;
         }
         for (key, value) in [
             ("store.retention", self.store.retention),
@@ -652,6 +636,11 @@ impl Settings {
                 "must not be shorter than store.retention (a duplicate must never outlive both)",
             ));
         }
+        Ok(())
+    }
+
+    /// `http.*`.
+    fn validate_http(&self) -> Result<(), ConfigError> {
         self.http_addr()?;
         if let Some(addr) = &self.http.callback_addr {
             addr.parse::<SocketAddr>()
@@ -680,11 +669,24 @@ impl Settings {
                 return Err(invalid("http.public_url", "must be an http(s) URL"));
             }
         }
+        Ok(())
+    }
+
+    /// `telemetry.*`, `retry.*` and `provider_http.*`.
+    fn validate_telemetry_and_retries(&self) -> Result<(), ConfigError> {
         if let Some(endpoint) = self.telemetry.otlp_endpoint.as_deref() {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(invalid(
                     "telemetry.otlp_endpoint",
                     "must be an http(s) URL (OTLP/HTTP)",
+                ));
+            }
+        }
+        if let Some(path) = &self.telemetry.otlp_tls_ca_path {
+            if let Err(e) = std::fs::read(path) {
+                return Err(invalid(
+                    "telemetry.otlp_tls_ca_path",
+                    format!("cannot read {}: {e}", path.display()),
                 ));
             }
         }
@@ -703,6 +705,11 @@ impl Settings {
         if self.provider_http.timeout_ms == 0 {
             return Err(invalid("provider_http.timeout_ms", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// `providers.*`: at least one account, each valid for its kind.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
         if self.providers.is_empty() {
             return Err(invalid(
                 "providers",

@@ -108,6 +108,15 @@ pub fn claim_limit(record: &RefundRecord) -> Option<Limit> {
     })
 }
 
+/// Whether a ledger's day is over (`today`: `YYYY-MM-DD`, UTC). Only a
+/// payout day's ledger has a day; every other ledger's is.
+pub fn day_is_over(key: &str, today: &str) -> bool {
+    match key.strip_prefix("payouts\n") {
+        Some(rest) => rest.rsplit('\n').next().is_some_and(|day| day < today),
+        None => true,
+    }
+}
+
 /// The limit of a ledger that a contradicting answer re-creates.
 pub fn restore_cap(record: &RefundRecord) -> u64 {
     match record.command.operation {
@@ -279,5 +288,13 @@ mod tests {
         assert!(ledger.apply(&refund("a", 6000), restore));
         assert!(!ledger.apply(&refund("a", 6000), restore));
         assert_eq!(ledger.reserved(), 11000);
+    }
+
+    #[test]
+    fn a_payout_days_ledger_outlives_its_day_and_no_other_has_one() {
+        let key = "payouts\nhyp_pay\nILS\n2026-12-03";
+        assert!(!day_is_over(key, "2026-12-03"), "today's limit is held");
+        assert!(day_is_over(key, "2026-12-04"));
+        assert!(day_is_over("hyp_pay\n{\"id\":\"1\"}", "2026-12-03"));
     }
 }

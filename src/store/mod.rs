@@ -28,6 +28,7 @@ pub mod copy;
 pub mod ledger;
 pub mod postgres;
 mod record;
+pub(crate) mod report;
 pub mod sled;
 
 pub use codec::{DecodeError, RecordFormat};

@@ -70,9 +70,6 @@ impl Worker {
         let started = Instant::now();
         loop {
             let outcome = self.call(publisher, provider, record, admitted).await?;
-            let echo = record.command.echo();
-            let attempts = record.attempts;
-            let id = &record.refund_id;
             match outcome {
                 ProviderOutcome::Confirmed {
                     provider_txn,
@@ -80,39 +77,31 @@ impl Worker {
                     code,
                     message,
                 } => {
-                    let mut event = OutcomeEvent::new(id, Status::Succeeded, &echo, attempts);
+                    let mut event = event_of(record, Status::Succeeded, code, message);
                     event.performed = Some(performed);
                     event.provider_transaction_id = provider_txn;
-                    event.provider_code = Some(code);
-                    event.provider_message = message;
                     record.answered();
                     return self
                         .finish(publisher, inbound, record, event, started)
                         .await;
                 }
                 ProviderOutcome::Accepted { code, message } => {
-                    let mut event = OutcomeEvent::new(id, Status::Pending, &echo, attempts);
-                    event.provider_code = Some(code);
-                    event.provider_message = Some(message);
+                    let event = event_of(record, Status::Pending, code, Some(message));
                     return self.wait_for_callback(publisher, record, event).await;
                 }
                 ProviderOutcome::Declined { code, message } => {
-                    let mut event = OutcomeEvent::new(id, Status::Failed, &echo, attempts)
-                        .with_error("declined", format!("provider declined: {code} {message}"));
-                    event.provider_code = Some(code);
-                    event.provider_message = Some(message);
+                    let error = format!("provider declined: {code} {message}");
+                    let event = event_of(record, Status::Failed, code, Some(message))
+                        .with_error("declined", error);
                     record.answered();
                     return self
                         .finish(publisher, inbound, record, event, started)
                         .await;
                 }
                 ProviderOutcome::Unknown { reason } => {
-                    match self
-                        .after_unknown(provider, record, admitted, &reason)
-                        .await?
-                    {
-                        Next::Again => continue,
-                        Next::Done => {}
+                    let next = self.after_unknown(provider, record, admitted, &reason);
+                    if let Next::Again = next.await? {
+                        continue;
                     }
                     return self
                         .in_doubt(publisher, delivery, record.clone(), reason)
@@ -130,20 +119,17 @@ impl Worker {
                     retry_after,
                 } => {
                     let answer = (reason, retry_after);
-                    match self
-                        .after_not_sent(
-                            publisher,
-                            delivery,
-                            provider,
-                            record,
-                            admitted,
-                            &mut retries,
-                            answer,
-                        )
-                        .await?
-                    {
-                        Next::Again => continue,
-                        Next::Done => return Ok(()),
+                    let next = self.after_not_sent(
+                        publisher,
+                        delivery,
+                        provider,
+                        record,
+                        admitted,
+                        &mut retries,
+                        answer,
+                    );
+                    if let Next::Done = next.await? {
+                        return Ok(());
                     }
                 }
             }
@@ -281,4 +267,22 @@ impl Worker {
             }
         }
     }
+}
+
+/// The event of a provider's answer with its code and message.
+fn event_of(
+    record: &RefundRecord,
+    status: Status,
+    code: String,
+    message: Option<String>,
+) -> OutcomeEvent {
+    let mut event = OutcomeEvent::new(
+        &record.refund_id,
+        status,
+        &record.command.echo(),
+        record.attempts,
+    );
+    event.provider_code = Some(code);
+    event.provider_message = message;
+    event
 }

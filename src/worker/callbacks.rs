@@ -11,9 +11,10 @@
 use super::Worker;
 use crate::event::{OutcomeEvent, Status};
 use crate::metrics;
+use crate::providers::paynet::wire::Callback;
 use crate::secret::constant_time_eq;
 use crate::store::ledger::{LedgerChange, Reservation};
-use crate::store::{RefundState, StoreError};
+use crate::store::{RefundRecord, RefundState, StoreError};
 use tracing::{error, info, warn};
 
 /// What a provider callback did.
@@ -90,35 +91,29 @@ impl Worker {
                 return self.after_final(record, event, status, note).await;
             }
         };
-        let mut event =
-            OutcomeEvent::new(refund_id, status, &record.command.echo(), record.attempts);
-        event.performed = callback.approved.then_some(record.command.operation);
-        event.provider_transaction_id = Some(callback.xact_id.clone()).filter(|x| !x.is_empty());
-        event.provider_code = Some(callback.code.clone());
-        event.provider_message = Some(callback.message.clone());
-        if !callback.approved {
-            event = event.with_error(
-                "declined",
-                format!("provider disapproved: {}", callback.message),
-            );
-        }
-        let was = record.state.name();
-        let note = match settles {
-            None => note,
-            Some(false) => format!("{was} settled by the provider's {note}"),
-            Some(true) => format!(
-                "the provider answered for a refund recorded as not sent \
-                 (an operator's resolution or a lost answer); its answer is recorded: {note}"
-            ),
-        };
-        match settles {
-            Some(false) => info!(refund_id, was, "a provider callback settles the refund"),
-            Some(true) => {
-                error!(refund_id, "provider callback for a refund recorded as not sent: recording the provider's answer; check that it was not sent twice");
-                metrics::contradiction(&record.command.provider);
-            }
-            None => {}
-        }
+        let event = callback_event(&record, &callback, status);
+        let note = settled_note(&record, settles, note);
+        self.record_callback(&mut record, &event, callback.approved, note)
+            .await?;
+        self.publish_outside_delivery(&event)
+            .await
+            .map_err(CallbackError::Publish)?;
+        Ok(match settles {
+            None => CallbackOutcome::Finalised(status),
+            Some(_) => CallbackOutcome::Settled(status),
+        })
+    }
+
+    /// Records the provider's final answer for a refund that had none:
+    /// the record, its reservation (kept as paid, or released) and its
+    /// outbox mark together, durably, before the event goes out.
+    async fn record_callback(
+        &self,
+        record: &mut RefundRecord,
+        event: &OutcomeEvent,
+        approved: bool,
+        note: String,
+    ) -> Result<(), CallbackError> {
         // The provider's own answer: no attempt is in doubt any more.
         record.uncertain.clear();
         record.transition(
@@ -127,32 +122,26 @@ impl Worker {
             },
             note,
         );
-        let change = if callback.approved {
+        let change = if approved {
             LedgerChange::Mark(Reservation::Succeeded)
         } else {
             LedgerChange::Release
         };
-        self.store.commit(&mut record, change).await?;
+        self.store.commit(record, change).await?;
         self.store.sync_refund(&record.refund_id).await?;
         metrics::outcome(
             self.providers.label(&record.command.provider),
             Some(record.command.operation),
-            status.as_str(),
+            event.status.as_str(),
         );
         info!(
-            refund_id,
+            refund_id = record.refund_id.as_str(),
             provider = record.command.provider.as_str(),
-            status = status.as_str(),
+            status = event.status.as_str(),
             attempts = record.attempts,
             "refund outcome"
         );
-        self.publish_outside_delivery(&event)
-            .await
-            .map_err(CallbackError::Publish)?;
-        Ok(match settles {
-            None => CallbackOutcome::Finalised(status),
-            Some(_) => CallbackOutcome::Settled(status),
-        })
+        Ok(())
     }
 
     /// A callback for a refund already final: a repeat is noted and its
@@ -207,5 +196,50 @@ impl Worker {
         }
         self.store.sync_refund(&record.refund_id).await?;
         Ok(CallbackOutcome::Contradicted)
+    }
+}
+
+/// The outcome event a callback brings.
+fn callback_event(record: &RefundRecord, callback: &Callback, status: Status) -> OutcomeEvent {
+    let mut event = OutcomeEvent::new(
+        &record.refund_id,
+        status,
+        &record.command.echo(),
+        record.attempts,
+    );
+    event.performed = callback.approved.then_some(record.command.operation);
+    event.provider_transaction_id = Some(callback.xact_id.clone()).filter(|x| !x.is_empty());
+    event.provider_code = Some(callback.code.clone());
+    event.provider_message = Some(callback.message.clone());
+    if !callback.approved {
+        event = event.with_error(
+            "declined",
+            format!("provider disapproved: {}", callback.message),
+        );
+    }
+    event
+}
+
+/// The history note of a callback that settles a refund, and its log line:
+/// `settles` is `None` for a pending refund (the expected answer),
+/// `Some(false)` for one being attempted or in doubt, `Some(true)` for one
+/// recorded as not sent (a contradiction, alarmed).
+fn settled_note(record: &RefundRecord, settles: Option<bool>, note: String) -> String {
+    let refund_id = record.refund_id.as_str();
+    let was = record.state.name();
+    match settles {
+        None => note,
+        Some(false) => {
+            info!(refund_id, was, "a provider callback settles the refund");
+            format!("{was} settled by the provider's {note}")
+        }
+        Some(true) => {
+            error!(refund_id, "provider callback for a refund recorded as not sent: recording the provider's answer; check that it was not sent twice");
+            metrics::contradiction(&record.command.provider);
+            format!(
+                "the provider answered for a refund recorded as not sent \
+                 (an operator's resolution or a lost answer); its answer is recorded: {note}"
+            )
+        }
     }
 }

@@ -125,39 +125,71 @@ impl Worker {
         // The operator checked with the provider: no attempt is in doubt
         // any more.
         record.uncertain.clear();
-        let Some(txn) = executed else {
-            let note = format!("resolved as not executed {who}; one new attempt allowed");
-            record.transition(
-                RefundState::NotSent {
-                    reason: note.clone(),
-                },
-                note,
-            );
-            self.store
-                .commit(&mut record, LedgerChange::Mark(Reservation::InFlight))
-                .await?;
-            self.store.sync_refund(&record.refund_id).await?;
-            warn!(refund_id, %who, "in-doubt refund resolved as not executed; replay it to retry");
-            return Ok(record);
-        };
+        match executed {
+            None => self.resolve_not_executed(record, &who).await,
+            Some(txn) => {
+                let performed = self.performed(&record, resolution.performed)?;
+                self.resolve_executed(record, txn, performed, &who).await
+            }
+        }
+    }
+
+    /// Not executed: the refund may be attempted once more (a replay of its
+    /// dead-lettered message starts it); its reservation stands for it.
+    async fn resolve_not_executed(
+        &self,
+        mut record: RefundRecord,
+        who: &str,
+    ) -> Result<RefundRecord, ResolveError> {
+        let note = format!("resolved as not executed {who}; one new attempt allowed");
+        record.transition(
+            RefundState::NotSent {
+                reason: note.clone(),
+            },
+            note,
+        );
+        self.store
+            .commit(&mut record, LedgerChange::Mark(Reservation::InFlight))
+            .await?;
+        self.store.sync_refund(&record.refund_id).await?;
+        warn!(refund_id = record.refund_id.as_str(), %who, "in-doubt refund resolved as not executed; replay it to retry");
+        Ok(record)
+    }
+
+    /// What the provider performed, as the operator says: an account that
+    /// may perform a refund as a cancel must be told which.
+    fn performed(
+        &self,
+        record: &RefundRecord,
+        said: Option<Operation>,
+    ) -> Result<Operation, ResolveError> {
         let asked = record.command.operation;
         let may_differ = self
             .providers
             .get(&record.command.provider)
             .is_none_or(|p| p.may_perform_otherwise(asked));
-        let performed = match (resolution.performed, may_differ) {
-            (Some(performed), _) => performed,
-            (None, false) => asked,
-            (None, true) => {
-                return Err(ResolveError::Invalid(format!(
-                    "this provider account may have performed the {} as another operation: \
-                     say which with performed = refund | cancel (the provider's console tells)",
-                    asked.as_str()
-                )))
-            }
-        };
+        match (said, may_differ) {
+            (Some(performed), _) => Ok(performed),
+            (None, false) => Ok(asked),
+            (None, true) => Err(ResolveError::Invalid(format!(
+                "this provider account may have performed the {} as another operation: \
+                 say which with performed = refund | cancel (the provider's console tells)",
+                asked.as_str()
+            ))),
+        }
+    }
+
+    /// Executed: the final `succeeded` event, recorded with the reservation
+    /// kept as paid, then published.
+    async fn resolve_executed(
+        &self,
+        mut record: RefundRecord,
+        txn: String,
+        performed: Operation,
+        who: &str,
+    ) -> Result<RefundRecord, ResolveError> {
         let mut event = OutcomeEvent::new(
-            refund_id,
+            &record.refund_id,
             Status::Succeeded,
             &record.command.echo(),
             record.attempts,
@@ -182,7 +214,7 @@ impl Worker {
             Some(record.command.operation),
             "succeeded",
         );
-        warn!(refund_id, provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
+        warn!(refund_id = record.refund_id.as_str(), provider_transaction_id = txn.as_str(), %who, "in-doubt refund resolved as executed");
         self.publish_outside_delivery(&event)
             .await
             .map_err(ResolveError::Publish)?;

@@ -590,13 +590,43 @@ pub fn with_refund_id(body: &str, refund_id: &str) -> String {
     v.to_string()
 }
 
-fn init_logs() {
+/// Every log line of this test process, for tests that search them (a
+/// card token must never appear in one).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// What the log subscriber writes: the line into [`LOGS`], and printed, so
+/// the test harness shows it with a failing test's output.
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        print!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The worker's own lines from debug up (so that a search of them covers
+/// what an operator turning up the level would see), others from warn.
+pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,refund_worker=debug".into()),
         )
-        .with_test_writer()
+        .with_writer(|| Capture)
+        .with_ansi(false)
         .try_init();
+}
+
+/// Everything logged in this process so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|p| p.into_inner())).to_string()
 }
 
 /// The published JSON Schema of outcome events (`docs/schemas/`).

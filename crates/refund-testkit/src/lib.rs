@@ -11,3 +11,4 @@
 pub mod local_broker;
 pub mod local_cluster;
 pub mod local_postgres;
+pub mod tls;

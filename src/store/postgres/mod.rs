@@ -23,12 +23,14 @@
 
 mod lease;
 mod queries;
+mod settings;
 pub mod setup;
+
+pub use settings::PostgresSettings;
 
 use super::codec::{self, RecordFormat};
 use super::ledger::{self, LedgerChange, Limit, OriginalLedger};
 use super::{Claim, Known, RefundRecord, RefundState, StoreError, Tombstone};
-use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
 use serde_json::Value;
 use setup::{SetupError, Target};

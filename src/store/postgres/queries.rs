@@ -393,7 +393,9 @@ impl PgStore {
             .execute(
                 "DELETE FROM ledgers WHERE updated_at < ($1::text)::timestamptz \
                  AND NOT EXISTS (SELECT 1 FROM jsonb_each(ledger->'refunds') e \
-                   WHERE e.value->>1 <> 'succeeded')",
+                   WHERE e.value->>1 <> 'succeeded') \
+                 AND (key NOT LIKE 'payouts' || chr(10) || '%' \
+                   OR right(key, 10) < to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD'))",
                 &[&tombstone_cutoff],
             )
             .await
@@ -479,7 +481,7 @@ impl PgStore {
                 Some((row.get::<_, String>(0), t))
             })
             .collect::<Vec<_>>();
-        Ok(crate::report::tally(
+        Ok(crate::store::report::tally(
             records.into_iter(),
             tombstones.into_iter(),
             from,

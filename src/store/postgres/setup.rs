@@ -4,7 +4,7 @@
 //! start-up stops naming `store.postgres.url` (never its password). A
 //! database that does not answer is an outage: the worker waits for it.
 
-use crate::config::PostgresSettings;
+use super::PostgresSettings;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::sync::Arc;
 use std::time::Duration;

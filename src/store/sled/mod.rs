@@ -436,7 +436,7 @@ impl SledStore {
                 .ok()
                 .map(|t| (refund_id, t))
         });
-        Ok(crate::report::tally(records, tombstones, from, to))
+        Ok(crate::store::report::tally(records, tombstones, from, to))
     }
 
     /// The store's gauges and the overdue pending refunds, in one walk of

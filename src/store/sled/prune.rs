@@ -50,10 +50,21 @@ impl SledStore {
         now: OffsetDateTime,
         retention: Retention,
     ) -> Result<PruneReport, StoreError> {
-        let trees = self.trees()?;
-        let record_cutoff = now - retention.records;
-        let tombstone_cutoff = now - retention.tombstones;
         let mut report = PruneReport::default();
+        self.tombstone_records(now - retention.records, &mut report)?;
+        self.expire_tombstones(now - retention.tombstones, &mut report)?;
+        self.prune_ledgers(now, now - retention.tombstones, &mut report)?;
+        Ok(report)
+    }
+
+    /// Finished records older than `cutoff`, their events confirmed, become
+    /// tombstones.
+    fn tombstone_records(
+        &self,
+        cutoff: OffsetDateTime,
+        report: &mut PruneReport,
+    ) -> Result<(), StoreError> {
+        let trees = self.trees()?;
         for item in trees.refunds.iter() {
             let (key, value) = item?;
             let refund_id = String::from_utf8_lossy(&key).to_string();
@@ -65,7 +76,7 @@ impl SledStore {
                 }
             };
             if !matches!(record.state, RefundState::Finished { .. })
-                || !older_than(&record.updated_at, record_cutoff)
+                || !older_than(&record.updated_at, cutoff)
             {
                 continue;
             }
@@ -89,6 +100,16 @@ impl SledStore {
                 report.tombstoned += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Tombstones older than `cutoff` go.
+    fn expire_tombstones(
+        &self,
+        cutoff: OffsetDateTime,
+        report: &mut PruneReport,
+    ) -> Result<(), StoreError> {
+        let trees = self.trees()?;
         for item in trees.tombstones.iter() {
             let (key, value) = item?;
             let refund_id = String::from_utf8_lossy(&key).to_string();
@@ -99,7 +120,7 @@ impl SledStore {
                     continue;
                 }
             };
-            if older_than(&tombstone.pruned_at, tombstone_cutoff)
+            if older_than(&tombstone.pruned_at, cutoff)
                 && trees
                     .tombstones
                     .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
@@ -108,16 +129,30 @@ impl SledStore {
                 report.tombstones_expired += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Ledgers whose every reservation was paid, unchanged since `cutoff`,
+    /// go; a payout day's ledger only once its day is over (until then it
+    /// is what holds the day's payouts under their limit).
+    fn prune_ledgers(
+        &self,
+        now: OffsetDateTime,
+        cutoff: OffsetDateTime,
+        report: &mut PruneReport,
+    ) -> Result<(), StoreError> {
+        let trees = self.trees()?;
+        let today = now.date().to_string();
         for item in trees.originals.iter() {
             let (key, value) = item?;
+            let key_text = String::from_utf8_lossy(&key).to_string();
             let Ok(ledger) = OriginalLedger::decode(&value) else {
-                report
-                    .unreadable
-                    .push(format!("ledger {}", String::from_utf8_lossy(&key)));
+                report.unreadable.push(format!("ledger {key_text}"));
                 continue;
             };
             if ledger.settled()
-                && older_than(&ledger.updated_at, tombstone_cutoff)
+                && older_than(&ledger.updated_at, cutoff)
+                && crate::store::ledger::day_is_over(&key_text, &today)
                 && trees
                     .originals
                     .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
@@ -126,6 +161,6 @@ impl SledStore {
                 report.ledgers += 1;
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
