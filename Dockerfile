@@ -118,7 +118,7 @@ EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/usr/local/bin/refund-worker", "health"]
 # SIGTERM starts the graceful stop: no new deliveries, in-flight refunds get
-# up to 30 s (DRAIN_DEADLINE in src/app.rs), then the store is flushed.
+# up to 30 s (DRAIN_DEADLINE in src/service/app.rs), then the store is flushed.
 # Give the container more than that before it is killed (compose:
 # stop_grace_period; Kubernetes: terminationGracePeriodSeconds). The worker
 # handles SIGTERM itself and starts no child processes, so it runs as PID 1

@@ -19,7 +19,7 @@
    period longer than the drain, a numeric non-root user, the health check
    without a shell.
 5. The dashboard JSON parses, and every metric name in it and in the alert
-   rules is one src/metrics.rs exports (`up` aside, which Prometheus
+   rules is one src/observability/metrics.rs exports (`up` aside, which Prometheus
    records itself); deploy/monitoring/metric-names.txt lists them.
 6. Every alert's runbook_url has its `### <AlertName>` heading.
 
@@ -214,10 +214,10 @@ if not key_exists("amqp.url") or not key_exists("providers.any.breaker.cooldown"
 
 
 def drain_seconds():
-    text = open(os.path.join(ROOT, "src", "app.rs"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "src", "service", "app.rs"), encoding="utf-8").read()
     m = re.search(r"DRAIN_DEADLINE:\s*Duration\s*=\s*Duration::from_secs\((\d+)\)", text)
     if not m:
-        fail("src/app.rs: DRAIN_DEADLINE not found; cannot check grace periods against the drain")
+        fail("src/service/app.rs: DRAIN_DEADLINE not found; cannot check grace periods against the drain")
         return 30
     return int(m.group(1))
 
@@ -648,12 +648,12 @@ print("Dockerfile: pinned bases, numeric non-root user, exec-form health check, 
 # --------------------------------------------------------------------------
 # 5. Metric names.
 
-metrics_src = open(os.path.join(ROOT, "src", "metrics.rs"), encoding="utf-8").read()
+metrics_src = open(os.path.join(ROOT, "src", "observability", "metrics.rs"), encoding="utf-8").read()
 exported = {}
 for kind, name in re.findall(r'\b(counter|gauge|histogram)!\(\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"', metrics_src):
     exported[name] = kind
 if not exported:
-    fail("src/metrics.rs: no metric found (counter!/gauge!/histogram! with a literal name)")
+    fail("src/observability/metrics.rs: no metric found (counter!/gauge!/histogram! with a literal name)")
 series_names = {}
 for name, kind in exported.items():
     if kind == "histogram":
@@ -739,8 +739,8 @@ for name, where in sorted(used.items()):
     elif exported.get(name) == "histogram":
         fail(f"{name} (used by {', '.join(sorted(where))}) is a histogram: query {name}_bucket, _sum or _count")
     else:
-        fail(f"{name} (used by {', '.join(sorted(where))}) is not exported by src/metrics.rs")
-print(f"metrics: {len(used)} names in {len(alerts)} alert rules and {panel_count} dashboard panels, all exported by src/metrics.rs or recorded by Prometheus ({', '.join(sorted(PROMETHEUS_SYNTHETIC & set(used)))})")
+        fail(f"{name} (used by {', '.join(sorted(where))}) is not exported by src/observability/metrics.rs")
+print(f"metrics: {len(used)} names in {len(alerts)} alert rules and {panel_count} dashboard panels, all exported by src/observability/metrics.rs or recorded by Prometheus ({', '.join(sorted(PROMETHEUS_SYNTHETIC & set(used)))})")
 
 names_path = os.path.join(ROOT, "deploy", "monitoring", "metric-names.txt")
 wanted = "".join(f"{n}\n" for n in sorted(families))

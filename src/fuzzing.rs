@@ -8,7 +8,7 @@
 //! Each function also checks what must hold for the inputs a decoder
 //! accepts, so a fuzzer finds wrong answers as well as crashes.
 
-use crate::command::{Operation, ParseError, RefundCommand};
+use crate::contract::command::{Operation, ParseError, RefundCommand};
 use crate::providers::{creditguard, hyp_pay, paynet, ProviderOutcome};
 use lapin::BasicProperties;
 
@@ -92,7 +92,7 @@ pub fn dead_letter_headers(data: &[u8]) {
         return;
     };
     let properties = BasicProperties::default().with_headers(headers);
-    let message = crate::dlq::describe_message(rest.to_vec(), properties);
+    let message = crate::ops::dlq::describe_message(rest.to_vec(), properties);
     let _ = serde_json::to_string(&message);
 }
 

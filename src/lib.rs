@@ -1,38 +1,45 @@
 //! refund-worker: executes refund commands from RabbitMQ against payment
 //! providers exactly once and publishes one outcome event per refund.
 //!
-//! The pipeline lives in [`worker`]; the message contract in [`command`] and
-//! [`event`]; the durable per-refund record in [`store`]; each provider is an
-//! integration plus a pure `wire` module under [`providers`].
+//! The crate by role, in the order a refund meets them:
+//!
+//! * [`contract`]: what other teams rely on: the refund command, the
+//!   outcome event, money in minor units, the reconciliation report's row.
+//! * [`config`]: layered settings, validated at start (secrets, durations,
+//!   the keys a layer may set).
+//! * [`service`]: the running process: the app and its broker sessions,
+//!   the background tasks, shutdown, and the HTTP listeners (health,
+//!   metrics, the operator API and console, provider callbacks).
+//! * [`worker`]: the pipeline, one file per stage, from a delivery to its
+//!   event, and the operator decisions that change a refund.
+//! * [`store`]: the durable record of every refund (sled on one node,
+//!   PostgreSQL for replicas), with the over-refund and payout ledgers and
+//!   the outbox.
+//! * [`providers`] and [`broker`]: the integrations: each provider is an
+//!   integration plus a pure `wire` module; the broker's connection,
+//!   topology and confirmed publisher.
+//! * [`ops`]: what operators run against a worker: the dead-letter queue
+//!   (list, replay, edit, purge), the API client, queue migration.
+//! * [`observability`]: logs and span export, W3C trace context, metrics.
+//! * [`values`]: secrets, durations and lenient numbers, which every layer
+//!   reads.
+//!
+//! Arrows point down this list and never back: `scripts/check-module-cycles`
+//! fails CI on an import cycle.
 
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub, clippy::await_holding_lock, clippy::unwrap_used)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
-pub mod app;
-pub mod background;
 pub mod broker;
-pub mod client;
-pub mod command;
 pub mod config;
-pub mod dlq;
-pub mod dlq_edit;
-pub mod duration;
-pub mod event;
+pub mod contract;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod http;
-pub mod lenient;
-pub mod locks;
-pub mod metrics;
-pub mod money;
+pub mod observability;
 pub mod ops;
 pub mod providers;
-pub mod queue_migration;
-pub mod report;
-pub mod secret;
-pub mod shutdown;
+pub mod service;
 pub mod store;
-pub mod telemetry;
-pub mod trace;
+pub mod values;
 pub mod worker;

@@ -6,9 +6,9 @@ mod cli;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cli::ops::{DlqCommand, RefundsCommand};
-use refund_worker::client;
 use refund_worker::config::{ConfigError, LogFormat, Settings};
-use refund_worker::secret::Secret;
+use refund_worker::ops::client;
+use refund_worker::values::secret::Secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -6,7 +6,7 @@ mod support;
 
 use refund_sandbox::SandboxConfig;
 use refund_testkit::local_broker::TlsFiles;
-use refund_worker::app::App;
+use refund_worker::service::app::App;
 use serde_json::json;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -273,7 +273,7 @@ async fn the_worker_talks_to_the_broker_over_tls_with_the_configured_ca() {
     let (node, files) = start_node().await;
     let ca = files.ca.clone();
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
-        s.amqp.url = refund_worker::secret::Secret::new(node.tls_url(s.amqp.url.expose()));
+        s.amqp.url = refund_worker::values::secret::Secret::new(node.tls_url(s.amqp.url.expose()));
         s.amqp.tls_ca_path = Some(ca);
     })
     .await;

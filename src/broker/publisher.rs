@@ -8,8 +8,8 @@ use crate::broker::{
     HEADER_REFUND_ID, HEADER_THROTTLED,
 };
 use crate::config::AmqpSettings;
-use crate::event::OutcomeEvent;
-use crate::trace::TraceContext;
+use crate::contract::event::OutcomeEvent;
+use crate::observability::trace::TraceContext;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::Confirmation;

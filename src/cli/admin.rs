@@ -3,9 +3,9 @@
 
 use clap::Subcommand;
 use refund_worker::config::{PostgresSettings, Settings};
-use refund_worker::secret::Secret;
 use refund_worker::store::postgres::PgStore;
 use refund_worker::store::{copy, SledOptions, Store};
+use refund_worker::values::secret::Secret;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -70,7 +70,7 @@ pub(crate) async fn store(command: StoreCommand) -> anyhow::Result<()> {
 pub(crate) async fn queues(command: QueuesCommand) -> anyhow::Result<()> {
     let QueuesCommand::ToQuorum { config } = command;
     let settings = Settings::load(config.as_deref())?;
-    let done = refund_worker::queue_migration::to_quorum(&settings).await?;
+    let done = refund_worker::ops::queue_migration::to_quorum(&settings).await?;
     for (queue, moved) in &done.moved {
         println!("{queue}: now a quorum queue ({moved} message(s) moved)");
     }

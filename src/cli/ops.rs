@@ -3,10 +3,10 @@
 
 use anyhow::Context;
 use clap::Subcommand;
-use refund_worker::command::Operation;
 use refund_worker::config::{Settings, ToolSettings};
+use refund_worker::contract::command::Operation;
+use refund_worker::ops::{self, dlq};
 use refund_worker::worker::{Decision, Resolution};
-use refund_worker::{dlq, ops};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ pub(crate) struct DlqFilter {
     #[arg(long)]
     refund_id: Option<String>,
     /// Only messages whose last failure is at least this old (30s, 15m, 2h, 3d).
-    #[arg(long, value_parser = refund_worker::dlq::parse_age)]
+    #[arg(long, value_parser = refund_worker::ops::dlq::parse_age)]
     older_than: Option<Duration>,
 }
 

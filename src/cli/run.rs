@@ -2,9 +2,10 @@
 //! the service and run it until a signal asks it to stop (a second signal
 //! exits at once).
 
-use refund_worker::app::App;
 use refund_worker::config::{LogFormat, Settings};
-use refund_worker::{shutdown, telemetry};
+use refund_worker::observability::telemetry;
+use refund_worker::service::app::App;
+use refund_worker::service::shutdown;
 
 pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let otlp = settings
@@ -46,9 +47,9 @@ pub(crate) async fn run(settings: Settings, log_format: Option<LogFormat>) -> an
 
 /// A store or broker that cannot work with this configuration is a
 /// configuration error: status 2, like a wrong setting.
-fn exit_2_for_configuration(error: refund_worker::app::AppError) -> anyhow::Error {
+fn exit_2_for_configuration(error: refund_worker::service::app::AppError) -> anyhow::Error {
     match error {
-        refund_worker::app::AppError::StoreConfig(message) => {
+        refund_worker::service::app::AppError::StoreConfig(message) => {
             anyhow::Error::new(refund_worker::config::ConfigError::Deployment(message))
         }
         other => other.into(),

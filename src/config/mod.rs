@@ -4,8 +4,9 @@
 //! at start-up and names the offending key, so a bad deployment fails before
 //! it touches a message.
 
-pub use crate::duration::parse as parse_duration;
+pub use crate::observability::telemetry::LogFormat;
 pub use crate::store::postgres::PostgresSettings;
+pub use crate::values::duration::parse as parse_duration;
 
 mod keys;
 mod load;
@@ -14,8 +15,8 @@ pub use crate::providers::creditguard::CreditGuardAccount;
 pub use crate::providers::hyp_pay::HypPayAccount;
 pub use crate::providers::paynet::PaynetAccount;
 pub use crate::providers::ProviderAccount;
-use crate::secret::Secret;
 use crate::store::Retention;
+use crate::values::secret::Secret;
 pub use load::env_var;
 use load::Layers;
 use serde::Deserialize;
@@ -145,7 +146,7 @@ pub struct RuntimeSettings {
     /// Threads that run tasks; 0: one per CPU core. Unset: one thread up to
     /// [`ONE_THREAD_UP_TO_PREFETCH`] deliveries at once, one per core above
     /// (see [`Settings::runtime_threads`]).
-    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_u64")]
     pub worker_threads: Option<u64>,
 }
 
@@ -195,7 +196,7 @@ pub struct AmqpSettings {
     /// more wait in a delay queue, so other accounts keep their slots.
     #[serde(
         default = "default_account_share",
-        deserialize_with = "crate::lenient::f64"
+        deserialize_with = "crate::values::lenient::f64"
     )]
     pub account_share: f64,
     /// PEM file of the CA (or CAs) that signed the broker's certificate,
@@ -274,7 +275,7 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// Finished records older than this become tombstones (`30d`, `12h`,
     /// `10s`). Default 30 days.
-    #[serde(default, deserialize_with = "crate::duration::optional")]
+    #[serde(default, deserialize_with = "crate::values::duration::optional")]
     pub retention: Option<Duration>,
     /// The older form of `retention`, in days; used when `retention` is
     /// not set.
@@ -282,17 +283,17 @@ pub struct StoreSettings {
     pub retention_days: Option<u32>,
     /// Tombstones (and settled over-refund ledgers) are kept this long after
     /// the record was pruned. Default 400 days.
-    #[serde(default, deserialize_with = "crate::duration::optional")]
+    #[serde(default, deserialize_with = "crate::values::duration::optional")]
     pub tombstone_retention: Option<Duration>,
     /// How often the pruning pass runs (`1h`, `10s`). Default 1 hour.
-    #[serde(default, deserialize_with = "crate::duration::optional")]
+    #[serde(default, deserialize_with = "crate::values::duration::optional")]
     pub prune_interval: Option<Duration>,
     /// The older form of `prune_interval`, in seconds.
     #[serde(default)]
     pub prune_interval_secs: Option<u64>,
     /// How often events the broker has not confirmed are published again
     /// (the outbox sweep). Default 10 seconds.
-    #[serde(default, deserialize_with = "crate::duration::optional")]
+    #[serde(default, deserialize_with = "crate::values::duration::optional")]
     pub outbox_sweep_interval: Option<Duration>,
     /// Group commit: how long the syncer waits for more writers after the
     /// first one of a batch (microseconds; 0 flushes at once).
@@ -301,7 +302,7 @@ pub struct StoreSettings {
     /// long-running worker fills with records it will rarely read again.
     #[serde(
         default = "default_cache_mib",
-        deserialize_with = "crate::lenient::u64"
+        deserialize_with = "crate::values::lenient::u64"
     )]
     pub cache_mib: u64,
     /// The form new records are written in: `compact` (the default) or
@@ -366,13 +367,13 @@ pub struct HttpSettings {
     /// Largest callback body accepted.
     #[serde(
         default = "default_callback_body",
-        deserialize_with = "crate::lenient::u64"
+        deserialize_with = "crate::values::lenient::u64"
     )]
     pub callback_max_body_bytes: u64,
     /// Longest a callback request may take (reading, store, publish).
     #[serde(
         default = "default_callback_timeout",
-        deserialize_with = "crate::lenient::u64"
+        deserialize_with = "crate::values::lenient::u64"
     )]
     pub callback_timeout_ms: u64,
 }
@@ -436,18 +437,6 @@ pub struct TelemetrySettings {
     /// certificate, when it is not a public one.
     #[serde(default)]
     pub otlp_tls_ca_path: Option<PathBuf>,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Text on a terminal, JSON otherwise.
-    Auto,
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Accepts `[1, 2]` or `"1,2"`: lists cannot be typed in one environment
@@ -549,7 +538,7 @@ impl Settings {
 
     /// `amqp.*`.
     fn validate_amqp(&self) -> Result<(), ConfigError> {
-        let urls: Vec<&str> = crate::secret::url_list(&self.amqp.url).collect();
+        let urls: Vec<&str> = crate::values::secret::url_list(&self.amqp.url).collect();
         if urls.is_empty() {
             return Err(invalid("amqp.url", "missing"));
         }

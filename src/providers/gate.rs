@@ -20,18 +20,18 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct AccountPolicy {
     /// Requests in flight to this account at most.
-    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_u64")]
     pub max_in_flight: Option<u64>,
     /// Requests per second at most (token bucket).
-    #[serde(default, deserialize_with = "crate::lenient::optional_f64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_f64")]
     pub rate_per_sec: Option<f64>,
     /// Requests that may go at once after a quiet spell (bucket size);
     /// default: one second's worth of `rate_per_sec`.
-    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_u64")]
     pub burst: Option<u64>,
     /// Send W3C `traceparent` with provider requests (off: providers may
     /// refuse headers they do not know).
-    #[serde(default, deserialize_with = "crate::lenient::bool")]
+    #[serde(default, deserialize_with = "crate::values::lenient::bool")]
     pub propagate_trace: bool,
     /// The circuit breaker.
     #[serde(default)]
@@ -43,18 +43,21 @@ pub struct AccountPolicy {
 pub struct BreakerSettings {
     /// Consecutive not-sent or unknown answers that open the breaker
     /// (0 turns it off).
-    #[serde(default = "default_failures", deserialize_with = "crate::lenient::u64")]
+    #[serde(
+        default = "default_failures",
+        deserialize_with = "crate::values::lenient::u64"
+    )]
     pub failures: u64,
     /// Failures count together only within this window.
     #[serde(
         default = "default_window",
-        deserialize_with = "crate::duration::required"
+        deserialize_with = "crate::values::duration::required"
     )]
     pub window: Duration,
     /// How long an open breaker waits before one probe request.
     #[serde(
         default = "default_cooldown",
-        deserialize_with = "crate::duration::required"
+        deserialize_with = "crate::values::duration::required"
     )]
     pub cooldown: Duration,
 }
@@ -357,7 +360,7 @@ impl Gate {
                 tracing::info!(provider = %self.name, "circuit breaker closed: the account answers again")
             }
         }
-        crate::metrics::breaker_state(&self.name, state.as_str());
+        crate::observability::metrics::breaker_state(&self.name, state.as_str());
     }
 
     /// The provider asked us to slow down (`Retry-After`, HTTP 429): no
@@ -374,7 +377,7 @@ impl Gate {
         b.rate = (base / 2.0).max(0.1);
         b.lowered_until = Some(now + after * 4);
         b.tokens = b.tokens.min(1.0);
-        crate::metrics::provider_slowed(&self.name);
+        crate::observability::metrics::provider_slowed(&self.name);
         tracing::warn!(provider = %self.name, pause_ms = after.as_millis() as u64, "provider asked to slow down: rate halved for a while");
     }
 

@@ -40,9 +40,9 @@
 //! as their bytes. JSON that the command carries as is (`transaction`,
 //! `installments`, `metadata`) is stored as its JSON text.
 
-use crate::command::{Operation, PayoutTarget, RefundCommand};
-use crate::event::{EventError, OutcomeEvent, Status};
-use crate::money::Amount;
+use crate::contract::command::{Operation, PayoutTarget, RefundCommand};
+use crate::contract::event::{EventError, OutcomeEvent, Status};
+use crate::contract::money::Amount;
 use crate::store::record::{AttemptTrace, HistoryEntry, RefundRecord, RefundState};
 use std::borrow::Cow;
 
@@ -545,7 +545,7 @@ impl<'b> Reader<'b> {
             0 => self.string(),
             1 => {
                 let len = self.len()?;
-                Ok(crate::command::hex(self.take(len)?))
+                Ok(crate::contract::command::hex(self.take(len)?))
             }
             _ => Err(DecodeError::Compact("unknown hex tag")),
         }
@@ -620,7 +620,7 @@ impl<'b> Reader<'b> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::now_rfc3339;
+    use crate::contract::event::now_rfc3339;
 
     /// A command with every optional field, non-ASCII text and nested JSON
     /// (built directly: the codec stores whatever the record holds).

@@ -25,8 +25,8 @@
 //! and a crash can never leave a record and its reservation disagreeing.
 //! The arrows point one way: `store` → `ledger`.
 
-use crate::command::{Operation, RefundCommand};
-use crate::event::now_rfc3339;
+use crate::contract::command::{Operation, RefundCommand};
+use crate::contract::event::now_rfc3339;
 use crate::store::record::RefundRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -37,8 +37,8 @@ pub use sled::prune::{PruneReport, Retention};
 pub use sled::syncer::SyncStats;
 pub use sled::SledOptions;
 
-use crate::command::RefundCommand;
-use crate::report::ReportRow;
+use crate::contract::command::RefundCommand;
+use crate::contract::report::ReportRow;
 use ledger::{LedgerChange, OriginalLedger, OverRefund};
 use std::path::Path;
 use std::time::Duration;

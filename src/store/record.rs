@@ -2,8 +2,8 @@
 //! claimed it and its history; and the tombstone a finished record becomes
 //! after `store.retention`. Plain data; the store decides where it lives.
 
-use crate::command::{Operation, RefundCommand};
-use crate::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::contract::command::{Operation, RefundCommand};
+use crate::contract::event::{now_rfc3339, OutcomeEvent, Status};
 use serde::{Deserialize, Serialize};
 
 /// Where a refund is in its life.
@@ -273,7 +273,7 @@ pub struct Tombstone {
     pub provider: String,
     /// The amount asked for, if the command had one.
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
-    pub amount: Option<crate::money::Amount>,
+    pub amount: Option<crate::contract::money::Amount>,
     /// Set for a payout only (reports count payouts apart).
     #[serde(rename = "y", default, skip_serializing_if = "Option::is_none")]
     pub payout: Option<bool>,
@@ -299,7 +299,8 @@ impl Tombstone {
             pruned_at: now_rfc3339(),
             provider: record.command.provider.clone(),
             amount: record.command.amount.clone(),
-            payout: (record.command.operation == crate::command::Operation::Payout).then_some(true),
+            payout: (record.command.operation == crate::contract::command::Operation::Payout)
+                .then_some(true),
         })
     }
 
@@ -348,7 +349,7 @@ fn random_token() -> String {
         };
     }
     let bytes = POOL.with(|pool| pool.borrow_mut().take());
-    crate::command::hex(&bytes)
+    crate::contract::command::hex(&bytes)
 }
 
 /// Random bytes for 256 tokens.

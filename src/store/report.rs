@@ -1,8 +1,8 @@
 //! The reconciliation report's counting over the store's records and the
-//! tombstones of pruned ones (`crate::report` holds the row and prints it).
+//! tombstones of pruned ones (`crate::contract::report` holds the row and prints it).
 
-use crate::event::Status;
-use crate::report::ReportRow;
+use crate::contract::event::Status;
+use crate::contract::report::ReportRow;
 use crate::store::{RefundRecord, RefundState, Tombstone};
 use std::collections::BTreeMap;
 use time::Date;
@@ -26,7 +26,7 @@ pub(crate) fn tally(
     let mut rows: BTreeMap<(String, String, String, &str), ReportRow> = BTreeMap::new();
     let mut count = |provider: &str,
                      at: &str,
-                     amount: Option<&crate::money::Amount>,
+                     amount: Option<&crate::contract::money::Amount>,
                      status: Status,
                      payout: bool| {
         let Some(day) = day_of(at).filter(|d| *d >= from && *d <= to) else {
@@ -70,7 +70,7 @@ pub(crate) fn tally(
                 &event.occurred_at,
                 record.command.amount.as_ref(),
                 status,
-                record.command.operation == crate::command::Operation::Payout,
+                record.command.operation == crate::contract::command::Operation::Payout,
             );
         }
     }

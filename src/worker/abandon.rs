@@ -20,9 +20,9 @@
 
 use super::resolve::{who, wrong_state, Decision, ResolveError};
 use super::Worker;
-use crate::command::{ParseError, RefundCommand};
-use crate::event::{OutcomeEvent, Status};
-use crate::metrics;
+use crate::contract::command::{ParseError, RefundCommand};
+use crate::contract::event::{OutcomeEvent, Status};
+use crate::observability::metrics;
 use crate::store::ledger::LedgerChange;
 use crate::store::{Claim, Known, RefundRecord, RefundState, Tombstone};
 use tracing::warn;
@@ -81,7 +81,7 @@ impl Worker {
                         return Err(ResolveError::NotFound(refund_id.to_string()));
                     };
                     if carrier.unread {
-                        let error = ParseError::Poison(crate::command::Poison {
+                        let error = ParseError::Poison(crate::contract::command::Poison {
                             kind: "unread",
                             message: "too large or of the wrong content type".into(),
                         });
@@ -214,7 +214,7 @@ impl Worker {
         error: ParseError,
     ) -> Result<Abandoned, ResolveError> {
         let reason = format!("the message is not a valid command: {error}");
-        let echo = crate::command::Echo::of_body(body.to_string().as_bytes())
+        let echo = crate::contract::command::Echo::of_body(body.to_string().as_bytes())
             .map(|(_, echo)| echo)
             .unwrap_or_default();
         let event = OutcomeEvent::new(refund_id, Status::Rejected, &echo, 0)

@@ -9,7 +9,7 @@
 
 use super::resolve::{Decision, ResolveError};
 use super::Worker;
-use crate::command::{ParseError, RefundCommand};
+use crate::contract::command::{ParseError, RefundCommand};
 use crate::store::RefundState;
 use tracing::warn;
 
@@ -95,7 +95,7 @@ fn keep_payout_rules(
     recorded: &RefundCommand,
     mut corrected: RefundCommand,
 ) -> Result<RefundCommand, ResolveError> {
-    let payout = crate::command::Operation::Payout;
+    let payout = crate::contract::command::Operation::Payout;
     if recorded.operation != payout && corrected.operation != payout {
         return Ok(corrected);
     }

@@ -9,12 +9,12 @@
 //! otherwise have to resolve by hand.
 
 use super::Worker;
-use crate::event::{OutcomeEvent, Status};
-use crate::metrics;
+use crate::contract::event::{OutcomeEvent, Status};
+use crate::observability::metrics;
 use crate::providers::paynet::wire::Callback;
-use crate::secret::constant_time_eq;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState, StoreError};
+use crate::values::secret::constant_time_eq;
 use tracing::{error, info, warn};
 
 /// What a provider callback did.

@@ -17,9 +17,9 @@
 
 use super::{Inbound, PipelineError, Worker};
 use crate::broker::publisher::Publisher;
-use crate::command::{Echo, RefundCommand};
-use crate::event::{now_rfc3339, OutcomeEvent, Status};
-use crate::metrics;
+use crate::contract::command::{Echo, RefundCommand};
+use crate::contract::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::observability::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use std::time::Instant;

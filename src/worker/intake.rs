@@ -14,7 +14,7 @@
 
 use super::{PipelineError, Worker};
 use crate::broker::publisher::Publisher;
-use crate::command::{Echo, ParseError, RefundCommand};
+use crate::contract::command::{Echo, ParseError, RefundCommand};
 use crate::store::Known;
 use lapin::message::Delivery;
 

@@ -17,7 +17,7 @@ use super::park::Unsent;
 use super::{PipelineError, Worker};
 use crate::broker::publisher::{DeadLetter, ParkTarget, Publisher};
 use crate::broker::topology::delay_queues;
-use crate::event::{now_rfc3339, OutcomeEvent};
+use crate::contract::event::{now_rfc3339, OutcomeEvent};
 use crate::store::{RefundRecord, RefundState};
 use lapin::message::Delivery;
 use std::time::Duration;

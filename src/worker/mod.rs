@@ -38,6 +38,7 @@ mod cut_off;
 mod finish;
 mod intake;
 mod known;
+pub mod locks;
 mod outbox;
 mod park;
 mod resolve;
@@ -50,11 +51,11 @@ pub use resolve::{Decision, Resolution, ResolveError};
 
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::config::Settings;
-use crate::locks::RefundLocks;
-use crate::metrics;
+use crate::observability::metrics;
+use crate::observability::trace::TraceContext;
 use crate::providers::Providers;
 use crate::store::{Store, StoreError};
-use crate::trace::TraceContext;
+use crate::worker::locks::RefundLocks;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -175,7 +176,7 @@ impl Worker {
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
         );
-        if crate::telemetry::otlp_enabled() {
+        if crate::observability::telemetry::otlp_enabled() {
             // Exported spans: OpenTelemetry assigns the ids, under the
             // caller's trace.
             use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -9,7 +9,7 @@
 
 use super::Worker;
 use crate::broker::publisher::Publisher;
-use crate::metrics;
+use crate::observability::metrics;
 use crate::store::{OutboxEntry, StoreError};
 use std::time::Duration;
 use tracing::{error, info, warn};

@@ -9,8 +9,8 @@ use super::{header_str, header_u32, PipelineError, Worker};
 use crate::broker::publisher::{DeadLetter, ParkTarget, Publisher};
 use crate::broker::topology::delay_queues;
 use crate::broker::{HEADER_DELAYED_ROUNDS, HEADER_FIRST_FAILURE, HEADER_THROTTLED};
-use crate::event::{now_rfc3339, OutcomeEvent, Status};
-use crate::metrics;
+use crate::contract::event::{now_rfc3339, OutcomeEvent, Status};
+use crate::observability::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState};
 use lapin::message::Delivery;
@@ -309,7 +309,7 @@ impl Worker {
         let body = match target {
             ParkTarget::DeadLetters => {
                 metrics::dead_lettered(&info.kind);
-                crate::command::mask_card_tokens(&delivery.data)
+                crate::contract::command::mask_card_tokens(&delivery.data)
             }
             _ => std::borrow::Cow::Borrowed(delivery.data.as_slice()),
         };

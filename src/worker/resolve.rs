@@ -7,9 +7,9 @@
 //! says why and changes nothing.
 
 use super::Worker;
-use crate::command::Operation;
-use crate::event::{OutcomeEvent, Status};
-use crate::metrics;
+use crate::contract::command::Operation;
+use crate::contract::event::{OutcomeEvent, Status};
+use crate::observability::metrics;
 use crate::store::ledger::{LedgerChange, Reservation};
 use crate::store::{RefundRecord, RefundState, StoreError};
 use tracing::warn;

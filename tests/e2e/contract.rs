@@ -6,8 +6,8 @@
 
 use crate::support;
 
-use refund_worker::command::{Echo, Operation};
-use refund_worker::event::{OutcomeEvent, Status};
+use refund_worker::contract::command::{Echo, Operation};
+use refund_worker::contract::event::{OutcomeEvent, Status};
 use serde_json::Value;
 
 fn command_schema() -> jsonschema::Validator {
@@ -43,7 +43,7 @@ fn every_example_command_matches_the_schema_and_the_invalid_one_does_not() {
         } else {
             assert!(errors.is_empty(), "{name}: {errors:?}");
             // And the worker reads it the same way.
-            refund_worker::command::RefundCommand::parse(example.to_string().as_bytes())
+            refund_worker::contract::command::RefundCommand::parse(example.to_string().as_bytes())
                 .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         }
         checked += 1;
@@ -59,7 +59,7 @@ fn events_of_every_status_match_the_schema() {
         amount: None,
         order_id: Some("ord-1".into()),
         metadata: Some(serde_json::json!({"any": "json"})),
-        payout: Some(refund_worker::command::PayoutEcho {
+        payout: Some(refund_worker::contract::command::PayoutEcho {
             card_last4: "0772".into(),
         }),
     };

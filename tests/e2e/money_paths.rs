@@ -12,8 +12,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use refund_sandbox::{Fault, FaultKind, SandboxConfig};
-use refund_worker::command::RefundCommand;
-use refund_worker::dlq::{Dlq, Filter};
+use refund_worker::contract::command::RefundCommand;
+use refund_worker::ops::dlq::{Dlq, Filter};
 use refund_worker::ops::{dlq_purge, PurgeScope, WorkerApi};
 use refund_worker::store::{AttemptTrace, RefundRecord, RefundState};
 use refund_worker::worker::Decision;
@@ -294,7 +294,7 @@ async fn a_cut_off_attempt_is_decided_from_what_it_carried_not_from_todays_setti
         kind: "creditguard".into(),
         request_id: None,
         terminal: Some("0882819014".into()),
-        at: refund_worker::event::now_rfc3339(),
+        at: refund_worker::contract::event::now_rfc3339(),
     });
     {
         let store = app.open_store().await;
@@ -379,9 +379,9 @@ async fn one_unreadable_record_does_not_stop_the_outbox() {
     app.stop_worker().await;
     let command = RefundCommand::parse(HYP_REFUND.as_bytes()).expect("command");
     let mut record = RefundRecord::attempting(&command);
-    let event = refund_worker::event::OutcomeEvent::new(
+    let event = refund_worker::contract::event::OutcomeEvent::new(
         &command.refund_id,
-        refund_worker::event::Status::Succeeded,
+        refund_worker::contract::event::Status::Succeeded,
         &command.echo(),
         1,
     );
@@ -733,8 +733,9 @@ async fn an_api_address_without_the_operator_api_is_an_error_not_no_record() {
     })
     .await;
     let public = app.callback_addr.expect("callback listener");
-    let wrong = WorkerApi::new(&format!("http://{public}"))
-        .with_token(Some(refund_worker::secret::Secret::new(OPERATOR_TOKEN)));
+    let wrong = WorkerApi::new(&format!("http://{public}")).with_token(Some(
+        refund_worker::values::secret::Secret::new(OPERATOR_TOKEN),
+    ));
     let err = wrong
         .refund("rf-anything")
         .await

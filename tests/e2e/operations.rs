@@ -5,7 +5,7 @@
 use crate::support;
 
 use refund_sandbox::{Fault, FaultKind, SandboxConfig};
-use refund_worker::dlq::{Dlq, Filter};
+use refund_worker::ops::dlq::{Dlq, Filter};
 use refund_worker::ops::status_of;
 use refund_worker::worker::Resolution;
 use std::time::Duration;
@@ -322,7 +322,7 @@ async fn metrics_count_exactly_what_a_run_did() {
 /// (`deploy/monitoring/metric-names.txt`, kept by `scripts/check-deploy`)
 /// is one the worker exports: present in a running worker's `/metrics`
 /// after a run that touches each path, or, for the few a short run cannot
-/// reach (a breaker opening, pruning), registered in `src/metrics.rs`.
+/// reach (a breaker opening, pruning), registered in `src/observability/metrics.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     let mut app = TestApp::start().await;
@@ -333,7 +333,7 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     let body = scrape(&app).await;
     assert_eq!(sample(&body, "refund_worker_ready "), 1.0, "{body}");
     assert_eq!(sample(&body, "refund_worker_store_healthy "), 1.0);
-    let source = include_str!("../../src/metrics.rs");
+    let source = include_str!("../../src/observability/metrics.rs");
     let names = include_str!("../../deploy/monitoring/metric-names.txt");
     let mut seen = 0;
     for name in names.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -456,7 +456,7 @@ async fn the_report_adds_up_to_the_events_before_and_after_pruning() {
     assert_eq!(expected["succeeded"], (3, 1_350));
     assert_eq!(expected["failed"], (1, 20_000));
     assert_eq!(expected["in_doubt"], (1, 700));
-    let today = refund_worker::event::now_rfc3339()[..10].to_string();
+    let today = refund_worker::contract::event::now_rfc3339()[..10].to_string();
     let check = |report: serde_json::Value| {
         let rows = report.as_array().expect("rows").clone();
         assert_eq!(rows.len(), 1, "{report}");
@@ -500,7 +500,7 @@ async fn a_dead_lettered_typo_is_edited_and_replayed_with_its_trail() {
         // An account whose password the provider refuses: misconfigured.
         let mut typo = s.providers["hyp_pay"].clone();
         if let ProviderAccount::HypPay(a) = &mut typo {
-            a.pass_p = refund_worker::secret::Secret::new("not-the-password");
+            a.pass_p = refund_worker::values::secret::Secret::new("not-the-password");
         }
         s.providers.insert("hyp_typo".into(), typo);
     })

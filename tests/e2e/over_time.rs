@@ -6,9 +6,9 @@
 use crate::support;
 
 use refund_sandbox::{Fault, FaultKind, SandboxConfig};
-use refund_worker::command::RefundCommand;
-use refund_worker::dlq::Filter;
-use refund_worker::event::{OutcomeEvent, Status};
+use refund_worker::contract::command::RefundCommand;
+use refund_worker::contract::event::{OutcomeEvent, Status};
+use refund_worker::ops::dlq::Filter;
 use refund_worker::ops::{dlq_purge, status_of, PurgeScope, WorkerApi};
 use refund_worker::store::ledger::LedgerChange;
 use refund_worker::store::{RefundRecord, RefundState};
@@ -481,7 +481,7 @@ async fn resolving_a_creditguard_refund_as_executed_says_what_was_performed() {
             .is_err_and(|e| e.to_string().contains("performed")),
         "{refused:?}"
     );
-    resolution.performed = Some(refund_worker::command::Operation::Cancel);
+    resolution.performed = Some(refund_worker::contract::command::Operation::Cancel);
     api.resolve("rf-cg-doubt", &resolution)
         .await
         .expect("resolve");

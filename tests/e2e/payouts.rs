@@ -11,7 +11,7 @@ use crate::support;
 
 use refund_sandbox::{Fault, FaultKind, SandboxConfig};
 use refund_worker::config::ProviderAccount;
-use refund_worker::secret::Secret;
+use refund_worker::values::secret::Secret;
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::{header, TestApp};

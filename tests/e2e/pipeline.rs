@@ -428,8 +428,10 @@ async fn a_second_worker_on_the_same_queue_is_refused_at_start() {
     let mut app = TestApp::start().await;
     let mut second = app.settings.clone();
     second.store.path = app.store_dir.path().join("second-store");
-    let built = refund_worker::app::App::build(second).await.expect("build");
-    let (_trigger, listener) = refund_worker::shutdown::channel();
+    let built = refund_worker::service::app::App::build(second)
+        .await
+        .expect("build");
+    let (_trigger, listener) = refund_worker::service::shutdown::channel();
     let err = tokio::time::timeout(Duration::from_secs(60), built.run(listener))
         .await
         .expect("the second worker stops by itself")
@@ -458,7 +460,7 @@ async fn broker_urls_are_tried_in_order_until_one_answers() {
             "amqp://guest:guest@127.0.0.1:9/nowhere, {}, {other}",
             s.amqp.url.expose()
         );
-        s.amqp.url = refund_worker::secret::Secret::new(list);
+        s.amqp.url = refund_worker::values::secret::Secret::new(list);
     })
     .await;
     app.publish(HYP_REFUND).await;

@@ -5,13 +5,13 @@
 
 use crate::support;
 
-use refund_worker::command::RefundCommand;
 use refund_worker::config::PostgresSettings;
-use refund_worker::event::{OutcomeEvent, Status};
-use refund_worker::secret::Secret;
+use refund_worker::contract::command::RefundCommand;
+use refund_worker::contract::event::{OutcomeEvent, Status};
 use refund_worker::store::ledger::{LedgerChange, Reservation};
 use refund_worker::store::postgres::PgStore;
 use refund_worker::store::{Claim, Known, RefundRecord, RefundState, Retention, Store, StoreError};
+use refund_worker::values::secret::Secret;
 use std::time::Duration;
 
 /// A store of one backend, and what keeps it alive.
@@ -179,7 +179,7 @@ async fn the_outbox_holds_each_refund_s_latest_event_until_confirmed(store: &Sto
     record.transition(
         RefundState::Pending {
             event: pending.clone(),
-            since: refund_worker::event::now_rfc3339(),
+            since: refund_worker::contract::event::now_rfc3339(),
         },
         "pending",
     );
@@ -249,7 +249,7 @@ async fn the_census_counts_states_and_finds_overdue_pending_refunds(store: &Stor
             "fresh",
             RefundState::Pending {
                 event: event("fresh"),
-                since: refund_worker::event::now_rfc3339(),
+                since: refund_worker::contract::event::now_rfc3339(),
             },
         ),
     ] {

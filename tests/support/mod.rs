@@ -15,9 +15,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use refund_sandbox::{Sandbox, SandboxConfig};
-use refund_worker::app::App;
 use refund_worker::config::{Settings, DEFAULT_TOML};
-use refund_worker::shutdown::{self, ShutdownTrigger};
+use refund_worker::service::app::App;
+use refund_worker::service::shutdown::{self, ShutdownTrigger};
 use serde_json::Value;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -227,7 +227,7 @@ impl TestApp {
                 .await
                 .expect("database");
             settings.store.backend = refund_worker::config::StoreBackend::Postgres;
-            settings.store.postgres.url = Some(refund_worker::secret::Secret::new(url));
+            settings.store.postgres.url = Some(refund_worker::values::secret::Secret::new(url));
         }
         adjust(&mut settings);
 
@@ -421,8 +421,9 @@ impl TestApp {
 
     /// The operator API client, with the token.
     pub fn api(&self) -> refund_worker::ops::WorkerApi {
-        refund_worker::ops::WorkerApi::new(&format!("http://{}", self.http_addr))
-            .with_token(Some(refund_worker::secret::Secret::new(OPERATOR_TOKEN)))
+        refund_worker::ops::WorkerApi::new(&format!("http://{}", self.http_addr)).with_token(Some(
+            refund_worker::values::secret::Secret::new(OPERATOR_TOKEN),
+        ))
     }
 
     /// A refund's record (or tombstone) through the operator API.
@@ -445,12 +446,12 @@ impl TestApp {
     /// closes it.
     pub async fn replay(
         &self,
-        filter: &refund_worker::dlq::Filter,
+        filter: &refund_worker::ops::dlq::Filter,
         limit: Option<usize>,
         dry_run: bool,
-    ) -> refund_worker::dlq::Report {
+    ) -> refund_worker::ops::dlq::Report {
         let api = self.api();
-        let mut dlq = refund_worker::dlq::Dlq::open(&self.settings.amqp)
+        let mut dlq = refund_worker::ops::dlq::Dlq::open(&self.settings.amqp)
             .await
             .expect("browse");
         let report = dlq

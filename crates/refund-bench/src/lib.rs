@@ -145,7 +145,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         let _ = connection.close(200, "bench done".into()).await;
         println!(
             "refund-worker bench --pressure, {} ({})",
-            refund_worker::event::now_rfc3339(),
+            refund_worker::contract::event::now_rfc3339(),
             machine_description()
         );
         for r in &results {
@@ -156,7 +156,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             eprintln!("wrote {}", path.display());
         }
         return Ok(BenchReport {
-            date: refund_worker::event::now_rfc3339(),
+            date: refund_worker::contract::event::now_rfc3339(),
             machine: machine_description(),
             results: Vec::new(),
         });
@@ -181,7 +181,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let _ = connection.close(200, "bench done".into()).await;
     let report = BenchReport {
-        date: refund_worker::event::now_rfc3339(),
+        date: refund_worker::contract::event::now_rfc3339(),
         machine: machine_description(),
         results,
     };
@@ -511,7 +511,7 @@ async fn relay_round(
 /// `refund-bench relay`: the relay as a process of its own.
 pub async fn relay_process(config: &Path, n: usize) -> anyhow::Result<()> {
     let settings = settings_from(&std::fs::read_to_string(config)?)?;
-    let url = refund_worker::secret::url_list(&settings.amqp.url)
+    let url = refund_worker::values::secret::url_list(&settings.amqp.url)
         .next()
         .unwrap_or_default()
         .to_string();
@@ -581,7 +581,7 @@ pub(crate) async fn publish_confirmed(
 /// The benchmark's own event queue on `exchange`, consumed without acks.
 async fn bind_events(channel: &Channel, exchange: &str) -> anyhow::Result<lapin::Consumer> {
     let name = format!("{exchange}.bench");
-    Ok(refund_worker::client::consume_events(channel, exchange, &name).await?)
+    Ok(refund_worker::ops::client::consume_events(channel, exchange, &name).await?)
 }
 
 /// Consumes `n` events and measures the drain.

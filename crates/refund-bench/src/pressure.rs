@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use refund_sandbox::{Fault, FaultKind, Sandbox, SandboxConfig, Seed};
-use refund_worker::app::App;
 use refund_worker::config::Settings;
-use refund_worker::shutdown;
+use refund_worker::service::app::App;
+use refund_worker::service::shutdown;
 use std::time::{Duration, Instant};
 
 /// The figures of one pressure scenario run.
@@ -87,7 +87,7 @@ async fn prepare(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     refund_worker::broker::topology::declare(&channel, settings).await?;
-    let events = refund_worker::client::consume_events(
+    let events = refund_worker::ops::client::consume_events(
         &channel,
         &settings.amqp.events_exchange,
         &format!("{}.bench", settings.amqp.events_exchange),

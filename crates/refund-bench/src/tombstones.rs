@@ -2,8 +2,8 @@
 //! sled store on disk (the figure behind `store.tombstone_retention`'s
 //! sizing in docs/configuration.md). A measurement, not a test: it prints.
 
-use refund_worker::command::Operation;
-use refund_worker::event::{event_id, Status};
+use refund_worker::contract::command::Operation;
+use refund_worker::contract::event::{event_id, Status};
 use refund_worker::store::{SledOptions, Tombstone};
 use std::path::Path;
 
@@ -42,7 +42,7 @@ fn typical(refund_id: &str, i: u64) -> Tombstone {
         occurred_at: "2026-11-22T10:15:00Z".into(),
         pruned_at: "2026-12-22T10:15:00Z".into(),
         provider: "creditguard".into(),
-        amount: Some(refund_worker::money::Amount {
+        amount: Some(refund_worker::contract::money::Amount {
             minor: 20_000,
             currency: "ILS".into(),
         }),

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use refund_worker::money;
+use refund_worker::contract::money;
 use std::time::Duration;
 
 const HTML_ERROR: &str = "<html><head><title>Error</title></head><body><h1>System error</h1>\

@@ -8,7 +8,7 @@
 use super::hyp_pay::Answer;
 use super::{Execution, FaultKind, SandboxState};
 use axum::http::StatusCode;
-use refund_worker::money;
+use refund_worker::contract::money;
 use std::time::Duration;
 
 /// Answers one payout request.

@@ -100,5 +100,5 @@ async fn main() -> anyhow::Result<()> {
 
 /// The worker's log setup, so the sandbox's lines look the same.
 fn tracing_init() {
-    refund_worker::telemetry::init(refund_worker::config::LogFormat::Auto, "info");
+    refund_worker::observability::telemetry::init(refund_worker::config::LogFormat::Auto, "info");
 }

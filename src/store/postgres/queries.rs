@@ -2,8 +2,8 @@
 //! reads and decisions, the census, pruning and the report.
 
 use super::{corrupt, record_of, unavailable, Columns, PgStore, CLAIM, MARK};
-use crate::command::RefundCommand;
-use crate::report::ReportRow;
+use crate::contract::command::RefundCommand;
+use crate::contract::report::ReportRow;
 use crate::store::ledger::{ledger_key, OriginalLedger, Reservation};
 use crate::store::{
     Census, Claim, OutboxEntry, PaidReservation, PruneReport, RefundRecord, Retention, StoreError,
@@ -244,7 +244,7 @@ impl PgStore {
         let mut released = Vec::new();
         for (key, mut ledger) in held {
             if let Some((amount, _)) = ledger.refunds.remove(refund_id) {
-                ledger.updated_at = crate::event::now_rfc3339();
+                ledger.updated_at = crate::contract::event::now_rfc3339();
                 let value = serde_json::to_value(&ledger).unwrap_or(Value::Null);
                 tx.execute(
                     "UPDATE ledgers SET ledger = $2, updated_at = now() WHERE key = $1",

@@ -2,7 +2,7 @@
 //! live with the backend that reads them (the configuration re-exports
 //! them), so the store never reaches back into `config`.
 
-use crate::secret::Secret;
+use crate::values::secret::Secret;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,7 +17,7 @@ pub struct PostgresSettings {
     /// Connections in this replica's pool.
     #[serde(
         default = "default_max_connections",
-        deserialize_with = "crate::lenient::u64"
+        deserialize_with = "crate::values::lenient::u64"
     )]
     pub max_connections: u64,
     /// How long a replica that stopped renewing its lease (killed, frozen,
@@ -25,7 +25,7 @@ pub struct PostgresSettings {
     /// what it was attempting. Renewed every third of it.
     #[serde(
         default = "default_lease",
-        deserialize_with = "crate::duration::required"
+        deserialize_with = "crate::values::duration::required"
     )]
     pub lease: Duration,
     /// PEM file of the CA (or CAs) that signed the database's certificate,

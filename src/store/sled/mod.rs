@@ -27,8 +27,8 @@ pub mod syncer;
 use super::codec::{self, DecodeError, RecordFormat};
 use super::ledger::{self, ledger_key, LedgerChange, Limit, OriginalLedger, Reservation};
 use super::{Census, Claim, Known, PaidReservation, RefundRecord, StoreError, Tombstone};
-use crate::command::RefundCommand;
-use crate::report::ReportRow;
+use crate::contract::command::RefundCommand;
+use crate::contract::report::ReportRow;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use outbox::outbox_value;
 use std::path::{Path, PathBuf};
@@ -378,7 +378,7 @@ impl SledStore {
             let Some((amount, _)) = ledger.refunds.remove(refund_id) else {
                 continue;
             };
-            ledger.updated_at = crate::event::now_rfc3339();
+            ledger.updated_at = crate::contract::event::now_rfc3339();
             if trees
                 .originals
                 .compare_and_swap(&key, Some(value), Some(ledger.encode()))?

@@ -33,7 +33,7 @@ impl SyncStats {
     pub(super) fn count_flush(&self, writers: usize) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(writers as u64, Ordering::Relaxed);
-        crate::metrics::store_flush(writers);
+        crate::observability::metrics::store_flush(writers);
     }
 }
 

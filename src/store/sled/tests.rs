@@ -3,7 +3,7 @@
 //! the shared suite (`tests/store.rs`).
 
 use super::*;
-use crate::event::{OutcomeEvent, Status};
+use crate::contract::event::{OutcomeEvent, Status};
 use crate::store::{RefundState, Retention};
 use std::sync::atomic::Ordering;
 
@@ -144,7 +144,11 @@ async fn old_finished_records_become_tombstones_and_nothing_undecided_goes() {
         aged("old-done", "finished", old),
         aged("old-doubt", "in_doubt", old),
         aged("old-attempting", "attempting", old),
-        aged("new-done", "finished", &crate::event::now_rfc3339()),
+        aged(
+            "new-done",
+            "finished",
+            &crate::contract::event::now_rfc3339(),
+        ),
     ] {
         store.commit(&r, LedgerChange::Keep).expect("commit");
         if let Some(event) = r.state.event() {
@@ -184,7 +188,7 @@ async fn old_finished_records_become_tombstones_and_nothing_undecided_goes() {
             let event = t.event(&command("old-done"));
             assert_eq!(
                 event.event_id,
-                crate::event::event_id("old-done", Status::Succeeded)
+                crate::contract::event::event_id("old-done", Status::Succeeded)
             );
         }
         other => panic!("expected a tombstone, got {other:?}"),

@@ -1,6 +1,6 @@
 //! Our command → the provider's request.
 
-use crate::command::{Operation, RefundCommand};
+use crate::contract::command::{Operation, RefundCommand};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -132,7 +132,7 @@ pub struct EmvLookup {
 /// CreditGuard's 20-character limit whatever the `refund_id`'s length.
 pub fn request_id(refund_id: &str) -> String {
     let digest = Sha256::digest(refund_id.as_bytes());
-    crate::command::hex(&digest)[..20].to_string()
+    crate::contract::command::hex(&digest)[..20].to_string()
 }
 
 /// The command's installment plan, as the contract spells it.

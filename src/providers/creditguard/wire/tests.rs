@@ -1,7 +1,7 @@
 //! The wire module on the examples of the provider's documentation.
 
 use super::*;
-use crate::command::{Operation, RefundCommand};
+use crate::contract::command::{Operation, RefundCommand};
 use crate::providers::ProviderOutcome;
 
 const REFUND_RESPONSE: &str =

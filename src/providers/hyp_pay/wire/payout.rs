@@ -8,8 +8,8 @@
 //! account is misconfigured, and nothing was paid.
 
 use super::response::read_answer;
-use crate::command::{Operation, RefundCommand};
-use crate::money;
+use crate::contract::command::{Operation, RefundCommand};
+use crate::contract::money;
 use crate::providers::hyp_pay::HypPayAccount;
 use crate::providers::ProviderOutcome;
 

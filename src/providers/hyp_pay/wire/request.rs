@@ -1,7 +1,7 @@
 //! Our command → the provider's request.
 
-use crate::command::{Operation, RefundCommand};
-use crate::money;
+use crate::contract::command::{Operation, RefundCommand};
+use crate::contract::money;
 use crate::providers::hyp_pay::HypPayAccount;
 
 /// Refund action.

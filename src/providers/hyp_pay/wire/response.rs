@@ -1,6 +1,6 @@
 //! The provider's answer → one [`ProviderOutcome`].
 
-use crate::command::Operation;
+use crate::contract::command::Operation;
 use crate::providers::ProviderOutcome;
 
 /// The fields of a URL-encoded answer, in order.

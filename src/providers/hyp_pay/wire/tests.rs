@@ -1,10 +1,10 @@
 //! The wire module on the examples of the provider's documentation.
 
 use super::*;
-use crate::command::{Operation, RefundCommand};
+use crate::contract::command::{Operation, RefundCommand};
 use crate::providers::hyp_pay::HypPayAccount;
 use crate::providers::ProviderOutcome;
-use crate::secret::Secret;
+use crate::values::secret::Secret;
 
 fn account() -> HypPayAccount {
     HypPayAccount {

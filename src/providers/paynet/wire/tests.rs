@@ -1,7 +1,7 @@
 //! The wire module on the examples of the provider's documentation.
 
 use super::*;
-use crate::command::RefundCommand;
+use crate::contract::command::RefundCommand;
 use crate::providers::ProviderOutcome;
 
 fn command(json: &str) -> RefundCommand {

@@ -2,7 +2,7 @@
 //! for operators: publish command files to the commands exchange (with
 //! confirms) and tail outcome events.
 
-use crate::secret::Secret;
+use crate::values::secret::Secret;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,

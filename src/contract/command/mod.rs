@@ -12,7 +12,7 @@ mod strict;
 pub use payout::{mask_card_tokens, mask_payout_value, CardToken, PayoutEcho, PayoutTarget};
 pub use strict::{StrictValue, MAX_DEPTH};
 
-use crate::money::{self, Amount};
+use crate::contract::money::{self, Amount};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -497,8 +497,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const REFUND: &str = include_str!("../../examples/hyp-pay-refund.json");
-    const CANCEL: &str = include_str!("../../examples/hyp-pay-cancel.json");
+    const REFUND: &str = include_str!("../../../examples/hyp-pay-refund.json");
+    const CANCEL: &str = include_str!("../../../examples/hyp-pay-cancel.json");
 
     #[test]
     fn parses_the_examples() {
@@ -687,15 +687,15 @@ mod tests {
     #[test]
     fn the_straight_parse_and_the_careful_one_agree() {
         let examples = [
-            include_str!("../../examples/creditguard-cancel.json"),
-            include_str!("../../examples/creditguard-fallback-cancel.json"),
-            include_str!("../../examples/creditguard-installments.json"),
-            include_str!("../../examples/creditguard-refund.json"),
-            include_str!("../../examples/hyp-pay-cancel.json"),
-            include_str!("../../examples/hyp-pay-decline.json"),
-            include_str!("../../examples/hyp-pay-refund.json"),
-            include_str!("../../examples/invalid-command.json"),
-            include_str!("../../examples/paynet-refund.json"),
+            include_str!("../../../examples/creditguard-cancel.json"),
+            include_str!("../../../examples/creditguard-fallback-cancel.json"),
+            include_str!("../../../examples/creditguard-installments.json"),
+            include_str!("../../../examples/creditguard-refund.json"),
+            include_str!("../../../examples/hyp-pay-cancel.json"),
+            include_str!("../../../examples/hyp-pay-decline.json"),
+            include_str!("../../../examples/hyp-pay-refund.json"),
+            include_str!("../../../examples/invalid-command.json"),
+            include_str!("../../../examples/paynet-refund.json"),
         ];
         let variants = [
             r#"{"refund_id":"r1","provider":"p","transaction":{"id":"1"},"metadata":{"a":[1,2.5,null]}}"#,

@@ -41,7 +41,7 @@ impl Change {
         let token_or_object = self.path == "payout.card_token" || self.path == "payout";
         let mask = |v: Value| {
             if token_or_object || v.is_object() {
-                crate::command::mask_payout_value(&v)
+                crate::contract::command::mask_payout_value(&v)
             } else {
                 v
             }
@@ -155,11 +155,11 @@ pub fn chain(
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or_default();
     edits.push(serde_json::json!({
-        "at": crate::event::now_rfc3339(),
+        "at": crate::contract::event::now_rfc3339(),
         "by": by,
         "reason": reason,
         "changes": changes,
-        "original_body": String::from_utf8_lossy(&crate::command::mask_card_tokens(original_body)),
+        "original_body": String::from_utf8_lossy(&crate::contract::command::mask_card_tokens(original_body)),
     }));
     Value::Array(edits).to_string()
 }

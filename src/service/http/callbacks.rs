@@ -25,7 +25,7 @@ pub(super) fn routes() -> Router<AppState> {
 
 fn rejected(reason: &'static str, status: StatusCode, message: String) -> Response {
     warn!(reason, %message, "provider callback refused");
-    crate::metrics::callback_rejected(reason);
+    crate::observability::metrics::callback_rejected(reason);
     error(status, message)
 }
 

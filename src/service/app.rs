@@ -9,16 +9,16 @@
 //! consumes again. Deliveries that were in flight come back redelivered and
 //! their records tell what to do with each.
 
-use crate::background;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::config::Settings;
 use crate::config::StoreBackend;
-use crate::http::{self, Health, Listeners};
 use crate::providers::Providers;
-use crate::secret::redact_url;
-use crate::shutdown::Shutdown;
+use crate::service::background;
+use crate::service::http::{self, Health, Listeners};
+use crate::service::shutdown::Shutdown;
 use crate::store::{SledOptions, Store};
+use crate::values::secret::redact_url;
 use crate::worker::Worker;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;

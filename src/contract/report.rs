@@ -97,7 +97,10 @@ pub fn to_table(rows: &[ReportRow]) -> String {
         let text = if currency.is_empty() {
             "-".to_string()
         } else {
-            crate::money::format_decimal(t.minor, crate::money::minor_digits(currency))
+            crate::contract::money::format_decimal(
+                t.minor,
+                crate::contract::money::minor_digits(currency),
+            )
         };
         if t.without_amount > 0 {
             format!("{} / {text} (+{} full)", t.count, t.without_amount)

@@ -4,7 +4,7 @@
 //! by default, so no text from a command, a provider or an operator can
 //! become markup).
 
-use crate::dlq::Dlq;
+use crate::ops::dlq::Dlq;
 use crate::store::RefundState;
 use crate::worker::Worker;
 use askama::Template;
@@ -95,7 +95,7 @@ impl ConsolePage {
             dead_total: 0,
             dead_error: None,
             overdue: overdue(worker).await,
-            report: crate::report::to_table(&report),
+            report: crate::contract::report::to_table(&report),
         };
         page.dead_letters(worker).await;
         page

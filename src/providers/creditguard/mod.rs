@@ -8,8 +8,8 @@ pub mod wire;
 
 use super::{check_url, AccountError};
 use super::{post_form, Endpoint, ProviderOutcome};
-use crate::command::RefundCommand;
-use crate::secret::Secret;
+use crate::contract::command::RefundCommand;
+use crate::values::secret::Secret;
 use serde::Deserialize;
 
 /// A CreditGuard terminal.
@@ -92,7 +92,7 @@ pub struct CreditGuardAccount {
     /// The terminal deduplicates requests (mayBeDuplicate + requestId,
     /// enabled by CreditGuard on request). Then a request whose answer was
     /// lost is repeated safely instead of ending in doubt.
-    #[serde(default, deserialize_with = "crate::lenient::bool")]
+    #[serde(default, deserialize_with = "crate::values::lenient::bool")]
     pub dedupe_requests: bool,
     /// Limits, circuit breaker and trace propagation of this account.
     #[serde(flatten)]

@@ -6,7 +6,7 @@ pub mod publisher;
 pub mod topology;
 
 use crate::config::AmqpSettings;
-use crate::secret::Secret;
+use crate::values::secret::Secret;
 use lapin::{Connection, ConnectionProperties};
 
 /// Why the message is dead-lettered (short kind).
@@ -37,7 +37,7 @@ pub const HEADER_DELAYED_ROUNDS: &str = "x-refund-delayed-rounds";
 
 /// The URLs of `amqp.url`: one, or several separated by commas (one per
 /// node of a cluster), tried in the order given.
-pub use crate::secret::url_list as urls;
+pub use crate::values::secret::url_list as urls;
 
 /// Opens a connection named after this process (visible in the management
 /// UI) to the first URL of `url` that answers.
@@ -99,7 +99,7 @@ async fn connect_first(
         match connected {
             Ok(connection) => return Ok(connection),
             Err(e) => {
-                tracing::debug!(url = %crate::secret::redact_url(candidate), error = %e, "broker node did not answer; trying the next");
+                tracing::debug!(url = %crate::values::secret::redact_url(candidate), error = %e, "broker node did not answer; trying the next");
                 last = Some(e);
             }
         }

@@ -3,7 +3,7 @@
 //! Every name the worker exports is written here, so the list in the README
 //! and this file are the whole story.
 
-use crate::command::Operation;
+use crate::contract::command::Operation;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;

@@ -322,7 +322,7 @@ impl Dlq {
         let mut properties = replay_properties(&m.properties);
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(
-            crate::dlq_edit::HEADER_EDITS.into(),
+            crate::ops::dlq_edit::HEADER_EDITS.into(),
             AMQPValue::LongString(edit_header.into()),
         );
         properties = properties.with_headers(headers);
@@ -432,7 +432,7 @@ impl DeadMessage {
             && self
                 .refund_id
                 .as_deref()
-                .is_some_and(|id| crate::command::check_refund_id(id).is_ok())
+                .is_some_and(|id| crate::contract::command::check_refund_id(id).is_ok())
     }
 
     /// How long ago the refund first failed (from
@@ -541,7 +541,8 @@ fn describe(delivery_tag: u64, raw: Vec<u8>, properties: BasicProperties) -> Dea
         .unwrap_or_default();
     // What people see: a payout's card token masked (a message the broker
     // dead-lettered itself still carries it whole in `raw`).
-    let body = String::from_utf8_lossy(&crate::command::mask_card_tokens(&raw)).to_string();
+    let body =
+        String::from_utf8_lossy(&crate::contract::command::mask_card_tokens(&raw)).to_string();
     let refund_id = headers.get(HEADER_REFUND_ID).cloned().or_else(|| {
         serde_json::from_slice::<serde_json::Value>(&raw)
             .ok()?

@@ -3,8 +3,8 @@
 //! a re-publication after a redelivery or a restart carries the same id and
 //! consumers can deduplicate on it.
 
-use crate::command::{Echo, Operation, PayoutEcho};
-use crate::money::Amount;
+use crate::contract::command::{Echo, Operation, PayoutEcho};
+use crate::contract::money::Amount;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};

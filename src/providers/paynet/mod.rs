@@ -8,8 +8,8 @@ pub mod wire;
 
 use super::{check_url, AccountError};
 use super::{classify_send_error, Endpoint, ProviderOutcome};
-use crate::command::RefundCommand;
-use crate::secret::Secret;
+use crate::contract::command::RefundCommand;
+use crate::values::secret::Secret;
 use serde::Deserialize;
 
 /// A Paynet account.
@@ -101,7 +101,7 @@ pub struct PaynetAccount {
     /// naming it, and the `refund_worker_pending_overdue` gauge).
     #[serde(
         default = "default_pending_alert",
-        deserialize_with = "crate::lenient::u64"
+        deserialize_with = "crate::values::lenient::u64"
     )]
     pub pending_alert_after_secs: u64,
     /// Limits, circuit breaker and trace propagation of this account.

@@ -3,9 +3,14 @@
 //! dead-letter commands talk to the broker; the refund commands talk to the
 //! running worker's HTTP API (the worker holds the store's lock).
 
+pub mod client;
+pub mod dlq;
+pub mod dlq_edit;
+pub mod queue_migration;
+
 use crate::config::AmqpSettings;
-use crate::dlq::{human_age, DeadMessage, Dlq, Filter, Report};
-use crate::secret::Secret;
+use crate::ops::dlq::{human_age, DeadMessage, Dlq, Filter, Report};
+use crate::values::secret::Secret;
 use crate::worker::{Decision, Resolution};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -16,7 +21,7 @@ use std::io::IsTerminal;
 pub enum OpsError {
     /// Broker side.
     #[error(transparent)]
-    Dlq(#[from] crate::dlq::DlqError),
+    Dlq(#[from] crate::ops::dlq::DlqError),
     /// The worker's API could not be reached.
     #[error("worker API at {url}: {message}")]
     Api {
@@ -550,15 +555,15 @@ pub async fn refunds_resolve(
 /// `report`: the reconciliation report as a table, CSV or JSON.
 pub async fn report(api: &WorkerApi, from: &str, to: &str, format: &str) -> Result<(), OpsError> {
     let value = api.report(from, to).await?;
-    let rows: Vec<crate::report::ReportRow> = serde_json::from_value(value.clone())
+    let rows: Vec<crate::contract::report::ReportRow> = serde_json::from_value(value.clone())
         .map_err(|e| OpsError::Refused(format!("unexpected report from the worker: {e}")))?;
     match format {
         "json" => println!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         ),
-        "csv" => print!("{}", crate::report::to_csv(&rows)),
-        _ => print!("{}", crate::report::to_table(&rows)),
+        "csv" => print!("{}", crate::contract::report::to_csv(&rows)),
+        _ => print!("{}", crate::contract::report::to_table(&rows)),
     }
     Ok(())
 }
@@ -616,7 +621,7 @@ pub async fn dlq_edit_with(
     mut amend: impl AsyncFnMut(&str, &Value, &Decision, &str) -> Result<(), OpsError>,
     show: impl FnOnce(&str),
 ) -> Result<String, OpsError> {
-    let sets = crate::dlq_edit::parse_sets(sets).map_err(OpsError::Refused)?;
+    let sets = crate::ops::dlq_edit::parse_sets(sets).map_err(OpsError::Refused)?;
     if decision.by.trim().is_empty() || decision.reason.trim().is_empty() {
         return Err(OpsError::Refused("--by and --reason are required".into()));
     }
@@ -637,16 +642,16 @@ pub async fn dlq_edit_with(
             )));
         }
         let (command, changes) =
-            crate::dlq_edit::apply(m.raw(), &sets).map_err(OpsError::Refused)?;
-        let diff = crate::dlq_edit::diff(&changes);
+            crate::ops::dlq_edit::apply(m.raw(), &sets).map_err(OpsError::Refused)?;
+        let diff = crate::ops::dlq_edit::diff(&changes);
         show(&diff);
         if dry_run {
             return Ok(diff);
         }
         let changes_text = serde_json::to_string(&changes).unwrap_or_default();
         amend(refund_id, &command, decision, &changes_text).await?;
-        let chain = crate::dlq_edit::chain(
-            m.headers.get(crate::dlq_edit::HEADER_EDITS).map(String::as_str),
+        let chain = crate::ops::dlq_edit::chain(
+            m.headers.get(crate::ops::dlq_edit::HEADER_EDITS).map(String::as_str),
             &decision.by,
             &decision.reason,
             &changes,

@@ -4,7 +4,7 @@
 //! gauges (with the overdue-pending report).
 
 use crate::config::Settings;
-use crate::shutdown::Shutdown;
+use crate::service::shutdown::Shutdown;
 use crate::store::{Retention, Store};
 use crate::worker::Worker;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub async fn prune_periodically(
         let now = time::OffsetDateTime::now_utc();
         match store.prune(now, retention).await {
             Ok(report) => {
-                crate::metrics::pruned(report.tombstoned);
+                crate::observability::metrics::pruned(report.tombstoned);
                 for key in &report.unreadable {
                     warn!(
                         key = key.as_str(),
@@ -96,12 +96,16 @@ pub async fn refresh_store_metrics(store: Store, settings: Arc<Settings>, mut sh
         let scan = store.census(move |p| limits.pending_alert_after(p)).await;
         let took = started.elapsed();
         if scan.is_err() {
-            crate::metrics::store_census_failed();
+            crate::observability::metrics::store_census_failed();
         }
         if let Ok(census) = scan {
-            crate::metrics::store_extra(census.tombstones, census.unconfirmed);
-            crate::metrics::store_counts(census.records, census.in_doubt, census.unfinished);
-            crate::metrics::pending_overdue(census.overdue.len());
+            crate::observability::metrics::store_extra(census.tombstones, census.unconfirmed);
+            crate::observability::metrics::store_counts(
+                census.records,
+                census.in_doubt,
+                census.unfinished,
+            );
+            crate::observability::metrics::pending_overdue(census.overdue.len());
             let new: Vec<&String> = census
                 .overdue
                 .iter()
@@ -140,7 +144,7 @@ pub async fn watch_dead_letters(channel: lapin::Channel, queue: String) {
             )
             .await;
         match declared {
-            Ok(q) => crate::metrics::dead_letters_waiting(q.message_count()),
+            Ok(q) => crate::observability::metrics::dead_letters_waiting(q.message_count()),
             Err(e) => {
                 tracing::debug!(error = %e, "dead-letter queue depth unknown until the next session");
                 return;

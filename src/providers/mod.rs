@@ -9,7 +9,7 @@ pub mod gate;
 pub mod hyp_pay;
 pub mod paynet;
 
-use crate::command::{Operation, RefundCommand};
+use crate::contract::command::{Operation, RefundCommand};
 use crate::store::{AttemptTrace, RefundRecord};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -269,7 +269,7 @@ impl Provider {
             kind: self.kind().to_string(),
             request_id,
             terminal,
-            at: crate::event::now_rfc3339(),
+            at: crate::contract::event::now_rfc3339(),
         }
     }
 

@@ -192,7 +192,7 @@ fn random_hex(bytes: usize) -> String {
     if buf.iter().all(|b| *b == 0) {
         buf[0] = 1;
     }
-    crate::command::hex(&buf)
+    crate::contract::command::hex(&buf)
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ pub mod wire;
 
 use super::{check_url, AccountError};
 use super::{post_form, Endpoint, ProviderOutcome};
-use crate::command::{Operation, RefundCommand};
-use crate::secret::Secret;
+use crate::contract::command::{Operation, RefundCommand};
+use crate::values::secret::Secret;
 use serde::Deserialize;
 
 /// A Hyp Pay terminal.
@@ -141,20 +141,20 @@ pub struct HypPayAccount {
 
 /// Whether an account pays out, and its limits. A payout has no original
 /// charge to bound it, so its bounds are the account's. Read leniently
-/// (`crate::lenient`): from the environment they arrive as text.
+/// (`crate::values::lenient`): from the environment they arrive as text.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PayoutSettings {
     /// Off by default: a payout to an account without it is rejected
     /// (`payouts_disabled`).
-    #[serde(default, deserialize_with = "crate::lenient::bool")]
+    #[serde(default, deserialize_with = "crate::values::lenient::bool")]
     pub enabled: bool,
     /// The largest single payout, in minor units (unset: no such limit).
-    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_u64")]
     pub max_amount_minor: Option<u64>,
     /// The most paid out per UTC day and currency, in minor units,
     /// counting payouts in flight and in doubt (unset: no such limit).
-    #[serde(default, deserialize_with = "crate::lenient::optional_u64")]
+    #[serde(default, deserialize_with = "crate::values::lenient::optional_u64")]
     pub daily_limit_minor: Option<u64>,
 }
 

@@ -15,9 +15,9 @@
 //! happened); the answer comes back as a message on the page.
 
 use super::{error, AppState};
-use crate::dlq::{Dlq, Filter};
-use crate::secret::constant_time_eq;
+use crate::ops::dlq::{Dlq, Filter};
 use crate::store::RefundState;
+use crate::values::secret::constant_time_eq;
 use crate::worker::{Decision, Resolution};
 use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -64,7 +64,7 @@ fn token_of(request: &Request) -> Option<String> {
 
 async fn require_operator(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = &state.operator_token else {
-        crate::metrics::operator_refused("off");
+        crate::observability::metrics::operator_refused("off");
         return error(
             StatusCode::FORBIDDEN,
             "the operator console is off: set http.operator_token",
@@ -76,7 +76,7 @@ async fn require_operator(State(state): State<AppState>, request: Request, next:
         }
         _ => {
             tracing::warn!(path = %request.uri().path(), "console request refused: not signed in");
-            crate::metrics::operator_refused("unauthorized");
+            crate::observability::metrics::operator_refused("unauthorized");
             Redirect::to("/console/login").into_response()
         }
     }
@@ -110,7 +110,7 @@ async fn login(State(state): State<AppState>, Form(login): Form<Login>) -> Respo
         .is_some_and(|t| constant_time_eq(login.token.trim().as_bytes(), t.expose().as_bytes()));
     if !ok {
         tracing::warn!("console sign-in refused");
-        crate::metrics::operator_refused("unauthorized");
+        crate::observability::metrics::operator_refused("unauthorized");
         return (
             StatusCode::UNAUTHORIZED,
             render(&view::LoginPage {
@@ -181,8 +181,8 @@ async fn resolve(
                     required("executed (the provider's transaction id)", &f.executed)?.to_string(),
                 ),
                 performed: match f.performed.as_str() {
-                    "refund" => Some(crate::command::Operation::Refund),
-                    "cancel" => Some(crate::command::Operation::Cancel),
+                    "refund" => Some(crate::contract::command::Operation::Refund),
+                    "cancel" => Some(crate::contract::command::Operation::Cancel),
                     _ => None,
                 },
                 not_executed: false,

@@ -19,8 +19,8 @@
 //!   (see `report.rs`).
 
 use super::{error, AppState};
-use crate::secret::constant_time_eq;
 use crate::store::{Known, Tombstone};
+use crate::values::secret::constant_time_eq;
 use crate::worker::{Abandoned, Carrier, Decision, Resolution, ResolveError};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -48,7 +48,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     let path = request.uri().path().to_string();
     let Some(expected) = &state.operator_token else {
         warn!(%path, "operator request refused: the operator API is off (no http.operator_token)");
-        crate::metrics::operator_refused("off");
+        crate::observability::metrics::operator_refused("off");
         return error(
             StatusCode::FORBIDDEN,
             "the operator API is off: set http.operator_token",
@@ -66,7 +66,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         }
         _ => {
             warn!(%path, "operator request refused: missing or wrong bearer token");
-            crate::metrics::operator_refused("unauthorized");
+            crate::observability::metrics::operator_refused("unauthorized");
             let mut response = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (Authorization: Bearer <http.operator_token>)",
@@ -214,8 +214,8 @@ struct ReportQuery {
 /// `GET /report?from=YYYY-MM-DD&to=YYYY-MM-DD`: the reconciliation report.
 async fn report(State(state): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
     let (from, to) = match (
-        crate::report::parse_day(&q.from),
-        crate::report::parse_day(&q.to),
+        crate::contract::report::parse_day(&q.from),
+        crate::contract::report::parse_day(&q.to),
     ) {
         (Ok(from), Ok(to)) if from <= to => (from, to),
         (Ok(_), Ok(_)) => return error(StatusCode::BAD_REQUEST, "from is after to"),

@@ -16,8 +16,8 @@ mod callbacks;
 mod console;
 mod operator;
 
-use crate::secret::Secret;
-use crate::shutdown::Shutdown;
+use crate::service::shutdown::Shutdown;
+use crate::values::secret::Secret;
 use crate::worker::Worker;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -73,7 +73,7 @@ pub struct Listeners {
 
 /// Serves until shutdown.
 pub async fn serve(listeners: Listeners, health: Arc<Health>, worker: Worker, shutdown: Shutdown) {
-    crate::metrics::install();
+    crate::observability::metrics::install();
     let settings = worker.settings();
     let state = AppState {
         operator_token: settings.operator_token().cloned(),
@@ -117,8 +117,8 @@ async fn run(listener: TcpListener, app: Router, mut shutdown: Shutdown) {
 
 async fn metrics(State(state): State<AppState>) -> String {
     let store_healthy = state.worker.store().healthy();
-    crate::metrics::readiness(state.health.ready() && store_healthy, store_healthy);
-    crate::metrics::render()
+    crate::observability::metrics::readiness(state.health.ready() && store_healthy, store_healthy);
+    crate::observability::metrics::render()
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
