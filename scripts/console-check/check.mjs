@@ -4,7 +4,7 @@
 //
 //   node check.mjs <base-url> <token> <in-doubt refund> <provider txn> <dead-letter refund> <out-dir>
 //
-// Run by `cargo test --test console -- --ignored` (which sets up the
+// Run by `cargo test --test e2e console -- --ignored` (which sets up the
 // refunds), or by hand against `scripts/run-local`. Needs
 // `apt-get install chromium` and `npm install` in this folder.
 import { chromium } from 'playwright-core';

@@ -1001,6 +1001,10 @@ mod tests {
         assert!(err.contains("store.tombstone_retention"), "{err}");
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(1_209_600)));
+        // Months and years are refused: "15M" is too easily meant as minutes.
+        assert!(parse_duration("15M").is_err());
+        assert!(parse_duration("1y").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("-5s").is_err());
     }

@@ -170,6 +170,12 @@ pub fn dead_letters_waiting(count: u32) {
     gauge!("refund_worker_dead_letters_waiting").set(f64::from(count));
 }
 
+/// The dead-letter queue's depth cannot be read (until the next session):
+/// NaN, so that neither "waiting" nor "none waiting" is claimed.
+pub fn dead_letters_unknown() {
+    gauge!("refund_worker_dead_letters_waiting").set(f64::NAN);
+}
+
 /// One provider call and its outcome class.
 pub fn provider_call(provider: &str, class: &'static str, took: Duration) {
     static HANDLES: ByAccount<Histogram> = ByAccount::new();

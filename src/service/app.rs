@@ -412,6 +412,7 @@ async fn session(
         }
     };
     dead_letters.abort();
+    crate::observability::metrics::dead_letters_unknown();
     if matches!(end, SessionEnd::Shutdown) {
         // Let in-flight deliveries ack on this connection before closing it.
         drain(in_flight).await;

@@ -147,6 +147,7 @@ pub async fn watch_dead_letters(channel: lapin::Channel, queue: String) {
             Ok(q) => crate::observability::metrics::dead_letters_waiting(q.message_count()),
             Err(e) => {
                 tracing::debug!(error = %e, "dead-letter queue depth unknown until the next session");
+                crate::observability::metrics::dead_letters_unknown();
                 return;
             }
         }

@@ -88,7 +88,12 @@ pub fn record_key(record: &RefundRecord) -> Option<String> {
     if command.operation == Operation::Payout {
         let currency = command.amount.as_ref().map_or("", |a| a.currency.as_str());
         let day = record.created_at.get(..10).unwrap_or_default();
-        return Some(format!("payouts\n{}\n{currency}\n{day}", command.provider));
+        // A leading newline: no account name starts with one, so no
+        // original charge's key can look like a payout day's.
+        return Some(format!(
+            "\npayouts\n{}\n{currency}\n{day}",
+            command.provider
+        ));
     }
     command.original_amount.map(|_| ledger_key(command))
 }
@@ -111,7 +116,7 @@ pub fn claim_limit(record: &RefundRecord) -> Option<Limit> {
 /// Whether a ledger's day is over (`today`: `YYYY-MM-DD`, UTC). Only a
 /// payout day's ledger has a day; every other ledger's is.
 pub fn day_is_over(key: &str, today: &str) -> bool {
-    match key.strip_prefix("payouts\n") {
+    match key.strip_prefix("\npayouts\n") {
         Some(rest) => rest.rsplit('\n').next().is_some_and(|day| day < today),
         None => true,
     }
@@ -292,9 +297,11 @@ mod tests {
 
     #[test]
     fn a_payout_days_ledger_outlives_its_day_and_no_other_has_one() {
-        let key = "payouts\nhyp_pay\nILS\n2026-12-03";
+        let key = "\npayouts\nhyp_pay\nILS\n2026-12-03";
         assert!(!day_is_over(key, "2026-12-03"), "today's limit is held");
         assert!(day_is_over(key, "2026-12-04"));
         assert!(day_is_over("hyp_pay\n{\"id\":\"1\"}", "2026-12-03"));
+        // An account named "payouts": its charges' ledgers are not days.
+        assert!(day_is_over("payouts\n{\"id\":\"1\"}", "2026-12-03"));
     }
 }

@@ -183,7 +183,7 @@ async fn operators_resolve_and_replay_through_the_console() {
 
 /// The same through a real headless browser, writing the screenshots in
 /// `docs/`. Needs Debian's `chromium` and `npm install` in
-/// `scripts/console-check`: `cargo test --test console -- --ignored`.
+/// `scripts/console-check`: `cargo test --test e2e console -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs chromium and node (see scripts/console-check)"]
 async fn the_console_in_a_real_browser() {

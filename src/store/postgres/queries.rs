@@ -394,7 +394,7 @@ impl PgStore {
                 "DELETE FROM ledgers WHERE updated_at < ($1::text)::timestamptz \
                  AND NOT EXISTS (SELECT 1 FROM jsonb_each(ledger->'refunds') e \
                    WHERE e.value->>1 <> 'succeeded') \
-                 AND (key NOT LIKE 'payouts' || chr(10) || '%' \
+                 AND (key NOT LIKE chr(10) || 'payouts' || chr(10) || '%' \
                    OR right(key, 10) < to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD'))",
                 &[&tombstone_cutoff],
             )
