@@ -378,7 +378,7 @@ async fn session(
         Err(end) => return Ok(end),
     };
     worker.set_side_publisher(Some(Publisher::clone(&publisher)));
-    let dead_letters = watch_dead_letters(&connection, amqp).await?;
+    let dead_letters = start_dead_letter_watch(&connection, amqp).await?;
     health.set_broker(true);
     health.set_consuming(true);
     info!(
@@ -424,7 +424,7 @@ async fn session(
 
 /// Starts reading the dead-letter queue's depth on a channel of its own
 /// for the session (`refund_worker_dead_letters_waiting`).
-async fn watch_dead_letters(
+async fn start_dead_letter_watch(
     connection: &lapin::Connection,
     amqp: &crate::config::AmqpSettings,
 ) -> Result<JoinHandle<()>, lapin::Error> {

@@ -103,14 +103,18 @@ pub fn record_key(record: &RefundRecord) -> Option<String> {
 /// configuration (no limit counts against `u64::MAX`, so that a limit set
 /// later in the day counts what was paid before it).
 pub fn claim_limit(record: &RefundRecord) -> Option<Limit> {
-    let cap = match record.command.operation {
-        Operation::Payout => record.daily_limit.unwrap_or(u64::MAX),
-        _ => record.command.original_amount?,
-    };
     Some(Limit {
         key: record_key(record)?,
-        cap,
+        cap: cap(record)?,
     })
+}
+
+/// A record's limit: its day's for a payout, its charge's otherwise.
+fn cap(record: &RefundRecord) -> Option<u64> {
+    match record.command.operation {
+        Operation::Payout => Some(record.daily_limit.unwrap_or(u64::MAX)),
+        _ => record.command.original_amount,
+    }
 }
 
 /// Whether a ledger's day is over (`today`: `YYYY-MM-DD`, UTC). Only a
@@ -124,10 +128,7 @@ pub fn day_is_over(key: &str, today: &str) -> bool {
 
 /// The limit of a ledger that a contradicting answer re-creates.
 pub fn restore_cap(record: &RefundRecord) -> u64 {
-    match record.command.operation {
-        Operation::Payout => record.daily_limit.unwrap_or(u64::MAX),
-        _ => record.command.original_amount.unwrap_or_default(),
-    }
+    cap(record).unwrap_or_default()
 }
 
 /// The ledger key of a command's original charge (see [`record_key`]).

@@ -19,14 +19,6 @@ use support::{header, TestApp};
 const TOKEN: &str = "4724478937284730772";
 const OTHER_TOKEN: &str = "4652588708969300772";
 
-fn capture_logs() {
-    support::init_logs();
-}
-
-fn logs() -> String {
-    support::logs()
-}
-
 fn payout(refund_id: &str, provider: &str, minor: u64, token: &str) -> String {
     json!({
         "refund_id": refund_id,
@@ -59,7 +51,7 @@ fn code_fault(code: u32) -> Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payout_is_paid_once_and_a_duplicate_republishes_its_outcome() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start().await;
     app.publish(&payout("po-ok-1", "hyp_payouts", 2500, TOKEN))
         .await;
@@ -86,12 +78,15 @@ async fn a_payout_is_paid_once_and_a_duplicate_republishes_its_outcome() {
     for event in [first, again] {
         assert!(!event.to_string().contains(TOKEN));
     }
-    assert!(!logs().contains(TOKEN), "the card token reached a log line");
+    assert!(
+        !support::logs().contains(TOKEN),
+        "the card token reached a log line"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_documented_code_ends_as_the_documentation_says() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start().await;
     for (i, (code, status, kind)) in [
         (401, "refund.failed", "declined"),
@@ -121,12 +116,15 @@ async fn each_documented_code_ends_as_the_documentation_says() {
     assert!(!String::from_utf8_lossy(&body).contains(TOKEN), "masked");
     assert!(String::from_utf8_lossy(&body).contains("0772"));
     assert!(payouts_executed(&app).is_empty());
-    assert!(!logs().contains(TOKEN), "the card token reached a log line");
+    assert!(
+        !support::logs().contains(TOKEN),
+        "the card token reached a log line"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_zpass_is_dead_lettered_once_and_never_retried() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start_with(SandboxConfig::default(), |s| {
         if let Some(ProviderAccount::HypPay(a)) = s.providers.get_mut("hyp_payouts") {
             a.z_pass = Secret::new("not-the-zpass");
@@ -152,7 +150,7 @@ async fn a_wrong_zpass_is_dead_lettered_once_and_never_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payout_in_doubt_is_never_sent_again() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start().await;
     app.sandbox.add_fault(Fault {
         fault: FaultKind::HtmlAfter,
@@ -182,12 +180,15 @@ async fn a_payout_in_doubt_is_never_sent_again() {
     let (key, _) = app.next_event().await;
     assert_eq!(key, "refund.in_doubt");
     assert_eq!(payouts_executed(&app), vec![3000], "executed once only");
-    assert!(!logs().contains(TOKEN), "the card token reached a log line");
+    assert!(
+        !support::logs().contains(TOKEN),
+        "the card token reached a log line"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_enforced_and_one_of_two_racing_payouts_gets_the_last_of_the_day() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start().await;
     // Payouts off on this account.
     app.publish(&payout("po-off-1", "hyp_pay", 1000, TOKEN))
@@ -250,7 +251,7 @@ type Change = Box<dyn Fn(&mut Value)>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payouts_are_rejected_naming_the_field_before_any_call() {
-    capture_logs();
+    support::init_logs();
     let mut app = TestApp::start().await;
     let base: Value =
         serde_json::from_str(&payout("po-bad", "hyp_payouts", 1000, TOKEN)).expect("json");

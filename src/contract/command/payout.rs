@@ -34,7 +34,7 @@ impl CardToken {
 
     /// The masked form: stars, then the last four digits (`***…0772`).
     pub fn masked(&self) -> String {
-        format!("{}{}", "*".repeat(TOKEN_DIGITS - 4), self.last4())
+        mask_string(&self.0)
     }
 
     /// Whether this is a masked token (read back from a dead letter, which

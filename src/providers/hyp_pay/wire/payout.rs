@@ -16,8 +16,9 @@ use crate::providers::ProviderOutcome;
 /// The action of a payout.
 pub const ACTION_PAYOUT: &str = "soft";
 
-/// A payout request ready to be sent as a form. The passwords and the
-/// card token stay in their wrappers until [`PayoutRequest::fields`].
+/// A payout request ready to be sent as a form, in ILS (the payout request
+/// has no currency). The passwords and the card token stay in their
+/// wrappers until [`PayoutRequest::fields`].
 #[derive(Debug, Clone)]
 pub struct PayoutRequest<'a> {
     /// The account.
@@ -26,18 +27,16 @@ pub struct PayoutRequest<'a> {
     pub command: &'a RefundCommand,
     /// Decimal amount in major units.
     pub amount: String,
-    /// `Coin` for a currency other than the terminal's shekels.
-    pub coin: Option<&'static str>,
 }
 
 impl PayoutRequest<'_> {
     /// The form fields in the documented order.
     pub fn fields(&self) -> Vec<(&'static str, &str)> {
-        // `for_command` made sure the payout part is there.
+        // `payout_request_for` made sure the payout part is there.
         let Some(target) = self.command.payout.as_ref() else {
             return Vec::new();
         };
-        let mut fields = vec![
+        vec![
             ("action", ACTION_PAYOUT),
             ("Masof", self.account.masof.as_str()),
             ("PassP", self.account.pass_p.expose()),
@@ -56,11 +55,7 @@ impl PayoutRequest<'_> {
                     .as_deref()
                     .unwrap_or(self.command.refund_id.as_str()),
             ),
-        ];
-        if let Some(coin) = self.coin {
-            fields.push(("Coin", coin));
-        }
-        fields
+        ]
     }
 }
 
@@ -90,12 +85,10 @@ pub fn payout_request_for<'a>(
             amount.currency
         ));
     }
-    let coin = None;
     Ok(PayoutRequest {
         account,
         command,
         amount: money::format_decimal(amount.minor, 2),
-        coin,
     })
 }
 
